@@ -1,0 +1,56 @@
+import asyncio
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
+
+from crypto_client.config import get_settings
+from crypto_client.db.engine import async_url
+from crypto_client.db.models import Base
+
+config = context.config
+# `crypto-client migrate` configures logging itself; the plain `alembic` command uses the ini's.
+if config.config_file_name is not None and not config.attributes.get("configured_logging"):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    return config.get_main_option("sqlalchemy.url") or get_settings().database_url_value
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=async_url(_url()).render_as_string(hide_password=False),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_with(connection: Connection) -> None:
+    # Batch mode lets later revisions alter SQLite tables, which have no ALTER COLUMN.
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_online() -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(async_url(_url()), poolclass=NullPool)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run_with)
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    asyncio.run(_run_online())

@@ -1,0 +1,3 @@
+from crypto_client.cli import app
+
+app(prog_name="crypto-client")

@@ -1,0 +1,91 @@
+"""The FastAPI application: engines and (in embedded mode) the scheduler live in its lifespan."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from crypto_client import __version__
+from crypto_client.api.middleware import RequestLogMiddleware
+from crypto_client.api.routes import router
+from crypto_client.config import Settings, get_settings
+from crypto_client.db.engine import create_engine
+from crypto_client.ingestion import is_database_unavailable
+
+log = structlog.get_logger(__name__)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    async with AsyncExitStack() as stack:
+        if app.state.embedded_ingestion:
+            # Imported here: the API alone needs neither the Deribit client nor the scheduler.
+            from crypto_client.scheduler import embedded_ingestion
+
+            await stack.enter_async_context(embedded_ingestion(settings))
+        engine = create_engine(
+            settings.database_url_value, pool_size=settings.database_pool_size, read_only=True
+        )
+        stack.push_async_callback(engine.dispose)
+        app.state.read_engine = engine
+        log.info("api started", version=__version__, embedded_ingestion=app.state.embedded_ingestion)
+        yield
+
+
+def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
+        problems.append(
+            {"loc": loc, "msg": str(error.get("msg", "invalid")), "type": str(error.get("type", ""))}
+        )
+    summary = "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'query'}: {problem['msg']}"
+        for problem in problems
+    )
+    return JSONResponse({"detail": summary, "errors": problems}, status_code=422)
+
+
+def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_database_unavailable(exc):
+        log.warning("database unavailable", path=request.url.path, error=repr(exc))
+        return JSONResponse({"detail": "the database is unavailable, try again shortly"}, status_code=503)
+    log.exception("database error", path=request.url.path)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def create_app(settings: Settings | None = None, *, embedded_ingestion: bool = False) -> FastAPI:
+    """The API; with `embedded_ingestion` it also migrates the database and runs the scheduler."""
+    app = FastAPI(
+        title="crypto-client",
+        version=__version__,
+        description="Exact history of Deribit index prices. Read-only.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings or get_settings()
+    app.state.embedded_ingestion = embedded_ingestion
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for error in (DBAPIError, OSError, asyncio.TimeoutError):
+        app.add_exception_handler(error, _database_error)
+    if app.state.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(app.state.settings.cors_origins), allow_methods=["GET"]
+        )
+    app.add_middleware(RequestLogMiddleware)
+    return app

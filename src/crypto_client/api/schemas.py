@@ -1,0 +1,97 @@
+"""What the API accepts and answers, as the OpenAPI document describes it."""
+
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+
+from crypto_client.config import TICKER_PATTERN, parse_ticker
+
+MAX_TS = 253_402_300_799  # 9999-12-31T23:59:59Z: keeps every bound far inside BIGINT
+MAX_LIMIT = 10_000
+MAX_OFFSET = 100_000_000
+
+ExactPrice = Annotated[
+    Decimal,
+    WithJsonSchema({"type": "number", "description": "The index price exactly as Deribit sent it."}),
+]
+Ticker = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        description="A Deribit index name such as btc_usd (case-insensitive).",
+        examples=["btc_usd"],
+    ),
+]
+Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, description="UNIX seconds.")]
+Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page, at most 10000.")]
+Cursor = Annotated[
+    str | None,
+    Field(max_length=64, description="Where the next page starts: copy it from the Link header."),
+]
+
+
+class _Query(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TickerQuery(_Query):
+    ticker: Ticker
+
+    @field_validator("ticker")
+    @classmethod
+    def _normalize_ticker(cls, value: str) -> str:
+        return parse_ticker(value)
+
+
+class PageQuery(TickerQuery):
+    limit: Limit = 1000
+    offset: Annotated[int, Field(ge=0, le=MAX_OFFSET, description="Rows to skip (prefer cursor).")] = 0
+    cursor: Cursor = None
+
+
+class RangeQuery(TickerQuery):
+    from_ts: Timestamp | None = Field(default=None, description="Inclusive lower bound, UNIX seconds.")
+    to_ts: Timestamp | None = Field(default=None, description="Inclusive upper bound, UNIX seconds.")
+    limit: Limit = 1000
+    cursor: Cursor = None
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "RangeQuery":
+        if self.from_ts is not None and self.to_ts is not None and self.from_ts > self.to_ts:
+            raise ValueError(f"from_ts ({self.from_ts}) must not be after to_ts ({self.to_ts})")
+        return self
+
+
+class PriceOut(BaseModel):
+    ticker: str = Field(pattern=TICKER_PATTERN)
+    price: ExactPrice
+    ts: Timestamp
+
+
+class TickerOut(BaseModel):
+    ticker: str
+    configured: bool = Field(description="Whether the service ingests this ticker now.")
+    rows: int
+    first_ts: int | None
+    last_ts: int | None
+
+
+class HealthOut(BaseModel):
+    status: str = Field(examples=["ok"])
+    database: str = Field(examples=["ok"])
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="What went wrong, for a person to read.")
+
+
+class ValidationProblem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(ErrorOut):
+    errors: list[ValidationProblem]

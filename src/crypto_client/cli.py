@@ -1,0 +1,164 @@
+"""The `crypto-client` command."""
+
+import asyncio
+import sys
+from typing import Annotated
+
+import typer
+
+from crypto_client.config import Settings, SettingsError, get_settings
+from crypto_client.logging import setup_logging
+
+app = typer.Typer(
+    help="Keeps a complete, exact history of Deribit index prices and serves it over HTTP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _settings() -> Settings:
+    """The validated settings, or exit with one line naming what is wrong."""
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        typer.echo(f"crypto-client: {exc}", err=True)
+        raise typer.Exit(2) from None
+    setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+Host = Annotated[str | None, typer.Option(help="Address to bind (default: API_HOST).")]
+Port = Annotated[int | None, typer.Option(help="Port to bind (default: API_PORT).")]
+
+
+@app.command()
+def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Bring the database schema up to date (alembic upgrade)."""
+    from crypto_client.db import migrations
+
+    settings = _settings()
+    migrations.upgrade(settings.database_url_value, revision)
+    typer.echo(f"database migrated to {revision}")
+
+
+@app.command()
+def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Option(min=1)] = 1) -> None:
+    """Run the read-only HTTP API alone (production: ingestion runs in Celery)."""
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run(
+        "crypto_client.api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@app.command()
+def serve(host: Host = None, port: Port = None) -> None:
+    """Run everything in one process: the API plus an in-process scheduler (default SQLite)."""
+    import uvicorn
+
+    from crypto_client.api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(
+        create_app(settings, embedded_ingestion=True),
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+
+
+@app.command()
+def ingest() -> None:
+    """Run one ingestion tick now and print what happened to each ticker.
+
+    Exits 0 when every ticker was stored (or already was, for this slot), 1 otherwise.
+    """
+    from crypto_client.clients.deribit import DeribitClient
+    from crypto_client.db.engine import create_engine
+    from crypto_client.ingestion import TickSummary, current_slot, ingest_tick
+
+    settings = _settings()
+
+    async def run() -> TickSummary:
+        engine = create_engine(settings.database_url_value, pool_size=1)
+        try:
+            async with DeribitClient.from_settings(settings) as client:
+                slot = current_slot(settings.ingest_interval_seconds)
+                return await ingest_tick(client, engine, settings, slot_ts=slot)
+        finally:
+            await engine.dispose()
+
+    summary = asyncio.run(run())
+    for outcome in summary.outcomes:
+        detail = outcome.error if outcome.status == "failed" else f"{outcome.price} at ts={outcome.ts}"
+        typer.echo(f"{outcome.ticker:<20} {outcome.status:<10} {detail}")
+    raise typer.Exit(0 if summary.ok else 1)
+
+
+@app.command()
+def sim(
+    host: Annotated[str, typer.Option(envvar="SIM_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="SIM_PORT")] = 8001,
+    seed: Annotated[int, typer.Option(envvar="SIM_SEED", help="Seed of prices and fault draws.")] = 0,
+    latency_ms: Annotated[float, typer.Option(envvar="SIM_LATENCY_MS", min=0)] = 0.0,
+    error_rate: Annotated[float, typer.Option(envvar="SIM_ERROR_RATE", min=0, max=1)] = 0.0,
+    timeout_rate: Annotated[float, typer.Option(envvar="SIM_TIMEOUT_RATE", min=0, max=1)] = 0.0,
+    drop_rate: Annotated[float, typer.Option(envvar="SIM_DROP_RATE", min=0, max=1)] = 0.0,
+    malformed_rate: Annotated[float, typer.Option(envvar="SIM_MALFORMED_RATE", min=0, max=1)] = 0.0,
+    rate_limit_rate: Annotated[float, typer.Option(envvar="SIM_RATE_LIMIT_RATE", min=0, max=1)] = 0.0,
+    outage: Annotated[bool, typer.Option(envvar="SIM_OUTAGE", help="Answer every request with 503.")] = False,
+) -> None:
+    """Run the Deribit simulator (offline development and tests).
+
+    Faults can be changed while it runs: PUT /_sim/faults with a JSON object.
+    """
+    import uvicorn
+
+    from crypto_client.sim.app import Simulator, create_sim_app
+    from crypto_client.sim.faults import Faults
+
+    setup_logging("INFO")
+    faults = Faults(
+        latency_ms=latency_ms,
+        error_rate=error_rate,
+        timeout_rate=timeout_rate,
+        drop_rate=drop_rate,
+        malformed_rate=malformed_rate,
+        rate_limit_rate=rate_limit_rate,
+        outage=outage,
+    )
+    uvicorn.run(
+        create_sim_app(Simulator(seed, faults)), host=host, port=port, log_config=None, access_log=False
+    )
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def worker(ctx: typer.Context) -> None:
+    """Run a Celery worker (extra arguments go to `celery worker`)."""
+    _celery(["worker", *ctx.args])
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def beat(ctx: typer.Context) -> None:
+    """Run Celery beat, the scheduler; run exactly one (extra arguments go to `celery beat`)."""
+    _celery(["beat", *ctx.args])
+
+
+def _celery(argv: list[str]) -> None:
+    _settings()
+    from crypto_client.worker.celery_app import celery_app
+
+    celery_app.start(["celery", *argv])
+    sys.exit(0)

@@ -1,0 +1,125 @@
+"""The service's configuration: one validated model, read from the environment and `.env`."""
+
+import re
+from functools import lru_cache
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Deribit's index names: lower case letters, digits, `_` and `-` (as in `drbfix-btc_usdc`).
+TICKER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_TICKER_RE = re.compile(TICKER_PATTERN)
+
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def parse_ticker(raw: str) -> str:
+    """Normalize one ticker to Deribit's form or raise `ValueError` saying why not."""
+    ticker = raw.strip().lower()
+    if not _TICKER_RE.fullmatch(ticker):
+        raise ValueError(
+            f"{raw!r} is not an index name: use lower-case letters, digits, '_' and '-' "
+            "(1 to 64 characters, e.g. btc_usd)"
+        )
+    return ticker
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    tickers: Annotated[tuple[str, ...], NoDecode] = ("btc_usd", "eth_usd")
+
+    deribit_rpc_url: str = "https://www.deribit.com/api/v2"
+    http_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    http_max_retries: int = Field(default=3, ge=0, le=20)
+    http_retry_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
+    http_max_concurrency: int = Field(default=8, ge=1, le=32)
+
+    ingest_interval_seconds: int = Field(default=60, ge=1, le=86400)
+    ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
+
+    log_level: LogLevel = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    database_url: SecretStr | None = None
+    postgres_db: str = "crypto"
+    postgres_user: str = "app"
+    postgres_password: SecretStr = SecretStr("")
+    postgres_host: str | None = None
+    postgres_port: int = Field(default=5432, ge=1, le=65535)
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+
+    celery_broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    celery_result_backend: SecretStr | None = None
+    celery_visibility_timeout_seconds: int = Field(default=30, ge=1, le=86400)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("tickers", mode="before")
+    @classmethod
+    def _split_tickers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            tickers = tuple(dict.fromkeys(parse_ticker(str(item)) for item in value))
+            if not tickers:
+                raise ValueError("at least one ticker is required")
+            return tickers
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("deribit_rpc_url")
+    @classmethod
+    def _check_rpc_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def database_url_value(self) -> str:
+        """The SQLAlchemy URL: `DATABASE_URL`, else the `POSTGRES_*` parts, else SQLite."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        if self.postgres_host:
+            password = self.postgres_password.get_secret_value()
+            credentials = quote(self.postgres_user, safe="")
+            if password:
+                credentials += ":" + quote(password, safe="")
+            return (
+                f"postgresql://{credentials}@{self.postgres_host}:{self.postgres_port}/"
+                f"{quote(self.postgres_db, safe='')}"
+            )
+        return DEFAULT_SQLITE_URL
+
+
+class SettingsError(Exception):
+    """A configuration value is invalid; the message names the variable and the problem."""
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            problems.append(f"{variable}: {error['msg'].removeprefix('Value error, ')}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, loaded and validated once."""
+    return load_settings()

@@ -1,0 +1,59 @@
+"""The schema: one table of price observations."""
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, Dialect, Index, MetaData, Numeric, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeEngine
+
+
+class ExactDecimal(TypeDecorator[Decimal]):
+    """NUMERIC on PostgreSQL; decimal text on SQLite, whose NUMERIC would round through a float."""
+
+    impl = Numeric
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(Text())
+        return dialect.type_descriptor(Numeric(asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> object:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return str(value)
+
+    def process_result_value(self, value: object, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class PriceTick(Base):
+    """One observed index price.
+
+    `(ticker, ts)` is the primary key, so a ticker's rows are found, ordered and paged by one
+    index. `slot_ts` is the start of the ingestion slot that observed the row; its unique index
+    keeps a slot to one row per ticker however often the slot is ingested. It is NULL for rows
+    that no schedule produced.
+    """
+
+    __tablename__ = "price_ticks"
+
+    ticker: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    price: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
+    slot_ts: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+    __table_args__ = (Index(None, "ticker", "slot_ts", unique=True),)

@@ -1,0 +1,71 @@
+"""One logging set-up for every process: API, Celery worker and beat, simulator and CLI.
+
+Application code logs through structlog with key-value context; records from the standard
+library (uvicorn, Celery, SQLAlchemy) go through the same formatter, so every line of every
+process looks alike: human text by default, one JSON object per line with `LOG_FORMAT=json`.
+"""
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+from structlog.typing import EventDict, Processor
+
+_SHARED_PROCESSORS: list[Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.stdlib.ExtraAdder(),
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def _drop_color_message(_logger: object, _name: str, event: EventDict) -> EventDict:
+    # uvicorn attaches an ANSI-coloured copy of each message; the message itself is enough.
+    event.pop("color_message", None)
+    return event
+
+
+def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
+    renderer: Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED_PROCESSORS,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _drop_color_message,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # uvicorn and Celery install their own handlers; route them through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task"):
+        named = logging.getLogger(name)
+        named.handlers.clear()
+        named.propagate = True
+    # The API writes its own request line; uvicorn's access log would say it twice.
+    logging.getLogger("uvicorn.access").disabled = True
+    # A DEBUG level should show our debugging, not every HTTP frame.
+    for noisy in ("httpx", "httpcore", "hpack", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+    structlog.configure(
+        processors=[
+            *_SHARED_PROCESSORS,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )

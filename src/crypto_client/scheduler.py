@@ -1,0 +1,91 @@
+"""The embedded scheduler: ingestion in the API's own process, without Celery or Redis."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import structlog
+
+from crypto_client.clients.deribit import DeribitClient
+from crypto_client.config import Settings
+from crypto_client.db import migrations
+from crypto_client.db.engine import create_engine
+from crypto_client.ingestion import current_slot, ingest_tick
+
+log = structlog.get_logger(__name__)
+
+# On shutdown a tick in progress gets this long to commit before it is cancelled (and its
+# transaction rolled back), so Ctrl-C never waits long and never leaves half a tick.
+SHUTDOWN_GRACE_SECONDS = 1.0
+
+
+class IntervalScheduler:
+    """Calls `run_slot(slot_ts)` at the start of every slot: now, then on each boundary.
+
+    Ticks run as their own tasks, so one that waits for the database does not delay the next.
+    """
+
+    def __init__(self, interval_seconds: int, run_slot: Callable[[int], Awaitable[object]]) -> None:
+        self._interval = interval_seconds
+        self._run_slot = run_slot
+        self._ticks: set[asyncio.Task[object]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="ingestion-scheduler")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._ticks:
+            _, pending = await asyncio.wait(self._ticks, timeout=SHUTDOWN_GRACE_SECONDS)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                log.warning("abandoned unfinished ticks on shutdown", ticks=len(pending))
+
+    async def _loop(self) -> None:
+        slot = current_slot(self._interval)
+        while True:
+            task = asyncio.create_task(self._guarded(slot), name=f"ingest-slot-{slot}")
+            self._ticks.add(task)
+            task.add_done_callback(self._ticks.discard)
+            slot += self._interval
+            await asyncio.sleep(max(0.0, slot - time.time()))
+
+    async def _guarded(self, slot: int) -> object:
+        try:
+            return await self._run_slot(slot)
+        except Exception:
+            log.exception("tick crashed", slot_ts=slot)
+            return None
+
+
+@asynccontextmanager
+async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalScheduler]:
+    """Migrate the database, then ingest every interval until the context exits."""
+    url = settings.database_url_value
+    await asyncio.to_thread(migrations.upgrade, url)
+    engine = create_engine(url, pool_size=2)
+    client = DeribitClient.from_settings(settings)
+
+    async def run_slot(slot_ts: int) -> object:
+        return await ingest_tick(client, engine, settings, slot_ts=slot_ts)
+
+    scheduler = IntervalScheduler(settings.ingest_interval_seconds, run_slot)
+    scheduler.start()
+    log.info(
+        "embedded scheduler started",
+        interval_seconds=settings.ingest_interval_seconds,
+        tickers=settings.tickers,
+    )
+    try:
+        yield scheduler
+    finally:
+        await scheduler.stop()
+        await client.aclose()
+        await engine.dispose()
+        log.info("embedded scheduler stopped")

@@ -1,0 +1,216 @@
+"""The simulator's HTTP app: Deribit's `/api/v2` in both request forms, plus `/_sim/` admin."""
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from crypto_client import exact_json
+from crypto_client.sim.faults import FaultKind, FaultPlan, Faults
+from crypto_client.sim.prices import PriceWalk
+
+log = structlog.get_logger(__name__)
+
+TIMEOUT_HOLD_SECONDS = 120.0
+
+
+class JsonRpcError(Exception):
+    """A JSON-RPC error answer, with the HTTP status Deribit sends it with."""
+
+    def __init__(
+        self, code: int, message: str, status: int = 400, data: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.data = data
+
+
+class _DroppedResponse(Response):
+    """Announces a body, sends part of it, and leaves: the server then closes the connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"jsonrpc":"2.0","res', "more_body": True})
+
+
+class Simulator:
+    def __init__(self, seed: int = 0, faults: Faults | None = None) -> None:
+        self.walk = PriceWalk(seed)
+        self.faults = FaultPlan(seed=seed, default=faults or Faults())
+        self.requests: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+            "public/get_index_price": self._get_index_price,
+            "public/get_index_price_names": lambda _params: self.walk.names,
+            "public/get_supported_index_names": lambda _params: self.walk.names,
+            "public/get_time": lambda _params: time.time_ns() // 1_000_000,
+            "public/test": lambda _params: {"version": "1.2.26"},
+        }
+
+    def _get_index_price(self, params: Mapping[str, Any]) -> dict[str, Decimal]:
+        name = params.get("index_name")
+        if name is None:
+            raise JsonRpcError(
+                -32602, "Invalid params", data={"param": "index_name", "reason": "missing param"}
+            )
+        if not isinstance(name, str) or name not in self.walk:
+            raise JsonRpcError(
+                -32602, "Invalid params", data={"param": "index_name", "reason": "wrong format"}
+            )
+        price = self.walk.next_price(name)
+        return {"estimated_delivery_price": price, "index_price": price}
+
+    async def answer(self, method: str, params: Mapping[str, Any], request_id: object = None) -> Response:
+        index = params.get("index_name") if isinstance(params.get("index_name"), str) else None
+        self.requests[index or method] += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            latency_ms, fault = self.faults.draw(index)
+            if latency_ms:
+                await asyncio.sleep(latency_ms / 1000)
+            if fault is not None:
+                log.info("sim injecting fault", fault=str(fault), method=method, index=index)
+                return await self._fault_response(fault, index, request_id)
+            return self._rpc_response(method, params, request_id)
+        finally:
+            self.in_flight -= 1
+
+    async def answer_post(self, raw: bytes) -> Response:
+        """A JSON-RPC POST: one request object with named parameters (no batches)."""
+        us_in = time.time_ns() // 1000
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return self._envelope(
+                {"error": {"code": -32700, "message": "Parse error"}}, us_in, None, status=400
+            )
+        if not isinstance(payload, dict) or not isinstance(payload.get("method"), str):
+            error = {"code": -32600, "message": "Invalid Request"}
+            return self._envelope({"error": error}, us_in, None, status=400)
+        params = payload.get("params", {})
+        if not isinstance(params, dict):
+            error = {"code": -32602, "message": "Invalid params"}
+            return self._envelope({"error": error}, us_in, payload.get("id"), status=400)
+        return await self.answer(payload["method"], params, payload.get("id"))
+
+    def _rpc_response(self, method: str, params: Mapping[str, Any], request_id: object) -> Response:
+        us_in = time.time_ns() // 1000
+        handler = self._methods.get(method)
+        try:
+            if handler is None:
+                raise JsonRpcError(-32601, "Method not found")
+            return self._envelope({"result": handler(params)}, us_in, request_id)
+        except JsonRpcError as failure:
+            error: dict[str, Any] = {"code": failure.code, "message": failure.message}
+            if failure.data is not None:
+                error["data"] = dict(failure.data)
+            return self._envelope({"error": error}, us_in, request_id, status=failure.status)
+
+    def _envelope(
+        self,
+        fields: dict[str, Any],
+        us_in: int,
+        request_id: object,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        us_out = time.time_ns() // 1000
+        body: dict[str, Any] = {"jsonrpc": "2.0", **fields}
+        if request_id is not None:
+            body["id"] = request_id
+        body.update(usIn=us_in, usOut=us_out, usDiff=us_out - us_in, testnet=False)
+        content = exact_json.dumps(body)
+        return Response(content, status_code=status, media_type="application/json", headers=headers)
+
+    async def _fault_response(self, fault: FaultKind, index: str | None, request_id: object) -> Response:
+        us_in = time.time_ns() // 1000
+        match fault:
+            case FaultKind.ERROR:
+                return Response(
+                    "<html><body><h1>503 Service Unavailable</h1></body></html>", 503, media_type="text/html"
+                )
+            case FaultKind.TIMEOUT:
+                await asyncio.sleep(TIMEOUT_HOLD_SECONDS)
+                return Response(status_code=504)
+            case FaultKind.DROP:
+                return _DroppedResponse()
+            case FaultKind.MALFORMED:
+                return Response(b'{"jsonrpc":"2.0","result":{"index_price":43', media_type="application/json")
+            case FaultKind.BAD_RESULT:
+                result = {"index_price": "not-a-number", "estimated_delivery_price": None}
+                return self._envelope({"result": result}, us_in, request_id)
+            case FaultKind.RATE_LIMIT:
+                retry_after = self.faults.for_index(index).retry_after_seconds
+                headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+                error = {"code": 10028, "message": "too_many_requests"}
+                return self._envelope({"error": error}, us_in, request_id, status=429, headers=headers)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+        }
+
+    def reset(self) -> None:
+        self.faults.reset()
+        self.requests.clear()
+        self.max_in_flight = self.in_flight
+
+
+def create_sim_app(simulator: Simulator | None = None) -> Starlette:
+    sim = simulator or Simulator()
+
+    async def rpc_get(request: Request) -> Response:
+        method = "public/" + request.path_params["method"]
+        return await sim.answer(method, dict(request.query_params))
+
+    async def rpc_post(request: Request) -> Response:
+        return await sim.answer_post(await request.body())
+
+    async def admin_faults(request: Request) -> Response:
+        if request.method == "DELETE":
+            sim.reset()
+        elif request.method in ("PUT", "POST"):
+            try:
+                changes = orjson.loads(await request.body())
+                if not isinstance(changes, dict):
+                    raise ValueError("expected a JSON object")
+                index = changes.pop("index", None)
+                sim.faults.set(index, changes)
+            except (ValueError, TypeError) as exc:
+                return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse(sim.faults.as_dict())
+
+    async def admin_stats(_request: Request) -> Response:
+        return JSONResponse(sim.stats())
+
+    routes = [
+        Route("/api/v2", rpc_post, methods=["POST"]),
+        Route("/api/v2/public/{method:str}", rpc_get, methods=["GET"]),
+        Route("/_sim/faults", admin_faults, methods=["GET", "PUT", "POST", "DELETE"]),
+        Route("/_sim/stats", admin_stats, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.simulator = sim
+    return app

@@ -1,0 +1,99 @@
+"""Faults the simulator can inject, globally or per index, set at start or at run time."""
+
+import random
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+
+class FaultKind(StrEnum):
+    ERROR = "error"  # HTTP 503 with an HTML body, as an edge proxy sends when Deribit is down
+    TIMEOUT = "timeout"  # hold the request without answering
+    DROP = "drop"  # close the connection in the middle of the response
+    MALFORMED = "malformed"  # HTTP 200 with a truncated JSON body
+    BAD_RESULT = "bad_result"  # a well-formed envelope whose index_price is not a number
+    RATE_LIMIT = "rate_limit"  # HTTP 429 with JSON-RPC error 10028 too_many_requests
+
+
+@dataclass
+class Faults:
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    timeout_rate: float = 0.0
+    drop_rate: float = 0.0
+    malformed_rate: float = 0.0
+    rate_limit_rate: float = 0.0
+    retry_after_seconds: float | None = None  # sent as Retry-After with rate-limit answers
+    outage: bool = False  # every request fails with ERROR
+    fail_next: int = 0  # the next N requests fail with fail_next_kind
+    fail_next_kind: FaultKind = FaultKind.ERROR
+
+    def update(self, changes: dict[str, Any]) -> "Faults":
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown fault settings: {', '.join(sorted(unknown))}")
+        updated = replace(self, **changes)
+        if not 0 <= updated.latency_ms <= 600_000:
+            raise ValueError("latency_ms must be between 0 and 600000")
+        for name in ("error_rate", "timeout_rate", "drop_rate", "malformed_rate", "rate_limit_rate"):
+            if not 0.0 <= getattr(updated, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")
+        if updated.fail_next < 0:
+            raise ValueError("fail_next must be >= 0")
+        updated.fail_next_kind = FaultKind(updated.fail_next_kind)
+        return updated
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FaultPlan:
+    """The global faults plus overrides per index; an index's own settings win."""
+
+    seed: int = 0
+    default: Faults = field(default_factory=Faults)
+    per_index: dict[str, Faults] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def set(self, index: str | None, changes: dict[str, Any]) -> None:
+        if index is None:
+            self.default = self.default.update(changes)
+        else:
+            self.per_index[index] = self.per_index.get(index, self.default).update(changes)
+
+    def reset(self) -> None:
+        self.default = Faults()
+        self.per_index.clear()
+        self._rng = random.Random(self.seed)
+
+    def for_index(self, index: str | None) -> Faults:
+        return self.per_index.get(index, self.default) if index is not None else self.default
+
+    def draw(self, index: str | None) -> tuple[float, FaultKind | None]:
+        """The latency and the fault (if any) for the next request to `index`."""
+        faults = self.for_index(index)
+        if faults.outage:
+            return faults.latency_ms, FaultKind.ERROR
+        if faults.fail_next > 0:
+            faults.fail_next -= 1
+            return faults.latency_ms, faults.fail_next_kind
+        for kind, rate in (
+            (FaultKind.ERROR, faults.error_rate),
+            (FaultKind.TIMEOUT, faults.timeout_rate),
+            (FaultKind.DROP, faults.drop_rate),
+            (FaultKind.MALFORMED, faults.malformed_rate),
+            (FaultKind.RATE_LIMIT, faults.rate_limit_rate),
+        ):
+            if rate and self._rng.random() < rate:
+                return faults.latency_ms, kind
+        return faults.latency_ms, None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "default": self.default.as_dict(),
+            "per_index": {name: faults.as_dict() for name, faults in self.per_index.items()},
+        }

@@ -1,0 +1,103 @@
+"""The Celery app: `celery -A crypto_client.worker.celery_app worker|beat`.
+
+Every setting below is chosen for one periodic, idempotent task over Redis.
+"""
+
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery, signals
+from celery.schedules import schedstate, schedule
+
+from crypto_client.config import get_settings
+from crypto_client.ingestion import current_slot
+from crypto_client.logging import setup_logging
+
+INGEST_TASK = "crypto_client.ingest_tick"
+SLOT_HEADER = "slot_ts"
+
+settings = get_settings()
+
+
+class SlotSchedule(schedule):
+    """Due once per slot, right after the slot starts on the wall clock.
+
+    A plain interval drifts from whenever beat started, so two runs could land in one slot;
+    aligning to `floor(now / interval)` gives each run its own slot.
+    """
+
+    def __init__(self, interval_seconds: int) -> None:
+        super().__init__(run_every=timedelta(seconds=interval_seconds))
+        self.interval_seconds = interval_seconds
+
+    def is_due(self, last_run_at: datetime) -> schedstate:
+        now = time.time()
+        slot = current_slot(self.interval_seconds, now)
+        last_slot = current_slot(self.interval_seconds, self.maybe_make_aware(last_run_at).timestamp())
+        return schedstate(is_due=last_slot < slot, next=slot + self.interval_seconds - now)
+
+    def __reduce__(self) -> tuple[type["SlotSchedule"], tuple[int]]:
+        return self.__class__, (self.interval_seconds,)
+
+
+celery_app = Celery("crypto_client", include=["crypto_client.worker.tasks"])
+app = celery_app  # the name `celery -A crypto_client.worker.celery_app` looks for first
+_result_backend = settings.celery_result_backend
+celery_app.conf.update(
+    broker_url=settings.celery_broker_url.get_secret_value(),
+    # Nothing reads task results; a backend is only used when one is configured.
+    result_backend=_result_backend.get_secret_value() if _result_backend else None,
+    task_ignore_result=_result_backend is None,
+    timezone="UTC",
+    enable_utc=True,
+    # Ack after the task ran, so a worker that dies mid-tick leaves the message to be
+    # delivered again; the slot claim and ON CONFLICT writes make the rerun harmless.
+    task_acks_late=True,
+    # A pool process killed mid-task (OOM, SIGKILL) requeues its message at once.
+    task_reject_on_worker_lost=True,
+    # One message at a time per process: a waiting tick is never stuck behind a slow one.
+    worker_prefetch_multiplier=1,
+    # Hard stop for a hung tick: the longest database wait plus a fetch budget.
+    task_time_limit=settings.ingest_max_write_delay_seconds + 120,
+    # Keep retrying the broker, at start-up too, instead of exiting: Redis restarts heal.
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    broker_transport_options={
+        # How long an unacked message (its worker died) waits before another worker gets it.
+        "visibility_timeout": settings.celery_visibility_timeout_seconds,
+        # Look for such messages often enough to rerun them within their slot.
+        "unacked_restore_interval": max(1, settings.celery_visibility_timeout_seconds // 3),
+        "unacked_restore_throttle": 1,
+        # Notice a dead connection (Redis restarted, NAT dropped it) instead of waiting on it.
+        "health_check_interval": 10,
+        "socket_keepalive": True,
+        "socket_timeout": 15,
+        "socket_connect_timeout": 5,
+    },
+    # Our setup_logging() formats every line; Celery must not replace the root handler.
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+    beat_schedule={
+        "ingest-tick": {
+            "task": INGEST_TASK,
+            "schedule": SlotSchedule(settings.ingest_interval_seconds),
+            # A tick not started within its own slot is dropped, not piled up behind others.
+            "options": {"expires": settings.ingest_interval_seconds},
+        }
+    },
+)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_kwargs: Any) -> None:
+    # Connecting to this signal also stops Celery from configuring logging its own way.
+    setup_logging(settings.log_level, settings.log_format)
+
+
+@signals.before_task_publish.connect
+def _stamp_slot(sender: str | None = None, headers: dict[str, Any] | None = None, **_kwargs: Any) -> None:
+    # The slot is fixed when the tick is published, so a redelivered message reruns the same
+    # slot rather than the one current when it finally runs.
+    if sender == INGEST_TASK and headers is not None:
+        headers.setdefault(SLOT_HEADER, current_slot(settings.ingest_interval_seconds))

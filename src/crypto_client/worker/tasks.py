@@ -1,0 +1,136 @@
+"""The Celery task: claims its slot in Redis and runs the shared ingestion function.
+
+Celery tasks are synchronous and the ingestion is async, so every worker process keeps one
+event loop of its own, with its own engine and HTTP client bound to that loop. Sharing one
+engine between loops fails with "Future attached to a different loop".
+"""
+
+import asyncio
+import os
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from celery import Task, signals
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from crypto_client.clients.deribit import DeribitClient
+from crypto_client.db.engine import create_engine
+from crypto_client.ingestion import TickSummary, current_slot, ingest_tick
+from crypto_client.worker.celery_app import INGEST_TASK, SLOT_HEADER, celery_app, settings
+
+log = structlog.get_logger(__name__)
+
+# A running tick refreshes its claim every second; a claim not refreshed for CLAIM_TTL_SECONDS
+# belongs to a dead worker and may be taken over by the redelivered message.
+CLAIM_TTL_SECONDS = 5
+CLAIM_REFRESH_SECONDS = 1.0
+
+
+@dataclass
+class _ProcessRuntime:
+    pid: int
+    runner: asyncio.Runner
+    engine: AsyncEngine
+    client: DeribitClient
+    redis: aioredis.Redis
+
+
+_runtime: _ProcessRuntime | None = None
+
+
+def _process_runtime() -> _ProcessRuntime:
+    """This process's loop and clients, made on first use (after the prefork fork)."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        _runtime = _ProcessRuntime(
+            pid=os.getpid(),
+            runner=asyncio.Runner(),
+            engine=create_engine(settings.database_url_value, pool_size=2),
+            client=DeribitClient.from_settings(settings),
+            redis=aioredis.Redis.from_url(
+                settings.celery_broker_url.get_secret_value(),
+                decode_responses=True,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+            ),
+        )
+    return _runtime
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _close_runtime(**_kwargs: Any) -> None:
+    global _runtime
+    runtime, _runtime = _runtime, None
+    if runtime is None or runtime.pid != os.getpid():
+        return
+
+    async def close() -> None:
+        await runtime.client.aclose()
+        await runtime.engine.dispose()
+        await runtime.redis.aclose()
+
+    with suppress(Exception):
+        runtime.runner.run(close())
+    runtime.runner.close()
+
+
+@celery_app.task(name=INGEST_TASK, bind=True)
+def ingest_tick_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
+    slot_ts = self.request.get(SLOT_HEADER) or current_slot(settings.ingest_interval_seconds)
+    task_id = str(self.request.id)
+    runtime = _process_runtime()
+    with structlog.contextvars.bound_contextvars(
+        task_id=task_id,
+        slot_ts=slot_ts,
+        redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
+    ):
+        log.info("task started", task=INGEST_TASK)
+        summary = runtime.runner.run(_run_claimed(runtime, int(slot_ts), task_id))
+        if summary is None:
+            return None
+        counts = {status: summary.count(status) for status in ("stored", "duplicate", "failed")}
+        level = log.info if summary.ok else log.error
+        level(
+            "task finished", task=INGEST_TASK, duration_ms=round(summary.duration_seconds * 1000, 1), **counts
+        )
+        return counts
+
+
+async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> TickSummary | None:
+    """Run the slot's tick unless another live task holds it or has already done it."""
+    key = f"crypto-client:ingest-slot:{slot_ts}"
+    running = f"running:{task_id}"
+    try:
+        claimed = await runtime.redis.set(key, running, nx=True, ex=CLAIM_TTL_SECONDS)
+    except RedisError as exc:
+        # The database's one-row-per-slot index still guards the data; go on without the claim.
+        log.warning("slot claim unavailable, relying on the database", error=repr(exc))
+        claimed = True
+    if not claimed:
+        holder = await runtime.redis.get(key)
+        log.info("slot already claimed, skipping", holder=holder)
+        return None
+
+    heartbeat = asyncio.create_task(_keep_claim(runtime.redis, key, running))
+    try:
+        summary = await ingest_tick(runtime.client, runtime.engine, settings, slot_ts=slot_ts)
+    finally:
+        heartbeat.cancel()
+    with suppress(RedisError):
+        # Remember the slot as done for a while so a late duplicate does not fetch again.
+        await runtime.redis.set(key, f"done:{task_id}", ex=max(60, 2 * settings.ingest_interval_seconds))
+    return summary
+
+
+async def _keep_claim(redis: aioredis.Redis, key: str, value: str) -> None:
+    while True:
+        await asyncio.sleep(CLAIM_REFRESH_SECONDS)
+        try:
+            await redis.set(key, value, ex=CLAIM_TTL_SECONDS)
+        except RedisError as exc:
+            log.warning("could not refresh the slot claim", error=repr(exc))
