@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+from pydantic import SecretStr
+
+from crypto_client.config import DEFAULT_SQLITE_URL, Settings, SettingsError, load_settings, parse_ticker
+
+
+def settings(**values: object) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def test_tickers_are_split_normalized_and_deduplicated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKERS", " BTC_USD, eth_usd,drbfix-btc_usdc,btc_usd,")
+    assert load_settings().tickers == ("btc_usd", "eth_usd", "drbfix-btc_usdc")
+
+
+@pytest.mark.parametrize("bad", ["btc usd", "-btc", "btc/usd", "é", "a" * 65, "btc\x00usd"])
+def test_bad_ticker_is_rejected(bad: str) -> None:
+    with pytest.raises(ValueError, match="not an index name"):
+        parse_ticker(bad)
+
+
+def test_database_url_precedence() -> None:
+    assert settings().database_url_value == DEFAULT_SQLITE_URL
+    parts = settings(postgres_host="db", postgres_password=SecretStr("p@ss word"), postgres_user="app")
+    assert parts.database_url_value == "postgresql://app:p%40ss%20word@db:5432/crypto"
+    explicit = settings(database_url=SecretStr("postgresql://x@h/d"), postgres_host="db")
+    assert explicit.database_url_value == "postgresql://x@h/d"
+
+
+def test_secrets_are_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:hunter2-secret@db/crypto")
+    loaded = load_settings()
+    assert "hunter2-secret" not in repr(loaded)
+    assert "hunter2-secret" not in str(loaded.model_dump())
+
+
+def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_TIMEOUT_SECONDS", "-1")
+    monkeypatch.setenv("LOG_FORMAT", "xml")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert "HTTP_TIMEOUT_SECONDS" in str(error.value)
+    assert "LOG_FORMAT" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("TICKERS", "btc usd"), ("HTTP_TIMEOUT_SECONDS", "-1"), ("INGEST_INTERVAL_SECONDS", "soon")],
+)
+def test_cli_exits_with_one_readable_line(variable: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "crypto_client", "migrate"],
+        env={variable: value, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert "Traceback" not in result.stderr
