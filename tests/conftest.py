@@ -50,8 +50,8 @@ async def drop_pg_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {"database_url": SecretStr(database_url), **overrides}
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    """Settings from these values alone (model_validate reads no environment and no .env)."""
+    return Settings.model_validate({"database_url": SecretStr(database_url), **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,9 @@ class SimServer:
         body = {**changes, **({"index": index} if index else {})}
         httpx.put(f"{self.url}/_sim/faults", json=body).raise_for_status()
 
+    def pin(self, **prices: str) -> None:
+        httpx.put(f"{self.url}/_sim/prices", json=prices).raise_for_status()
+
     def reset(self) -> None:
         httpx.delete(f"{self.url}/_sim/faults").raise_for_status()
 

@@ -8,7 +8,7 @@ from crypto_client.config import DEFAULT_SQLITE_URL, Settings, SettingsError, lo
 
 
 def settings(**values: object) -> Settings:
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings.model_validate(values)
 
 
 def test_tickers_are_split_normalized_and_deduplicated(monkeypatch: pytest.MonkeyPatch) -> None:

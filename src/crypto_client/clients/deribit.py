@@ -2,11 +2,11 @@
 
 import asyncio
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from itertools import count
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import structlog
@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 RETRYABLE_RPC_CODES = frozenset({10028, 10040, 10041, 11051, 13028, 13888})
 TOO_MANY_REQUESTS = 10028
 _MAX_BACKOFF_SECONDS = 30.0
+
+T = TypeVar("T")
 
 
 class RpcError(BaseModel):
@@ -156,31 +158,42 @@ class DeribitClient:
         await self._http.aclose()
 
     async def get_index_price(self, index_name: str) -> IndexPrice:
-        envelope = await self.call("public/get_index_price", {"index_name": index_name})
-        try:
-            result = IndexPriceResult.model_validate(envelope.result)
-        except ValidationError as exc:
-            raise TransientDeribitError(f"malformed get_index_price result: {_first_problem(exc)}") from None
-        return IndexPrice(
-            index_name=index_name,
-            price=result.index_price,
-            estimated_delivery_price=result.estimated_delivery_price,
-            server_time_us=envelope.usOut,
-        )
+        def parse(envelope: RpcEnvelope) -> IndexPrice:
+            try:
+                result = IndexPriceResult.model_validate(envelope.result)
+            except ValidationError as exc:
+                raise TransientDeribitError(
+                    f"malformed get_index_price result: {_first_problem(exc)}"
+                ) from None
+            return IndexPrice(
+                index_name=index_name,
+                price=result.index_price,
+                estimated_delivery_price=result.estimated_delivery_price,
+                server_time_us=envelope.usOut,
+            )
+
+        return await self.call("public/get_index_price", {"index_name": index_name}, parse)
 
     async def get_index_price_names(self) -> list[str]:
-        envelope = await self.call("public/get_index_price_names", {})
-        names = envelope.result
-        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise TransientDeribitError("malformed get_index_price_names result: expected a list of names")
-        return names
+        def parse(envelope: RpcEnvelope) -> list[str]:
+            names = envelope.result
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise TransientDeribitError(
+                    "malformed get_index_price_names result: expected a list of names"
+                )
+            return names
+
+        return await self.call("public/get_index_price_names", {}, parse)
 
     async def get_time(self) -> int:
         """Deribit's clock, in milliseconds since the epoch."""
-        envelope = await self.call("public/get_time", {})
-        if isinstance(envelope.result, bool) or not isinstance(envelope.result, int):
-            raise TransientDeribitError("malformed get_time result: expected an integer")
-        return envelope.result
+
+        def parse(envelope: RpcEnvelope) -> int:
+            if isinstance(envelope.result, bool) or not isinstance(envelope.result, int):
+                raise TransientDeribitError("malformed get_time result: expected an integer")
+            return envelope.result
+
+        return await self.call("public/get_time", {}, parse)
 
     async def fetch_many(self, tickers: Iterable[str]) -> list[FetchResult]:
         """The index price of every ticker, concurrently; one ticker's failure is its own."""
@@ -193,8 +206,9 @@ class DeribitClient:
 
         return list(await asyncio.gather(*(fetch(ticker) for ticker in tickers)))
 
-    async def call(self, method: str, params: Mapping[str, str]) -> RpcEnvelope:
-        """Call `method`, retrying transient failures with full-jitter exponential backoff."""
+    async def call(self, method: str, params: Mapping[str, str], parse: Callable[[RpcEnvelope], T]) -> T:
+        """Call `method` and `parse` its answer, retrying transient failures (a malformed
+        result among them) with full-jitter exponential backoff."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientDeribitError),
             stop=stop_after_attempt(self._max_retries + 1),
@@ -205,7 +219,7 @@ class DeribitClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._call_once(method, params)
+                    return parse(await self._call_once(method, params))
         except TransientDeribitError as exc:
             attempts = self._max_retries + 1
             raise RetriesExhaustedError(

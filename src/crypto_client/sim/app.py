@@ -82,15 +82,20 @@ class Simulator:
     async def answer(self, method: str, params: Mapping[str, Any], request_id: object = None) -> Response:
         index = params.get("index_name") if isinstance(params.get("index_name"), str) else None
         self.requests[index or method] += 1
+        latency_ms, fault = self.faults.draw(index)
+        if fault is FaultKind.TIMEOUT:
+            # A hung request is not being served: it does not count as in flight.
+            log.info("sim injecting fault", fault=str(fault), method=method, index=index)
+            await asyncio.sleep(TIMEOUT_HOLD_SECONDS)
+            return Response(status_code=504)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            latency_ms, fault = self.faults.draw(index)
             if latency_ms:
                 await asyncio.sleep(latency_ms / 1000)
             if fault is not None:
                 log.info("sim injecting fault", fault=str(fault), method=method, index=index)
-                return await self._fault_response(fault, index, request_id)
+                return self._fault_response(fault, index, request_id)
             return self._rpc_response(method, params, request_id)
         finally:
             self.in_flight -= 1
@@ -142,16 +147,13 @@ class Simulator:
         content = exact_json.dumps(body)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 
-    async def _fault_response(self, fault: FaultKind, index: str | None, request_id: object) -> Response:
+    def _fault_response(self, fault: FaultKind, index: str | None, request_id: object) -> Response:
         us_in = time.time_ns() // 1000
         match fault:
             case FaultKind.ERROR:
                 return Response(
                     "<html><body><h1>503 Service Unavailable</h1></body></html>", 503, media_type="text/html"
                 )
-            case FaultKind.TIMEOUT:
-                await asyncio.sleep(TIMEOUT_HOLD_SECONDS)
-                return Response(status_code=504)
             case FaultKind.DROP:
                 return _DroppedResponse()
             case FaultKind.MALFORMED:
@@ -159,7 +161,7 @@ class Simulator:
             case FaultKind.BAD_RESULT:
                 result = {"index_price": "not-a-number", "estimated_delivery_price": None}
                 return self._envelope({"result": result}, us_in, request_id)
-            case FaultKind.RATE_LIMIT:
+            case _:  # FaultKind.RATE_LIMIT; TIMEOUT never gets here
                 retry_after = self.faults.for_index(index).retry_after_seconds
                 headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
                 error = {"code": 10028, "message": "too_many_requests"}
@@ -174,6 +176,7 @@ class Simulator:
 
     def reset(self) -> None:
         self.faults.reset()
+        self.walk.pinned.clear()
         self.requests.clear()
         self.max_in_flight = self.in_flight
 
@@ -202,6 +205,17 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
                 return JSONResponse({"detail": str(exc)}, status_code=422)
         return JSONResponse(sim.faults.as_dict())
 
+    async def admin_prices(request: Request) -> Response:
+        """Pin indexes to exact prices (a JSON object of name to decimal string)."""
+        try:
+            pins = orjson.loads(await request.body())
+            if not isinstance(pins, dict):
+                raise ValueError("expected a JSON object of index name to price")
+            sim.walk.pinned.update({str(name): Decimal(str(price)) for name, price in pins.items()})
+        except (ValueError, ArithmeticError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({name: str(price) for name, price in sim.walk.pinned.items()})
+
     async def admin_stats(_request: Request) -> Response:
         return JSONResponse(sim.stats())
 
@@ -209,6 +223,7 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
         Route("/api/v2", rpc_post, methods=["POST"]),
         Route("/api/v2/public/{method:str}", rpc_get, methods=["GET"]),
         Route("/_sim/faults", admin_faults, methods=["GET", "PUT", "POST", "DELETE"]),
+        Route("/_sim/prices", admin_prices, methods=["PUT"]),
         Route("/_sim/stats", admin_stats, methods=["GET"]),
     ]
     app = Starlette(routes=routes)

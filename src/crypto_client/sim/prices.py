@@ -68,6 +68,7 @@ class PriceWalk:
         self._indexes = indexes if indexes is not None else INDEXES
         self._seed = seed
         self._state: dict[str, tuple[random.Random, float]] = {}
+        self.pinned: dict[str, Decimal] = {}
 
     @property
     def names(self) -> list[str]:
@@ -77,6 +78,8 @@ class PriceWalk:
         return name in self._indexes
 
     def next_price(self, name: str) -> Decimal:
+        if name in self.pinned:
+            return self.pinned[name]
         base, decimals = self._indexes[name]
         rng, value = self._state.get(name) or (random.Random(f"{self._seed}:{name}"), float(base))
         value *= math.exp(rng.gauss(0.0, _STEP_VOLATILITY))
