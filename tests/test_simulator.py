@@ -1,0 +1,174 @@
+"""The simulator over real HTTP: Deribit's envelopes and errors, determinism, fault knobs."""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.services import SimServer
+
+
+def get(sim: SimServer, method: str, **params: str) -> httpx.Response:
+    return httpx.get(f"{sim.rpc_url}/public/{method}", params=params, timeout=5)
+
+
+def post(sim: SimServer, payload: object) -> httpx.Response:
+    return httpx.post(sim.rpc_url, json=payload, timeout=5)
+
+
+def test_get_envelope_has_deribits_fields(sim: SimServer) -> None:
+    response = get(sim, "get_index_price", index_name="btc_usd")
+    body = response.json()
+    assert response.status_code == 200
+    assert set(body) == {"jsonrpc", "result", "usIn", "usOut", "usDiff", "testnet"}  # no id on plain GET
+    assert body["jsonrpc"] == "2.0"
+    assert body["testnet"] is False
+    assert body["usDiff"] == body["usOut"] - body["usIn"]
+    assert abs(body["usOut"] / 1e6 - time.time()) < 60
+    assert set(body["result"]) == {"index_price", "estimated_delivery_price"}
+
+
+@pytest.mark.parametrize("request_id", [42, "abc"])
+def test_post_echoes_the_id(sim: SimServer, request_id: object) -> None:
+    payload = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "public/get_index_price",
+        "params": {"index_name": "eth_usd"},
+    }
+    body = post(sim, payload).json()
+    assert body["id"] == request_id
+    assert body["result"]["index_price"] > 0
+
+
+def test_unknown_index_is_invalid_params_with_400(sim: SimServer) -> None:
+    response = get(sim, "get_index_price", index_name="nope_usd")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32602
+    assert error["message"] == "Invalid params"
+    assert error["data"]["param"] == "index_name"
+
+
+def test_unknown_method_and_bad_requests(sim: SimServer) -> None:
+    assert get(sim, "no_such_method").json()["error"]["code"] == -32601
+    assert get(sim, "no_such_method").status_code == 400
+    batch = post(sim, [{"jsonrpc": "2.0", "method": "public/test"}])
+    assert (batch.status_code, batch.json()["error"]["code"]) == (400, -32600)
+    positional = post(
+        sim, {"jsonrpc": "2.0", "id": 1, "method": "public/get_index_price", "params": ["btc_usd"]}
+    )
+    assert positional.json()["error"]["code"] == -32602
+    garbage = httpx.post(sim.rpc_url, content=b"{not json", timeout=5)
+    assert garbage.json()["error"]["code"] == -32700
+
+
+def test_discovery_time_and_test_methods(sim: SimServer) -> None:
+    names = get(sim, "get_index_price_names").json()["result"]
+    assert "drbfix-btc_usdc" in names
+    assert len(names) >= 47
+    assert abs(get(sim, "get_time").json()["result"] / 1000 - time.time()) < 60
+    assert "version" in get(sim, "test").json()["result"]
+
+
+def test_prices_have_each_index_magnitude_and_decimals(sim: SimServer) -> None:
+    btc = get(sim, "get_index_price", index_name="btc_usd").text
+    shib = get(sim, "get_index_price", index_name="shib_usdc").json()["result"]["index_price"]
+    price_text = btc.split('"index_price":')[1].split(",")[0].rstrip("}")
+    assert 10_000 < float(price_text) < 200_000
+    assert len(price_text.split(".")[1]) <= 2
+    assert 0 < shib < 0.001
+
+
+@pytest.fixture
+def twin_sims(tmp_path: Path) -> Iterator[tuple[SimServer, SimServer, SimServer]]:
+    sims = (SimServer(tmp_path, seed=7), SimServer(tmp_path, seed=7), SimServer(tmp_path, seed=8))
+    yield sims
+    for sim in sims:
+        sim.stop()
+
+
+def test_same_seed_same_prices(twin_sims: tuple[SimServer, SimServer, SimServer]) -> None:
+    def sequence(sim: SimServer) -> list[float]:
+        return [
+            get(sim, "get_index_price", index_name="btc_usd").json()["result"]["index_price"]
+            for _ in range(5)
+        ]
+
+    first, second, other = (sequence(sim) for sim in twin_sims)
+    assert first == second
+    assert first != other
+    assert len(set(first)) > 1  # it is a walk, not a constant
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [("error", 503), ("malformed", 200), ("bad_result", 200), ("rate_limit", 429)],
+)
+def test_fail_next_kinds(sim: SimServer, kind: str, status: int) -> None:
+    sim.faults("btc_usd", fail_next=1, fail_next_kind=kind)
+    failed = get(sim, "get_index_price", index_name="btc_usd")
+    assert failed.status_code == status
+    if kind == "rate_limit":
+        assert failed.json()["error"]["code"] == 10028
+    if kind == "malformed":
+        with pytest.raises(ValueError):
+            failed.json()
+    assert get(sim, "get_index_price", index_name="btc_usd").status_code == 200
+
+
+def test_drop_closes_the_connection_mid_response(sim: SimServer) -> None:
+    sim.faults(fail_next=1, fail_next_kind="drop")
+    with pytest.raises(httpx.RemoteProtocolError):
+        get(sim, "get_index_price", index_name="btc_usd")
+
+
+def test_timeout_hangs(sim: SimServer) -> None:
+    sim.faults(fail_next=1, fail_next_kind="timeout")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "btc_usd"}, timeout=0.5)
+
+
+def test_latency_outage_and_per_index_scope(sim: SimServer) -> None:
+    sim.faults("eth_usd", latency_ms=300)
+    started = time.monotonic()
+    get(sim, "get_index_price", index_name="eth_usd")
+    assert time.monotonic() - started >= 0.3
+    started = time.monotonic()
+    get(sim, "get_index_price", index_name="btc_usd")
+    assert time.monotonic() - started < 0.3
+
+    sim.faults(outage=True)
+    assert get(sim, "get_index_price", index_name="btc_usd").status_code == 503
+    sim.reset()
+    assert get(sim, "get_index_price", index_name="btc_usd").status_code == 200
+
+
+def test_rates_are_drawn(sim: SimServer) -> None:
+    sim.faults(error_rate=0.5)
+    statuses = [get(sim, "get_index_price", index_name="btc_usd").status_code for _ in range(40)]
+    assert 5 < statuses.count(503) < 35
+    assert statuses.count(200) == 40 - statuses.count(503)
+
+
+def test_admin_rejects_unknown_knobs(sim: SimServer) -> None:
+    response = httpx.put(f"{sim.url}/_sim/faults", json={"explode": True})
+    assert response.status_code == 422
+    assert "explode" in response.json()["detail"]
+    assert httpx.put(f"{sim.url}/_sim/faults", json={"error_rate": 2}).status_code == 422
+
+
+def test_start_time_faults_from_the_command_line(tmp_path: Path) -> None:
+    from tests.services import Process, crypto_client, free_port, wait_until
+
+    port = free_port()
+    process = Process(crypto_client("sim", "--port", str(port), "--outage"), {}, tmp_path / "sim.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url}/_sim/stats").status_code == 200, 20, what="sim")
+        response = httpx.get(f"{url}/api/v2/public/get_index_price", params={"index_name": "btc_usd"})
+        assert response.status_code == 503
+    finally:
+        process.stop()
