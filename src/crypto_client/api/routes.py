@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import URL
 
 from crypto_client import exact_json
@@ -51,6 +52,10 @@ def _ticks_json(ticks: Sequence[Tick], headers: dict[str, str] | None = None) ->
     return _json([{"ticker": t.ticker, "price": t.price, "ts": t.ts} for t in ticks], headers)
 
 
+def _invalid(parameter: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("query", parameter), "msg": message, "type": "value_error"}])
+
+
 def _encode_cursor(ts: int) -> str:
     return base64.urlsafe_b64encode(f"ts:{ts}".encode()).decode().rstrip("=")
 
@@ -63,9 +68,7 @@ def _decode_cursor(cursor: str) -> int:
             raise ValueError(cursor)
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise HTTPException(
-            status_code=422, detail="cursor is not valid: pass the cursor from a Link header unchanged"
-        ) from None
+        raise _invalid("cursor", "not a valid cursor: pass the one from a Link header unchanged") from None
 
 
 async def _page(
@@ -80,7 +83,7 @@ async def _page(
     to_ts: int | None = None,
 ) -> JSONBytes:
     if cursor is not None and offset:
-        raise HTTPException(status_code=422, detail="offset and cursor cannot be combined: use one of them")
+        raise _invalid("cursor", "cannot be combined with offset: use one of them")
     after_ts = _decode_cursor(cursor) if cursor is not None else None
     # One row more than asked tells whether a next page exists without a COUNT.
     ticks = await reader.page(

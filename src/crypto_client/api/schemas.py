@@ -20,6 +20,7 @@ Ticker = Annotated[
     Field(
         min_length=1,
         max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
         description="A Deribit index name such as btc_usd (case-insensitive).",
         examples=["btc_usd"],
     ),
@@ -28,7 +29,11 @@ Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, description="UNIX seconds.")]
 Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page, at most 10000.")]
 Cursor = Annotated[
     str | None,
-    Field(max_length=64, description="Where the next page starts: copy it from the Link header."),
+    Field(
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Where the next page starts: copy it from the Link header.",
+    ),
 ]
 
 

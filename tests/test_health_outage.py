@@ -1,0 +1,66 @@
+"""/health and the API when PostgreSQL is unreachable, stopped and back."""
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from crypto_client.api.app import create_app
+from tests.conftest import make_settings
+from tests.services import ThrowawayPostgres, free_port
+
+
+@pytest.fixture
+def throwaway_pg() -> Iterator[ThrowawayPostgres]:
+    server = ThrowawayPostgres()
+    yield server
+    server.destroy()
+
+
+async def client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(url))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            yield client
+
+
+async def test_wrong_port_is_503_within_a_second() -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    async for client in client_for(url):
+        started = time.monotonic()
+        response = await client.get("/health")
+        assert time.monotonic() - started < 1.5
+        assert response.status_code == 503
+        body = response.json()
+        assert body["status"] == "unavailable"
+        assert body["database"]
+        prices = await client.get("/prices/latest", params={"ticker": "btc_usd"})
+        assert prices.status_code == 503
+        assert "database" in prices.json()["detail"]
+
+
+async def test_unresponsive_database_still_answers_within_a_second() -> None:
+    # A listening socket that never speaks PostgreSQL: connect succeeds, the handshake hangs.
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/postgres"
+        async for client in client_for(url):
+            started = time.monotonic()
+            response = await client.get("/health")
+            assert time.monotonic() - started < 1.5
+            assert response.status_code == 503
+            assert "within" in response.json()["database"]
+
+
+async def test_stopped_database_then_back_without_restarting_the_api(throwaway_pg: ThrowawayPostgres) -> None:
+    async for client in client_for(throwaway_pg.url):
+        assert (await client.get("/health")).status_code == 200
+        throwaway_pg.stop()
+        down = await client.get("/health")
+        assert down.status_code == 503
+        throwaway_pg.start()
+        assert (await client.get("/health")).status_code == 200
