@@ -2,15 +2,18 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crypto_client.api.app import create_app
 from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
@@ -47,6 +50,18 @@ async def drop_pg_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
         await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await connection.close()
+
+
+@asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API app, started as a server would start it, behind an in-process HTTP client."""
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+    ):
+        yield client
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:

@@ -8,18 +8,14 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.api.app import create_app
 from crypto_client.db.repository import NewTick, PriceWriter
-from tests.conftest import make_settings
+from tests.conftest import api_client, make_settings
 
 
 @pytest.fixture
 async def api(engine: AsyncEngine, db_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(make_settings(db_url, tickers="btc_usd,eth_usd,sol_usdc"))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            yield client
+    async with api_client(make_settings(db_url, tickers="btc_usd,eth_usd,sol_usdc")) as client:
+        yield client
 
 
 async def store(engine: AsyncEngine, ticker: str, *points: tuple[int, str]) -> None:

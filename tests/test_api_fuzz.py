@@ -13,6 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
+from schemathesis.core.result import Ok
 
 from crypto_client.db.engine import create_engine
 from crypto_client.db.repository import NewTick, PriceWriter
@@ -58,7 +59,10 @@ def test_no_input_breaks_the_api(api_url: str) -> None:
         {"checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "404", "422"]}}}
     )
     schema = schemathesis.openapi.from_url(f"{api_url}/openapi.json", config=config)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result.err()
+        operations.append(result.ok())
     assert len(operations) == 5
 
     for operation in operations:

@@ -1,13 +1,11 @@
 """/health and the API when PostgreSQL is unreachable, stopped and back."""
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
-import httpx
 import pytest
 
-from crypto_client.api.app import create_app
-from tests.conftest import make_settings
+from tests.conftest import api_client, make_settings
 from tests.services import ThrowawayPostgres, free_port
 
 
@@ -18,16 +16,9 @@ def throwaway_pg() -> Iterator[ThrowawayPostgres]:
     server.destroy()
 
 
-async def client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(make_settings(url))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
-            yield client
-
-
 async def test_wrong_port_is_503_within_a_second() -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    async for client in client_for(url):
+    async with api_client(make_settings(url)) as client:
         started = time.monotonic()
         response = await client.get("/health")
         assert time.monotonic() - started < 1.5
@@ -48,7 +39,7 @@ async def test_unresponsive_database_still_answers_within_a_second() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         url = f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/postgres"
-        async for client in client_for(url):
+        async with api_client(make_settings(url)) as client:
             started = time.monotonic()
             response = await client.get("/health")
             assert time.monotonic() - started < 1.5
@@ -57,7 +48,7 @@ async def test_unresponsive_database_still_answers_within_a_second() -> None:
 
 
 async def test_stopped_database_then_back_without_restarting_the_api(throwaway_pg: ThrowawayPostgres) -> None:
-    async for client in client_for(throwaway_pg.url):
+    async with api_client(make_settings(throwaway_pg.url)) as client:
         assert (await client.get("/health")).status_code == 200
         throwaway_pg.stop()
         down = await client.get("/health")
