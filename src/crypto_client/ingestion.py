@@ -141,7 +141,7 @@ async def _store(
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_database_unavailable),
         stop=stop_after_delay(max_write_delay_seconds),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
         before_sleep=log_retry,
         reraise=True,
     )

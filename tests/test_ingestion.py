@@ -1,0 +1,172 @@
+"""The ingestion function against the simulator over HTTP and a real database."""
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from crypto_client.clients.deribit import DeribitClient
+from crypto_client.config import Settings
+from crypto_client.db.engine import create_engine
+from crypto_client.db.repository import PriceReader, Tick
+from crypto_client.ingestion import current_slot, ingest_tick
+from tests.conftest import create_pg_database, make_settings
+from tests.services import SimServer, ThrowawayPostgres
+
+TICKERS = "btc_usd,eth_usd,sol_usdc"
+
+
+def settings_for(sim: SimServer, db_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "tickers": TICKERS,
+        "deribit_rpc_url": sim.rpc_url,
+        "http_timeout_seconds": 2,
+        "http_max_retries": 2,
+        "http_retry_backoff_seconds": 0.01,
+        "ingest_interval_seconds": 60,
+        **overrides,
+    }
+    return make_settings(db_url, **values)
+
+
+@pytest.fixture
+async def deribit(sim: SimServer) -> AsyncIterator[DeribitClient]:
+    async with DeribitClient(sim.rpc_url, timeout=2, max_retries=2, backoff_seconds=0.01) as client:
+        yield client
+
+
+async def stored(engine: AsyncEngine, ticker: str) -> list[Tick]:
+    async with engine.connect() as connection:
+        return await PriceReader(connection).page(ticker, limit=1000)
+
+
+async def test_every_ticker_is_stored_with_deribits_time(
+    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+) -> None:
+    sim.pin(btc_usd="43521.37")
+    before = int(time.time())
+    summary = await ingest_tick(deribit, engine, settings_for(sim, db_url), slot_ts=current_slot(60))
+    assert summary.ok
+    assert [o.status for o in summary.outcomes] == ["stored"] * 3
+    for ticker in TICKERS.split(","):
+        rows = await stored(engine, ticker)
+        assert len(rows) == 1
+        assert before - 1 <= rows[0].ts <= time.time() + 1
+    assert (await stored(engine, "btc_usd"))[0].price == Decimal("43521.37")
+
+
+async def test_one_failing_ticker_does_not_block_the_others(
+    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+) -> None:
+    sim.faults("eth_usd", outage=True)
+    settings = settings_for(sim, db_url, tickers=TICKERS + ",no_such_index")
+    summary = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(60))
+    status = {o.ticker: o.status for o in summary.outcomes}
+    assert status == {"btc_usd": "stored", "sol_usdc": "stored", "eth_usd": "failed", "no_such_index": "failed"}
+    assert not summary.ok
+    assert await stored(engine, "eth_usd") == []
+    assert len(await stored(engine, "btc_usd")) == 1
+    assert sim.requests_for("no_such_index") == 1  # permanent: not retried
+    assert sim.requests_for("eth_usd") == 3  # transient: retried HTTP_MAX_RETRIES times
+
+
+async def test_the_same_slot_is_stored_once(
+    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+) -> None:
+    settings = settings_for(sim, db_url)
+    slot = current_slot(60)
+    first = await ingest_tick(deribit, engine, settings, slot_ts=slot)
+    await asyncio.sleep(1.1)  # a new observation time: only the slot can make it a duplicate
+    second = await ingest_tick(deribit, engine, settings, slot_ts=slot)
+    assert first.count("stored") == 3
+    assert second.count("duplicate") == 3
+    assert second.ok
+    for ticker in TICKERS.split(","):
+        assert len(await stored(engine, ticker)) == 1
+
+
+async def test_tickers_are_fetched_concurrently(
+    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+) -> None:
+    tickers = ["btc_usd", "eth_usd", "sol_usdc", "xrp_usdc", "ada_usdc", "dot_usdc"]
+    sim.faults(latency_ms=200)
+    settings = settings_for(sim, db_url, tickers=",".join(tickers))
+    started = time.monotonic()
+    summary = await ingest_tick(deribit, engine, settings, slot_ts=None)
+    elapsed = time.monotonic() - started
+    assert summary.count("stored") == len(tickers)
+    assert elapsed < len(tickers) * 0.2 / 2  # well under one after another
+
+
+@pytest.fixture
+def throwaway_pg() -> Iterator[ThrowawayPostgres]:
+    server = ThrowawayPostgres()
+    yield server
+    server.destroy()
+
+
+async def test_prices_wait_for_the_database_and_keep_their_time(
+    sim: SimServer, deribit: DeribitClient, throwaway_pg: ThrowawayPostgres
+) -> None:
+    url = await create_pg_database(throwaway_pg.url)
+    engine = create_engine(url)
+    try:
+        settings = settings_for(sim, url, ingest_max_write_delay_seconds=60)
+        throwaway_pg.stop()
+        fetched_at = int(time.time())
+        tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=current_slot(60)))
+        await asyncio.sleep(3)
+        assert not tick.done()  # still holding the prices, waiting for the database
+        await asyncio.to_thread(throwaway_pg.start)
+        summary = await asyncio.wait_for(tick, 30)
+        assert summary.count("stored") == 3
+        for ticker in TICKERS.split(","):
+            rows = await stored(engine, ticker)
+            assert len(rows) == 1
+            assert fetched_at - 1 <= rows[0].ts <= fetched_at + 2  # observation time, not write time
+    finally:
+        await engine.dispose()
+
+
+async def test_prices_older_than_the_bound_are_reported_failed(
+    sim: SimServer, deribit: DeribitClient, throwaway_pg: ThrowawayPostgres
+) -> None:
+    url = await create_pg_database(throwaway_pg.url)
+    engine = create_engine(url)
+    try:
+        throwaway_pg.stop()
+        settings = settings_for(sim, url, ingest_max_write_delay_seconds=2)
+        summary = await ingest_tick(deribit, engine, settings, slot_ts=None)
+        assert summary.count("failed") == 3
+        assert all("database write failed" in (o.error or "") for o in summary.outcomes)
+    finally:
+        await engine.dispose()
+
+
+def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_url: str) -> None:
+    env = {"DATABASE_URL": postgresql_url, "DERIBIT_RPC_URL": sim.rpc_url, "PATH": "/usr/bin:/bin"}
+
+    def run(tickers: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "crypto_client", "ingest"],
+            env={**env, "TICKERS": tickers, "HTTP_RETRY_BACKOFF_SECONDS": "0.01", "INGEST_INTERVAL_SECONDS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = run("btc_usd,eth_usd")
+    assert ok.returncode == 0, ok.stderr
+    assert "btc_usd" in ok.stdout
+    assert "stored" in ok.stdout
+
+    failed = run("btc_usd,no_such_index")
+    assert failed.returncode == 1
+    line = next(line for line in failed.stdout.splitlines() if line.startswith("no_such_index"))
+    assert "failed" in line
+    assert "-32602" in line
