@@ -67,7 +67,12 @@ async def test_one_failing_ticker_does_not_block_the_others(
     settings = settings_for(sim, db_url, tickers=TICKERS + ",no_such_index")
     summary = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(60))
     status = {o.ticker: o.status for o in summary.outcomes}
-    assert status == {"btc_usd": "stored", "sol_usdc": "stored", "eth_usd": "failed", "no_such_index": "failed"}
+    assert status == {
+        "btc_usd": "stored",
+        "sol_usdc": "stored",
+        "eth_usd": "failed",
+        "no_such_index": "failed",
+    }
     assert not summary.ok
     assert await stored(engine, "eth_usd") == []
     assert len(await stored(engine, "btc_usd")) == 1
@@ -154,7 +159,12 @@ def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_ur
     def run(tickers: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "crypto_client", "ingest"],
-            env={**env, "TICKERS": tickers, "HTTP_RETRY_BACKOFF_SECONDS": "0.01", "INGEST_INTERVAL_SECONDS": "1"},
+            env={
+                **env,
+                "TICKERS": tickers,
+                "HTTP_RETRY_BACKOFF_SECONDS": "0.01",
+                "INGEST_INTERVAL_SECONDS": "1",
+            },
             capture_output=True,
             text=True,
             timeout=60,

@@ -160,5 +160,5 @@ def _celery(argv: list[str]) -> None:
     _settings()
     from crypto_client.worker.celery_app import celery_app
 
-    celery_app.start(["celery", *argv])
+    celery_app.start(argv)
     sys.exit(0)

@@ -7,7 +7,9 @@ engine between loops fails with "Future attached to a different loop".
 
 import asyncio
 import os
+import time
 from contextlib import suppress
+from contextvars import copy_context
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +92,8 @@ def ingest_tick_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | 
         redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
     ):
         log.info("task started", task=INGEST_TASK)
-        summary = runtime.runner.run(_run_claimed(runtime, int(slot_ts), task_id))
+        # The runner would otherwise reuse the context of its first run, with stale task ids.
+        summary = runtime.runner.run(_run_claimed(runtime, int(slot_ts), task_id), context=copy_context())
         if summary is None:
             return None
         counts = {status: summary.count(status) for status in ("stored", "duplicate", "failed")}
@@ -106,14 +109,12 @@ async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> 
     key = f"crypto-client:ingest-slot:{slot_ts}"
     running = f"running:{task_id}"
     try:
-        claimed = await runtime.redis.set(key, running, nx=True, ex=CLAIM_TTL_SECONDS)
+        claimed = await _claim(runtime.redis, key, running)
     except RedisError as exc:
         # The database's one-row-per-slot index still guards the data; go on without the claim.
         log.warning("slot claim unavailable, relying on the database", error=repr(exc))
         claimed = True
     if not claimed:
-        holder = await runtime.redis.get(key)
-        log.info("slot already claimed, skipping", holder=holder)
         return None
 
     heartbeat = asyncio.create_task(_keep_claim(runtime.redis, key, running))
@@ -125,6 +126,23 @@ async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> 
         # Remember the slot as done for a while so a late duplicate does not fetch again.
         await runtime.redis.set(key, f"done:{task_id}", ex=max(60, 2 * settings.ingest_interval_seconds))
     return summary
+
+
+async def _claim(redis: aioredis.Redis, key: str, running: str) -> bool:
+    """Take the slot. A claim left by this same message means it is being redelivered: its
+    first run may be dead (its claim then lapses within CLAIM_TTL_SECONDS) or still alive
+    (it keeps refreshing the claim), so wait and see which."""
+    deadline = time.monotonic() + CLAIM_TTL_SECONDS + 2 * CLAIM_REFRESH_SECONDS
+    while True:
+        if await redis.set(key, running, nx=True, ex=CLAIM_TTL_SECONDS):
+            return True
+        holder = await redis.get(key)
+        if holder is None:
+            continue  # it lapsed between the two calls: try again
+        if holder != running or time.monotonic() > deadline:
+            log.info("slot already claimed, skipping", holder=holder)
+            return False
+        await asyncio.sleep(CLAIM_REFRESH_SECONDS / 2)
 
 
 async def _keep_claim(redis: aioredis.Redis, key: str, value: str) -> None:

@@ -1,0 +1,114 @@
+"""A real Celery deployment for tests: worker and beat processes over a throwaway Redis,
+the simulator for Deribit and a fresh PostgreSQL database."""
+
+import signal
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from sqlalchemy import text
+
+from crypto_client.db.engine import create_engine
+from tests.services import Process, SimServer, crypto_client, wait_until
+
+TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
+
+_PUBLISH = """
+from crypto_client.worker.tasks import ingest_tick_task
+from crypto_client.worker.celery_app import celery_app
+result = ingest_tick_task.apply_async(expires=celery_app.conf.beat_schedule["ingest-tick"]["options"]["expires"])
+print(result.id)
+"""
+
+
+@dataclass
+class CeleryStack:
+    tmp: Path
+    sim: SimServer
+    db_url: str
+    broker_url: str
+    interval: int = 1
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "DATABASE_URL": self.db_url,
+            "CELERY_BROKER_URL": self.broker_url,
+            "DERIBIT_RPC_URL": self.sim.rpc_url,
+            "TICKERS": ",".join(TICKERS),
+            "INGEST_INTERVAL_SECONDS": str(self.interval),
+            "HTTP_TIMEOUT_SECONDS": "5",
+            "HTTP_RETRY_BACKOFF_SECONDS": "0.05",
+            "CELERY_VISIBILITY_TIMEOUT_SECONDS": "6",
+            "LOG_FORMAT": "json",
+            **self.extra_env,
+        }
+
+    def _start(self, name: str, args: list[str]) -> Process:
+        process = Process(crypto_client(*args), self.env, self.tmp / f"{name}.log")
+        self.processes.append(process)
+        return process
+
+    def worker(self, name: str = "w1", concurrency: int = 2) -> Process:
+        process = self._start(
+            name,
+            [
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+        )
+        wait_until(lambda: "ready" in process.output, 30, what=f"worker {name} ready")
+        return process
+
+    def beat(self, name: str = "beat") -> Process:
+        return self._start(name, ["beat", "--schedule", str(self.tmp / f"{name}-schedule")])
+
+    def publish_tick(self) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", _PUBLISH],
+            env={**self.env, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return result.stdout.strip().splitlines()[-1]
+
+    async def rows(self) -> list[tuple[str, int, int | None]]:
+        engine = create_engine(self.db_url)
+        try:
+            async with engine.connect() as connection:
+                result = await connection.execute(
+                    text("SELECT ticker, ts, slot_ts FROM price_ticks ORDER BY ts")
+                )
+                return [(ticker, ts, slot) for ticker, ts, slot in result]
+        finally:
+            await engine.dispose()
+
+    async def count_by_ticker(self) -> Counter[str]:
+        return Counter(ticker for ticker, _, _ in await self.rows())
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            process.stop()
+        self.processes.clear()
+
+
+def kill_pool_children(worker: Process) -> int:
+    """SIGKILL the worker's pool processes (as the OOM killer would); returns how many."""
+    children = psutil.Process(worker.popen.pid).children(recursive=True)
+    for child in children:
+        child.send_signal(signal.SIGKILL)
+    return len(children)

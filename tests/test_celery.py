@@ -1,0 +1,136 @@
+"""Ingestion through real Celery worker and beat processes over Redis."""
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.celery_stack import TICKERS, CeleryStack, kill_pool_children
+from tests.conftest import create_pg_database, drop_pg_database
+from tests.services import SimServer, ThrowawayRedis
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def stack(sim: SimServer, redis_server: ThrowawayRedis, tmp_path: Path) -> AsyncIterator[CeleryStack]:
+    db_url = await create_pg_database()
+    stack = CeleryStack(tmp=tmp_path, sim=sim, db_url=db_url, broker_url=redis_server.url)
+    yield stack
+    stack.stop_all()
+    await drop_pg_database(db_url)
+
+
+async def wait_for_rows(stack: CeleryStack, per_ticker: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = await stack.count_by_ticker()
+        if all(counts[ticker] >= per_ticker for ticker in TICKERS):
+            return
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.output[-3000:] for p in stack.processes)
+            raise AssertionError(f"only {dict(counts)} rows after {timeout}s\n{logs}")
+        await asyncio.sleep(0.2)
+
+
+def assert_one_row_per_slot(rows: list[tuple[str, int, int | None]], interval: int) -> None:
+    slots = [(ticker, slot) for ticker, _, slot in rows]
+    assert len(slots) == len(set(slots)), "a slot was stored twice"
+    for _ticker, ts, slot in rows:
+        assert slot is not None
+        assert slot <= ts < slot + interval + 5, "an observation far outside its slot"
+
+
+async def test_worker_and_beat_store_every_ticker_every_interval(stack: CeleryStack) -> None:
+    stack.worker()
+    stack.beat()
+    await wait_for_rows(stack, per_ticker=3, timeout=30)
+    rows = await stack.rows()
+    assert_one_row_per_slot(rows, stack.interval)
+    worker_log = stack.processes[0].output
+    assert '"task started"' in worker_log
+    assert '"task finished"' in worker_log
+    assert "Future attached to a different loop" not in worker_log
+    assert "Traceback" not in worker_log
+
+
+async def test_two_beats_still_give_one_row_per_ticker_per_slot(stack: CeleryStack) -> None:
+    stack.worker(concurrency=2)
+    stack.beat("beat-a")
+    stack.beat("beat-b")
+    await wait_for_rows(stack, per_ticker=4, timeout=30)
+    await asyncio.sleep(1.5)
+    rows = await stack.rows()
+    assert_one_row_per_slot(rows, stack.interval)
+    # Both beats published every slot, yet Deribit was asked about once per slot: the slot
+    # claim in Redis stopped the second task before it fetched.
+    beat_logs = [p.output for p in stack.processes[1:]]
+    assert all(log.count("Sending due task") >= 3 for log in beat_logs)
+    stored = sum(1 for ticker, _, _ in rows if ticker == "btc_usd")
+    assert stack.sim.requests_for("btc_usd") <= stored + 2
+    assert '"slot already claimed, skipping"' in stack.processes[0].output
+
+
+async def test_killed_worker_slot_is_stored_once_by_the_next_worker(stack: CeleryStack) -> None:
+    stack.interval = 60  # a slot long enough to outlive the restart; no beat, one tick by hand
+    stack.sim.faults(latency_ms=3000)
+    first = stack.worker("w1", concurrency=1)
+    task_id = stack.publish_tick()
+    await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
+    first.signal_group(signal.SIGKILL)  # the whole worker, mid-fetch
+    first.stop()
+    stack.sim.reset()
+    assert await stack.rows() == []
+
+    second = stack.worker("w2", concurrency=1)
+    await wait_for_rows(stack, per_ticker=1, timeout=40)
+    await asyncio.sleep(3)
+    rows = await stack.rows()
+    assert len(rows) == len(TICKERS)
+    assert len({slot for _, _, slot in rows}) == 1
+    assert task_id in second.output
+
+
+async def test_killed_pool_process_task_is_requeued_at_once(stack: CeleryStack) -> None:
+    stack.interval = 60
+    stack.sim.faults(latency_ms=3000)
+    worker = stack.worker("w1", concurrency=1)
+    stack.publish_tick()
+    await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
+    assert kill_pool_children(worker) == 1
+    stack.sim.reset()
+    await wait_for_rows(stack, per_ticker=1, timeout=30)
+    await asyncio.sleep(2)
+    assert len(await stack.rows()) == len(TICKERS)
+    assert "WorkerLostError" in worker.output or "exited with" in worker.output
+
+
+async def test_worker_and_beat_survive_a_redis_restart(
+    stack: CeleryStack, redis_server: ThrowawayRedis
+) -> None:
+    stack.worker()
+    stack.beat()
+    await wait_for_rows(stack, per_ticker=2, timeout=30)
+    redis_server.stop()
+    await asyncio.sleep(3)
+    redis_server.start()
+    restarted_at = time.time()
+    deadline = time.monotonic() + 45
+    while True:
+        rows = await stack.rows()
+        fresh = {ticker for ticker, ts, _ in rows if ts > restarted_at + 1}
+        if fresh == set(TICKERS):
+            break
+        assert time.monotonic() < deadline, "\n".join(p.output[-3000:] for p in stack.processes)
+        await asyncio.sleep(0.5)
+    assert_one_row_per_slot(await stack.rows(), stack.interval)
+
+
+def _wait_in_flight(sim: SimServer) -> None:
+    deadline = time.monotonic() + 30
+    while sim.stats()["in_flight"] == 0:
+        assert time.monotonic() < deadline, "the task never reached Deribit"
+        time.sleep(0.05)
