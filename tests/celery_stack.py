@@ -17,10 +17,10 @@ from tests.services import Process, SimServer, crypto_client, wait_until
 TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
 
 _PUBLISH = """
-from crypto_client.worker.tasks import ingest_tick_task
 from crypto_client.worker.celery_app import celery_app
-result = ingest_tick_task.apply_async(expires=celery_app.conf.beat_schedule["ingest-tick"]["options"]["expires"])
-print(result.id)
+from crypto_client.worker.tasks import ingest_tick_task
+options = celery_app.conf.beat_schedule["ingest-tick"]["options"]
+print(ingest_tick_task.apply_async(**options).id)
 """
 
 

@@ -180,3 +180,18 @@ def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_ur
     line = next(line for line in failed.stdout.splitlines() if line.startswith("no_such_index"))
     assert "failed" in line
     assert "-32602" in line
+
+
+async def test_deribit_down_for_whole_ticks_then_back(
+    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+) -> None:
+    settings = settings_for(sim, db_url, ingest_interval_seconds=1)
+    sim.faults(outage=True)
+    for _ in range(2):
+        down = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(1))
+        assert down.count("failed") == 3
+        await asyncio.sleep(1)
+    sim.reset()
+    back = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(1))
+    assert back.count("stored") == 3
+    assert all(len(await stored(engine, ticker)) == 1 for ticker in TICKERS.split(","))

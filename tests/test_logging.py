@@ -2,11 +2,23 @@
 
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 import structlog
 
 from crypto_client.logging import setup_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """These tests point the root handler at a captured stream; put the usual one back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
 
 
 def test_json_lines_carry_structured_fields(capsys: pytest.CaptureFixture[str]) -> None:

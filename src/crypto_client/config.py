@@ -55,11 +55,17 @@ class Settings(BaseSettings):
 
     celery_broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     celery_result_backend: SecretStr | None = None
-    celery_visibility_timeout_seconds: int = Field(default=30, ge=1, le=86400)
+    celery_visibility_timeout_seconds: int = Field(default=30, ge=6, le=86400)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("database_url", "celery_result_backend", "postgres_host", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `VAR=` in a .env file means "not set", not "the empty URL".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("tickers", mode="before")
     @classmethod

@@ -57,7 +57,7 @@ def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") ->
     # The API writes its own request line; uvicorn's access log would say it twice.
     logging.getLogger("uvicorn.access").disabled = True
     # A DEBUG level should show our debugging, not every HTTP frame.
-    for noisy in ("httpx", "httpcore", "hpack", "asyncio"):
+    for noisy in ("httpx", "httpcore", "hpack", "asyncio", "aiosqlite"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
     structlog.configure(
