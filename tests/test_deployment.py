@@ -129,7 +129,8 @@ def test_dockerfile_final_stage_is_non_root_and_locked() -> None:
     final = list(stages)[-1]
     assert final == "runtime"
     users = [line.split()[1] for line in stages[final] if line.startswith("USER")]
-    assert users and users[-1] not in ("root", "0")
+    assert users
+    assert users[-1] not in ("root", "0")
     assert any(line.startswith("USER app") for line in stages["test"])
     assert "python:3.12-slim" in text
     assert "uv sync --locked" in text

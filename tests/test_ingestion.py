@@ -194,4 +194,5 @@ async def test_deribit_down_for_whole_ticks_then_back(
     sim.reset()
     back = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(1))
     assert back.count("stored") == 3
-    assert all(len(await stored(engine, ticker)) == 1 for ticker in TICKERS.split(","))
+    for ticker in TICKERS.split(","):
+        assert len(await stored(engine, ticker)) == 1
