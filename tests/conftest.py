@@ -1,8 +1,10 @@
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +19,7 @@ from crypto_client.api.app import create_app
 from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
+from crypto_client.db.repository import PriceReader, Tick
 from tests.services import SimServer, ThrowawayRedis, unavailable
 
 PG_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -41,6 +44,15 @@ async def create_pg_database(admin_url: str = PG_ADMIN_URL, *, migrate: bool = T
     if migrate:
         await asyncio.to_thread(migrations.upgrade, url)
     return url
+
+
+async def stored_ticks(engine: AsyncEngine, ticker: str, **bounds: int) -> list[Tick]:
+    """Every stored row of `ticker` (within `bounds`), read back through the repository."""
+    async with engine.connect() as connection:
+        page = await PriceReader(connection).page_json(ticker, limit=100_000, **bounds)
+    return [
+        Tick(row["ticker"], row["price"], row["ts"]) for row in json.loads(page.json, parse_float=Decimal)
+    ]
 
 
 async def drop_pg_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:

@@ -1,5 +1,6 @@
 """Every endpoint on PostgreSQL and on SQLite, through the ASGI app."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -197,3 +198,16 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
     price = schema["components"]["schemas"]["PriceOut"]["properties"]["price"]
     assert price["type"] == "number"
     assert (await api.get("/docs")).status_code == 200
+
+
+async def test_latest_is_cached_briefly(engine: AsyncEngine, db_url: str) -> None:
+    await store(engine, "btc_usd", (100, "1.5"))
+    async with api_client(make_settings(db_url, api_latest_cache_seconds=0.5)) as client:
+        assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 100
+        await store(engine, "btc_usd", (200, "2.5"))
+        assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 100  # from memory
+        await asyncio.sleep(0.6)
+        assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 200
+    async with api_client(make_settings(db_url, api_latest_cache_seconds=0)) as uncached:
+        await store(engine, "btc_usd", (300, "3.5"))
+        assert (await uncached.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 300

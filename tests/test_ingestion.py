@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.clients.deribit import DeribitClient
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceReader, Tick
+from crypto_client.db.repository import Tick
 from crypto_client.ingestion import current_slot, ingest_tick
-from tests.conftest import create_pg_database, make_settings
+from tests.conftest import create_pg_database, make_settings, stored_ticks
 from tests.services import SimServer, ThrowawayPostgres
 
 TICKERS = "btc_usd,eth_usd,sol_usdc"
@@ -41,8 +41,7 @@ async def deribit(sim: SimServer) -> AsyncIterator[DeribitClient]:
 
 
 async def stored(engine: AsyncEngine, ticker: str) -> list[Tick]:
-    async with engine.connect() as connection:
-        return await PriceReader(connection).page(ticker, limit=1000)
+    return await stored_ticks(engine, ticker)
 
 
 async def test_every_ticker_is_stored_with_deribits_time(

@@ -1,3 +1,4 @@
+import json
 from decimal import Decimal
 
 import pytest
@@ -13,7 +14,12 @@ async def insert(engine: AsyncEngine, *ticks: NewTick) -> list[tuple[str, int]]:
 
 async def page(engine: AsyncEngine, ticker: str, **kwargs: int | None) -> list[Tick]:
     async with engine.connect() as connection:
-        return await PriceReader(connection).page(ticker, **kwargs)  # type: ignore[arg-type]
+        result = await PriceReader(connection).page_json(ticker, **kwargs)  # type: ignore[arg-type]
+    ticks = [
+        Tick(row["ticker"], row["price"], row["ts"]) for row in json.loads(result.json, parse_float=Decimal)
+    ]
+    assert len(ticks) == result.rows
+    return ticks
 
 
 async def test_insert_reports_new_rows_and_ignores_duplicates(engine: AsyncEngine) -> None:
@@ -85,18 +91,35 @@ async def test_offset_pages(engine: AsyncEngine) -> None:
 async def test_keyset_pages_neither_skip_nor_repeat_while_rows_arrive(engine: AsyncEngine) -> None:
     await insert(engine, *(NewTick("btc_usd", Decimal(ts), ts) for ts in range(0, 100, 10)))
     seen: list[int] = []
-    after: int | None = None
+    start: int | None = None
     next_ts = 100
+    pages = 0
     while True:
-        rows = await page(engine, "btc_usd", limit=3, after_ts=after)
-        if not rows:
-            break
-        seen.extend(t.ts for t in rows)
-        after = rows[-1].ts
+        async with engine.connect() as connection:
+            result = await PriceReader(connection).page_json("btc_usd", limit=3, start_ts=start)
+        seen.extend(row["ts"] for row in json.loads(result.json))
+        pages += 1
         if next_ts < 130:  # new ticks land between page reads, as ingestion does
             await insert(engine, NewTick("btc_usd", Decimal(next_ts), next_ts))
             next_ts += 10
+        if result.next_ts is None:
+            break
+        start = result.next_ts
     assert seen == list(range(0, 130, 10))
+    assert pages == 5
+
+
+async def test_page_json_is_exact_compact_json(engine: AsyncEngine) -> None:
+    await insert(
+        engine,
+        NewTick("drbfix-btc_usdc", Decimal("43521.37"), 1),
+        NewTick("drbfix-btc_usdc", Decimal("1E-8"), 2),
+    )
+    async with engine.connect() as connection:
+        result = await PriceReader(connection).page_json("drbfix-btc_usdc", limit=1)
+        empty = await PriceReader(connection).page_json("eth_usd", limit=5)
+    assert result == ('[{"ticker":"drbfix-btc_usdc","price":43521.37,"ts":1}]', 1, 2)
+    assert empty == ("[]", 0, None)
 
 
 async def test_ticker_stats(engine: AsyncEngine) -> None:

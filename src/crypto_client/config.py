@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     http_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     http_max_retries: int = Field(default=3, ge=0, le=20)
     http_retry_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
-    http_max_concurrency: int = Field(default=8, ge=1, le=32)
+    http_max_concurrency: int = Field(default=20, ge=1, le=32)
 
     ingest_interval_seconds: int = Field(default=60, ge=1, le=86400)
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     celery_result_backend: SecretStr | None = None
     celery_visibility_timeout_seconds: int = Field(default=30, ge=6, le=86400)
 
+    api_latest_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from crypto_client import __version__
+from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.middleware import RequestLogMiddleware
 from crypto_client.api.routes import router
 from crypto_client.config import Settings, get_settings
@@ -36,6 +37,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         stack.push_async_callback(engine.dispose)
         app.state.read_engine = engine
+        app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
         log.info("api started", version=__version__, embedded_ingestion=app.state.embedded_ingestion)
         yield
 

@@ -7,16 +7,25 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crypto_client.api.cache import LatestPriceCache
 from crypto_client.config import Settings
 from crypto_client.db.repository import PriceReader
 
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a thread pool,
+# which costs a thread hop per dependency per request.
 
-def get_read_engine(request: Request) -> AsyncEngine:
+
+async def get_read_engine(request: Request) -> AsyncEngine:
     engine: AsyncEngine = request.app.state.read_engine
     return engine
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_latest_cache(request: Request) -> LatestPriceCache:
+    cache: LatestPriceCache = request.app.state.latest_cache
+    return cache
+
+
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -26,7 +35,7 @@ async def get_reader(engine: Annotated[AsyncEngine, Depends(get_read_engine)]) -
         yield PriceReader(connection)
 
 
-def reject_repeated_parameters(request: Request) -> None:
+async def reject_repeated_parameters(request: Request) -> None:
     """A parameter given twice is ambiguous; say so rather than silently pick one."""
     seen: set[str] = set()
     for key, _ in request.query_params.multi_items():
@@ -43,6 +52,7 @@ def reject_repeated_parameters(request: Request) -> None:
         seen.add(key)
 
 
+LatestCacheDep = Annotated[LatestPriceCache, Depends(get_latest_cache)]
 ReaderDep = Annotated[PriceReader, Depends(get_reader)]
 ReadEngineDep = Annotated[AsyncEngine, Depends(get_read_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -3,7 +3,6 @@
 import asyncio
 import base64
 import binascii
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -11,8 +10,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import URL
 
 from crypto_client import exact_json
-from crypto_client.api.deps import ReadEngineDep, ReaderDep, SettingsDep, reject_repeated_parameters
+from crypto_client.api.deps import (
+    LatestCacheDep,
+    ReadEngineDep,
+    ReaderDep,
+    SettingsDep,
+    reject_repeated_parameters,
+)
 from crypto_client.api.schemas import (
+    MAX_TS,
     ErrorOut,
     HealthOut,
     PageQuery,
@@ -22,7 +28,8 @@ from crypto_client.api.schemas import (
     TickerQuery,
     ValidationErrorOut,
 )
-from crypto_client.db.repository import PriceReader, Tick
+from crypto_client.db.repository import PriceReader
+from crypto_client.ingestion import is_database_unavailable
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 
@@ -48,23 +55,19 @@ def _json(payload: Any, headers: dict[str, str] | None = None) -> JSONBytes:
     return JSONBytes(exact_json.dumps(payload), headers=headers)
 
 
-def _ticks_json(ticks: Sequence[Tick], headers: dict[str, str] | None = None) -> JSONBytes:
-    return _json([{"ticker": t.ticker, "price": t.price, "ts": t.ts} for t in ticks], headers)
-
-
 def _invalid(parameter: str, message: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("query", parameter), "msg": message, "type": "value_error"}])
 
 
-def _encode_cursor(ts: int) -> str:
+def encode_cursor(ts: int) -> str:
     return base64.urlsafe_b64encode(f"ts:{ts}".encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> int:
+def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = text.partition(":")
-        if prefix != "ts" or not value.isdigit() or len(value) > 19:
+        if prefix != "ts" or not value.isdigit() or int(value) > MAX_TS:
             raise ValueError(cursor)
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -84,19 +87,17 @@ async def _page(
 ) -> JSONBytes:
     if cursor is not None and offset:
         raise _invalid("cursor", "cannot be combined with offset: use one of them")
-    after_ts = _decode_cursor(cursor) if cursor is not None else None
-    # One row more than asked tells whether a next page exists without a COUNT.
-    ticks = await reader.page(
-        ticker, limit=limit + 1, offset=offset, after_ts=after_ts, from_ts=from_ts, to_ts=to_ts
+    start_ts = decode_cursor(cursor) if cursor is not None else None
+    page = await reader.page_json(
+        ticker, limit=limit, offset=offset, start_ts=start_ts, from_ts=from_ts, to_ts=to_ts
     )
     headers = None
-    if len(ticks) > limit:
-        ticks = ticks[:limit]
+    if page.next_ts is not None:
         query = {k: v for k, v in request.query_params.items() if k not in ("offset", "cursor")}
-        query.update(ticker=ticker, cursor=_encode_cursor(ticks[-1].ts))
+        query.update(ticker=ticker, cursor=encode_cursor(page.next_ts))
         next_url = URL(path=request.url.path).include_query_params(**query)
         headers = {"Link": f'<{next_url}>; rel="next"'}
-    return _ticks_json(ticks, headers)
+    return JSONBytes(page.json.encode(), headers=headers)
 
 
 @router.get(
@@ -121,11 +122,18 @@ async def list_prices(request: Request, query: Annotated[PageQuery, Query()], re
     },
     summary="The most recent price of a ticker",
 )
-async def latest_price(query: Annotated[TickerQuery, Query()], reader: ReaderDep) -> JSONBytes:
-    tick = await reader.latest(query.ticker)
-    if tick is None:
-        raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
-    return _json({"ticker": tick.ticker, "price": tick.price, "ts": tick.ts})
+async def latest_price(
+    query: Annotated[TickerQuery, Query()], engine: ReadEngineDep, cache: LatestCacheDep
+) -> JSONBytes:
+    body = cache.get(query.ticker)
+    if body is None:
+        async with engine.connect() as connection:
+            tick = await PriceReader(connection).latest(query.ticker)
+        if tick is None:
+            raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
+        body = exact_json.dumps({"ticker": tick.ticker, "price": tick.price, "ts": tick.ts})
+        cache.put(query.ticker, body)
+    return JSONBytes(body)
 
 
 @router.get(
@@ -178,16 +186,24 @@ async def list_tickers(reader: ReaderDep, settings: SettingsDep) -> JSONBytes:
     summary="200 when the database answers a SELECT 1 within a second, else 503",
 )
 async def health(engine: ReadEngineDep) -> JSONBytes:
+    problem = "unreachable"
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
-            async with engine.connect() as connection:
-                await PriceReader(connection).ping()
+            # Two tries: the first may only discover that a restart broke the pooled
+            # connections (which invalidates them); the second then connects afresh.
+            for attempt in (1, 2):
+                try:
+                    async with engine.connect() as connection:
+                        await PriceReader(connection).ping()
+                    return _json({"status": "ok", "database": "ok"})
+                except Exception as exc:  # any failure to reach the database is what this reports
+                    problem = (
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreachable'}"
+                    )
+                    if attempt == 2 or not is_database_unavailable(exc):
+                        break
     except TimeoutError:
         problem = f"no answer within {HEALTH_TIMEOUT_SECONDS:g}s"
-    except Exception as exc:  # any failure to reach the database is what this reports
-        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreachable'}"
-    else:
-        return _json({"status": "ok", "database": "ok"})
     response = _json({"status": "unavailable", "database": problem})
     response.status_code = 503
     return response

@@ -120,7 +120,7 @@ class DeribitClient:
         timeout: float = 5.0,
         max_retries: int = 3,
         backoff_seconds: float = 0.5,
-        max_concurrency: int = 8,
+        max_concurrency: int = 20,
         use_post: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:

@@ -28,20 +28,26 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 def create_engine(url: str | URL, *, pool_size: int = 10, read_only: bool = False) -> AsyncEngine:
     """An engine for one process; dispose of it when the process stops.
 
-    `read_only` makes every PostgreSQL transaction `READ ONLY` and opens SQLite files read-only,
-    so the API cannot write even by mistake.
+    `read_only` engines serve the API: every statement runs on its own (autocommit, so no
+    BEGIN/ROLLBACK round trips) and cannot write, because PostgreSQL sessions start with
+    `default_transaction_read_only` and SQLite files are opened `mode=ro`. They skip the
+    pre-ping round trip too: a connection broken by a database restart fails its request,
+    which invalidates the pool, and the next request connects afresh.
     """
     target = async_url(url)
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    options: dict[str, Any] = {"pool_pre_ping": not read_only}
+    if read_only:
+        options["isolation_level"] = "AUTOCOMMIT"
     if target.get_backend_name() == "postgresql":
+        connect_args: dict[str, Any] = {"timeout": _CONNECT_TIMEOUT_SECONDS}
+        if read_only:
+            connect_args["server_settings"] = {"default_transaction_read_only": "on"}
         options.update(
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_timeout=_CONNECT_TIMEOUT_SECONDS,
-            connect_args={"timeout": _CONNECT_TIMEOUT_SECONDS},
+            connect_args=connect_args,
         )
-        if read_only:
-            options["execution_options"] = {"postgresql_readonly": True}
     else:
         if target.database and target.database != ":memory:" and read_only:
             target = target.set(query={**target.query, "mode": "ro", "uri": "true"})

@@ -5,8 +5,9 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import NamedTuple
 
-from sqlalchemy import Select, Table, func, literal, select
+from sqlalchemy import Table, bindparam, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from crypto_client.db.models import PriceTick
@@ -31,6 +32,12 @@ class NewTick(NamedTuple):
     slot_ts: int | None = None
 
 
+class JsonPage(NamedTuple):
+    json: str  # a JSON array of {"ticker", "price", "ts"} objects, oldest first
+    rows: int
+    next_ts: int | None  # where the next page starts, when there is one
+
+
 class TickerStats(NamedTuple):
     ticker: str
     rows: int
@@ -48,37 +55,37 @@ class PriceReader:
         await self._connection.execute(select(literal(1)))
 
     async def latest(self, ticker: str) -> Tick | None:
-        query = _ticks(ticker).order_by(_c.ts.desc()).limit(1)
-        row = (await self._connection.execute(query)).first()
+        row = (await self._connection.execute(_LATEST, {"ticker": ticker})).first()
         return None if row is None else Tick._make(row)
 
-    async def page(
+    async def page_json(
         self,
         ticker: str,
         *,
         limit: int,
         offset: int = 0,
-        after_ts: int | None = None,
+        start_ts: int | None = None,
         from_ts: int | None = None,
         to_ts: int | None = None,
-    ) -> list[Tick]:
-        """Up to `limit` rows oldest first, with `from_ts <= ts <= to_ts` and `ts > after_ts`.
+    ) -> JsonPage:
+        """Up to `limit` rows oldest first with `from_ts <= ts <= to_ts` and `ts >= start_ts`,
+        rendered by the database as a JSON array of `{"ticker", "price", "ts"}`.
 
-        `after_ts` is the keyset cursor: it costs one index seek at any depth, where `offset`
-        reads and discards every row before the page.
+        The database writes the JSON because that is several times faster than turning each
+        row into Python objects and back; prices keep their exact decimal text. `start_ts` is
+        the keyset cursor: one index seek at any depth, where `offset` reads and discards
+        every row before the page.
         """
-        query = _ticks(ticker)
-        if from_ts is not None:
-            query = query.where(_c.ts >= from_ts)
-        if to_ts is not None:
-            query = query.where(_c.ts <= to_ts)
-        if after_ts is not None:
-            query = query.where(_c.ts > after_ts)
-        query = query.order_by(_c.ts).limit(limit)
-        if offset:
-            query = query.offset(offset)
-        result = await self._connection.execute(query)
-        return [Tick._make(row) for row in result]
+        lower = max(_MIN_TS if from_ts is None else from_ts, _MIN_TS if start_ts is None else start_ts)
+        upper = _MAX_TS if to_ts is None else to_ts
+        statement = _PAGE_JSON[self._connection.dialect.name]
+        parameters = {"ticker": ticker, "lower": lower, "upper": upper, "limit": limit + 1, "offset": offset}
+        objects, rows, last_ts = (await self._connection.execute(statement, parameters)).one()
+        if rows <= limit:
+            return JsonPage(f"[{objects or ''}]", rows, None)
+        # One row more than asked says a next page exists and where it starts.
+        cut = objects.rfind(',{"ticker":')
+        return JsonPage(f"[{objects[:cut]}]", limit, last_ts)
 
     async def ticker_stats(self) -> list[TickerStats]:
         query = (
@@ -114,5 +121,34 @@ class PriceWriter:
         return inserted
 
 
-def _ticks(ticker: str) -> Select[tuple[str, Decimal, int]]:
-    return select(_c.ticker, _c.price, _c.ts).where(_c.ticker == ticker)
+# Built once: every request reuses the compiled statement (and, on PostgreSQL, the prepared one).
+_TICKS = select(_c.ticker, _c.price, _c.ts).where(_c.ticker == bindparam("ticker"))
+_LATEST = _TICKS.order_by(_c.ts.desc()).limit(1)
+_PAGE_ROWS = (
+    select(_c.ticker, _c.price, _c.ts)
+    .where(_c.ticker == bindparam("ticker"), _c.ts.between(bindparam("lower"), bindparam("upper")))
+    .order_by(_c.ts)
+    .limit(bindparam("limit"))
+    .offset(bindparam("offset"))
+    .subquery("page")
+)
+_ROW_FORMAT = '{"ticker":"%s","price":%s,"ts":%s}'  # tickers are index names: nothing to escape
+_PAGE_JSON = {
+    "postgresql": select(
+        func.string_agg(
+            func.format(_ROW_FORMAT, _PAGE_ROWS.c.ticker, _PAGE_ROWS.c.price, _PAGE_ROWS.c.ts),
+            aggregate_order_by(literal_column("','"), _PAGE_ROWS.c.ts),
+        ),
+        func.count(),
+        func.max(_PAGE_ROWS.c.ts),
+    ),
+    # SQLite concatenates in the order the ordered subquery yields its rows.
+    "sqlite": select(
+        func.group_concat(
+            func.printf(_ROW_FORMAT, _PAGE_ROWS.c.ticker, _PAGE_ROWS.c.price, _PAGE_ROWS.c.ts), ","
+        ),
+        func.count(),
+        func.max(_PAGE_ROWS.c.ts),
+    ),
+}
+_MIN_TS, _MAX_TS = -(2**62), 2**62

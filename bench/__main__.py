@@ -1,0 +1,573 @@
+"""Benchmark the service against the seed's naive design on one fresh PostgreSQL database.
+
+    uv run python -m bench            # the full run: 10 million rows, writes bench/RESULTS.md
+    uv run python -m bench --smoke    # seconds, small data: checks that the benchmark still works
+
+See bench/README.md.
+"""
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import httpx
+import psutil
+from sqlalchemy.engine import make_url
+
+from crypto_client.api.routes import encode_cursor
+from crypto_client.clients.deribit import DeribitClient
+from crypto_client.config import Settings
+from crypto_client.db import migrations
+from crypto_client.db.engine import create_engine
+from crypto_client.db.repository import NewTick, PriceWriter
+from crypto_client.ingestion import ingest_tick
+from crypto_client.sim.prices import INDEXES
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work"
+ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BASE_TS = 1_699_999_980  # a whole minute
+STEP = 60
+WRK_INSTALL = "apt-get install -y wrk   (Debian/Ubuntu; or build it from https://github.com/wg/wrk)"
+
+
+@dataclass
+class Plan:
+    tickers: int
+    rows_per_ticker: int
+    seconds: float
+    connections: int
+    ingest_tickers: int
+    smoke: bool
+
+    @property
+    def names(self) -> list[str]:
+        return list(INDEXES)[: self.tickers]
+
+    @property
+    def depth(self) -> int:
+        return min(400_000, int(self.rows_per_ticker * 0.8))
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    errors: int
+
+
+@dataclass
+class Results:
+    rows: list[tuple[str, Load, Load | None]] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    targets: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def load(self, name: str) -> Load:
+        return next(ours for label, ours, _ in self.rows if label == name)
+
+    def baseline(self, name: str) -> Load:
+        base = next(base for label, _, base in self.rows if label == name)
+        assert base is not None
+        return base
+
+
+# --- load generation ---------------------------------------------------------------------
+
+
+def _duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not match:
+        raise ValueError(f"unexpected wrk duration {text!r}")
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def run_wrk(url: str, seconds: float, connections: int) -> Load:
+    threads = min(2, connections)
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.MULTILINE))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return Load(
+        rps=rps,
+        p50_ms=_duration_ms(latency["50"]),
+        p99_ms=_duration_ms(latency["99"]),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        errors=sum(int(n) for n in socket.groups()) if socket else 0,
+    )
+
+
+def run_python_load(url: str, seconds: float, connections: int) -> Load:
+    """A small closed-loop load generator, for machines without wrk (the CI smoke run)."""
+
+    async def main() -> Load:
+        latencies: list[float] = []
+        failures = 0
+        deadline = time.monotonic() + seconds
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def loop() -> None:
+                nonlocal failures
+                while time.monotonic() < deadline:
+                    started = time.perf_counter()
+                    response = await client.get(url)
+                    latencies.append((time.perf_counter() - started) * 1000)
+                    failures += not response.is_success
+
+            began = time.monotonic()
+            await asyncio.gather(*(loop() for _ in range(connections)))
+            elapsed = time.monotonic() - began
+        quantiles = statistics.quantiles(latencies, n=100)
+        return Load(len(latencies) / elapsed, quantiles[49], quantiles[98], failures, 0)
+
+    return asyncio.run(main())
+
+
+def load(url: str, plan: Plan) -> Load:
+    if shutil.which("wrk"):
+        return run_wrk(url, plan.seconds, plan.connections)
+    return run_python_load(url, plan.seconds, plan.connections)
+
+
+# --- processes and the database ------------------------------------------------------------
+
+
+@contextmanager
+def server(args: list[str], env: dict[str, str], port: int, log_name: str) -> Iterator[psutil.Process]:
+    log = (WORK / log_name).open("wb")
+    process = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{log_name} did not start; see {WORK / log_name}")
+            time.sleep(0.2)
+        yield psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+@contextmanager
+def peak_rss(process: psutil.Process) -> Iterator[list[float]]:
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss / 2**20)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def create_database(plan: Plan) -> str:
+    name = f"cc_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    await asyncio.to_thread(migrations.upgrade, url)
+
+    connection = await asyncpg.connect(url)
+    started = time.monotonic()
+    # Bulk load without the indexes, then build them once: minutes become seconds.
+    await connection.execute("ALTER TABLE price_ticks DROP CONSTRAINT pk_price_ticks")
+    await connection.execute("DROP INDEX ix_price_ticks_ticker_slot_ts")
+    await connection.execute(
+        """
+        INSERT INTO price_ticks (ticker, ts, price, slot_ts)
+        SELECT names.ticker, $1::bigint + i * $2, round((names.base * (1 + 0.05 * sin(i / 997.0)))::numeric,
+               names.decimals), $1::bigint + i * $2
+        FROM unnest($3::text[], $4::numeric[], $5::int[]) AS names(ticker, base, decimals),
+             generate_series(0, $6::int - 1) AS i
+        """,
+        BASE_TS,
+        STEP,
+        plan.names,
+        [Decimal(INDEXES[name][0]) for name in plan.names],
+        [INDEXES[name][1] for name in plan.names],
+        plan.rows_per_ticker,
+    )
+    await connection.execute("ALTER TABLE price_ticks ADD CONSTRAINT pk_price_ticks PRIMARY KEY (ticker, ts)")
+    await connection.execute(
+        "CREATE UNIQUE INDEX ix_price_ticks_ticker_slot_ts ON price_ticks (ticker, slot_ts)"
+    )
+    await connection.execute("VACUUM ANALYZE price_ticks")
+    rows = await connection.fetchval("SELECT count(*) FROM price_ticks")
+    print(f"loaded {rows:,} rows in {time.monotonic() - started:.1f}s into {name}")
+    await connection.close()
+    return url
+
+
+async def drop_database(url: str) -> None:
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+    await admin.close()
+
+
+# --- scenarios -----------------------------------------------------------------------------
+
+
+def http_scenarios(plan: Plan, url: str, results: Results) -> None:
+    ours_port, base_port = free_port(), free_port()
+    ours_env = {"DATABASE_URL": url, "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
+    base_env = {
+        "BASELINE_DATABASE_URL": make_url(url).set(drivername="postgresql+psycopg2").render_as_string(False)
+    }
+    ours_cmd = [sys.executable, "-m", "bench.server", str(ours_port)]
+    base_cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.baseline.app:app",
+        "--port",
+        str(base_port),
+        "--no-access-log",
+    ]
+    ticker = plan.names[0]
+    middle = BASE_TS + (plan.rows_per_ticker // 2) * STEP
+    day = min(1440, plan.rows_per_ticker // 4)
+    deep_ts = BASE_TS + (plan.depth - 1) * STEP
+    q = f"ticker={ticker}"
+    scenarios: list[tuple[str, str, str | None]] = [
+        ("/prices/latest", f"/prices/latest?{q}", f"/prices/latest?{q}"),
+        ("/prices limit=1000, first page", f"/prices?{q}&limit=1000", f"/prices?{q}&limit=1000"),
+        (
+            f"/prices limit=1000, offset={plan.depth:,}",
+            f"/prices?{q}&limit=1000&offset={plan.depth}",
+            f"/prices?{q}&limit=1000&offset={plan.depth}",
+        ),
+        (
+            f"/prices limit=1000, cursor at {plan.depth:,}",
+            f"/prices?{q}&limit=1000&cursor={encode_cursor(deep_ts)}",
+            None,
+        ),
+        (
+            f"/prices/range {day} rows, start",
+            f"/prices/range?{q}&from_ts={BASE_TS}&to_ts={BASE_TS + day * STEP - 1}&limit={day}",
+            f"/prices/range?{q}&from_ts={BASE_TS}&to_ts={BASE_TS + day * STEP - 1}",
+        ),
+        (
+            f"/prices/range {day} rows, middle",
+            f"/prices/range?{q}&from_ts={middle}&to_ts={middle + day * STEP - 1}&limit={day}",
+            f"/prices/range?{q}&from_ts={middle}&to_ts={middle + day * STEP - 1}",
+        ),
+        ("framework ceiling (no database)", "/bench/ping", None),
+    ]
+    with (
+        server(ours_cmd, ours_env, ours_port, "ours.log") as ours,
+        server(base_cmd, base_env, base_port, "baseline.log"),
+    ):
+        for label, ours_path, base_path in scenarios:
+            for port, path in ((ours_port, ours_path), (base_port, base_path)):
+                if path is not None:
+                    httpx.get(f"http://127.0.0.1:{port}{path}", timeout=30).raise_for_status()  # warm up
+            with peak_rss(ours) as peak:
+                ours_load = load(f"http://127.0.0.1:{ours_port}{ours_path}", plan)
+            results.rss_mb[label] = peak[0]
+            base_load = load(f"http://127.0.0.1:{base_port}{base_path}", plan) if base_path else None
+            results.rows.append((label, ours_load, base_load))
+            print(
+                f"{label}: {ours_load.rps:,.0f} req/s"
+                + (f" vs baseline {base_load.rps:,.0f}" if base_load else "")
+            )
+
+        with peak_rss(ours) as peak:
+            walked, pages, started = 0, 0, time.monotonic()
+            next_url: str | None = f"http://127.0.0.1:{ours_port}/prices?{q}&limit=10000"
+            with httpx.Client(timeout=60) as client:
+                while next_url:
+                    response = client.get(next_url)
+                    walked += len(response.json())
+                    pages += 1
+                    link = response.links.get("next", {}).get("url")
+                    next_url = f"http://127.0.0.1:{ours_port}{link}" if link else None
+        assert walked == plan.rows_per_ticker, walked
+        results.rss_mb["full-history walk"] = peak[0]
+        results.extra["Full-history walk of one ticker (cursor pages of 10,000)"] = (
+            f"{walked:,} rows in {pages} pages, {time.monotonic() - started:.2f} s"
+        )
+
+
+def pgbench_ceiling(plan: Plan, url: str, results: Results) -> None:
+    if not shutil.which("pgbench"):
+        results.extra["pgbench (latest-price SQL)"] = "pgbench not installed"
+        return
+    script = WORK / "latest.sql"
+    # The query /prices/latest sends; the ticker is one of our own index names, not input.
+    where = f"WHERE ticker = '{plan.names[0]}'"
+    script.write_text(f"SELECT ticker, price, ts FROM price_ticks {where} ORDER BY ts DESC LIMIT 1;\n")  # noqa: S608
+    target = make_url(url)
+    output = subprocess.run(
+        [
+            "pgbench",
+            "-n",
+            "-c",
+            str(plan.connections),
+            "-j",
+            "2",
+            "-T",
+            str(max(1, round(plan.seconds))),
+            "-f",
+            str(script),
+            "-h",
+            target.host or "127.0.0.1",
+            "-p",
+            str(target.port or 5432),
+            "-U",
+            target.username or "postgres",
+            target.database or "",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    tps = re.search(r"tps = ([\d.]+)", output)
+    latency = re.search(r"latency average = ([\d.]+) ms", output)
+    results.extra["pgbench, latest-price SQL (database ceiling)"] = (
+        f"{float(tps.group(1)) if tps else 0:,.0f} queries/s, mean {latency.group(1) if latency else '?'} ms"
+        f" at {plan.connections} clients"
+    )
+
+
+async def ingestion_scenarios(plan: Plan, url: str, results: Results) -> None:
+    port = free_port()
+    sim_log = (WORK / "sim.log").open("wb")
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "crypto_client", "sim", "--port", str(port), "--latency-ms", "100"],
+        stdout=sim_log,
+        stderr=subprocess.STDOUT,
+    )
+    rpc = f"http://127.0.0.1:{port}/api/v2"
+    tickers = list(INDEXES)[: plan.ingest_tickers]
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/_sim/stats", timeout=1)
+                break
+            except httpx.HTTPError:
+                await asyncio.sleep(0.1)
+        settings = Settings.model_validate(
+            {"tickers": tickers, "deribit_rpc_url": rpc, "database_url": url, "ingest_interval_seconds": 1}
+        )
+        engine = create_engine(url)
+        durations = []
+        async with DeribitClient.from_settings(settings) as client:
+            for _ in range(5):
+                summary = await ingest_tick(client, engine, settings, slot_ts=None)
+                assert summary.ok, summary
+                durations.append(summary.duration_seconds)
+                await asyncio.sleep(1.05)  # a new second: new rows, not duplicates
+        results.extra[f"Ingestion tick, {len(tickers)} tickers at 100 ms latency"] = (
+            f"median {statistics.median(durations):.3f} s, worst {max(durations):.3f} s"
+            f" (HTTP_MAX_CONCURRENCY={settings.http_max_concurrency})"
+        )
+        results.targets.append(("ingestion tick < 0.5 s", statistics.median(durations) < 0.5, ""))
+
+        started = time.monotonic()
+        with httpx.Client() as naive:
+            for ticker in tickers:
+                naive.get(f"{rpc}/public/get_index_price", params={"index_name": ticker}).raise_for_status()
+        results.extra[f"Naive sequential fetch of the same {len(tickers)} tickers"] = (
+            f"{time.monotonic() - started:.3f} s"
+        )
+
+        count = 100_000 if not plan.smoke else 5_000
+        batch = [NewTick("bulk_usd", Decimal("43521.37"), BASE_TS + i) for i in range(count)]
+        started = time.monotonic()
+        async with engine.begin() as connection:
+            inserted = await PriceWriter(connection).insert_many(batch)
+        assert len(inserted) == count
+        elapsed = time.monotonic() - started
+        results.extra["Bulk insert (insert_many, one transaction)"] = (
+            f"{count / elapsed:,.0f} rows/s ({count:,} rows)"
+        )
+        await engine.dispose()
+    finally:
+        sim.terminate()
+        sim.wait(10)
+        sim_log.close()
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def judge(results: Results, plan: Plan) -> None:
+    def ratio(label: str) -> float:
+        return results.load(label).rps / results.baseline(label).rps
+
+    latest = "/prices/latest"
+    first = "/prices limit=1000, first page"
+    cursor = f"/prices limit=1000, cursor at {plan.depth:,}"
+    day = min(1440, plan.rows_per_ticker // 4)
+    start, middle = f"/prices/range {day} rows, start", f"/prices/range {day} rows, middle"
+    ceiling = results.load("framework ceiling (no database)").rps
+    results.targets += [
+        ("/prices/latest >= 10x baseline", ratio(latest) >= 10, f"{ratio(latest):.1f}x"),
+        (
+            "/prices/latest >= 70% of framework ceiling",
+            results.load(latest).rps >= 0.7 * ceiling,
+            f"{results.load(latest).rps / ceiling:.0%}",
+        ),
+        ("/prices limit=1000 >= 10x baseline", ratio(first) >= 10, f"{ratio(first):.1f}x"),
+        (
+            "deep cursor page p50 <= 2x first page p50",
+            results.load(cursor).p50_ms <= 2 * results.load(first).p50_ms,
+            f"{results.load(cursor).p50_ms / results.load(first).p50_ms:.2f}x",
+        ),
+        ("one-day range >= 10x baseline", ratio(middle) >= 10, f"{ratio(middle):.1f}x"),
+        (
+            "one-day range p50, middle <= 1.5x start",
+            results.load(middle).p50_ms <= 1.5 * results.load(start).p50_ms,
+            f"{results.load(middle).p50_ms / results.load(start).p50_ms:.2f}x",
+        ),
+        (
+            "API RSS < 200 MB in every scenario",
+            max(results.rss_mb.values()) < 200,
+            f"{max(results.rss_mb.values()):.0f} MB",
+        ),
+    ]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory = psutil.virtual_memory().total / 2**30
+    postgres = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, {postgres}"
+    )
+
+
+def report(results: Results, plan: Plan, loader: str) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `uv run python -m bench`"
+        + (" --smoke" if plan.smoke else ""),
+        f"- Machine: {machine()}",
+        f"- Data: {plan.tickers} tickers x {plan.rows_per_ticker:,} one-minute ticks"
+        f" = {plan.tickers * plan.rows_per_ticker:,} rows in PostgreSQL",
+        f"- Load: {loader}, {plan.connections} connections, {plan.seconds:g} s per scenario; both servers are"
+        " one uvicorn process on the same machine as the load generator and PostgreSQL",
+        "- Baseline: `bench/baseline/app.py`, the seed's design (sync endpoints, ORM session per request over"
+        " psycopg2, a Pydantic model per row, OFFSET paging, whole ranges)",
+        "",
+        "| Scenario | req/s | p50 ms | p99 ms | baseline req/s | baseline p50 ms | baseline p99 ms | ratio"
+        " | API peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, ours, base in results.rows:
+        base_cells = (
+            f"{base.rps:,.0f} | {base.p50_ms:.2f} | {base.p99_ms:.2f} | {ours.rps / base.rps:.1f}x"
+            if base
+            else "— | — | — | —"
+        )
+        lines.append(
+            f"| {label} | {ours.rps:,.0f} | {ours.p50_ms:.2f} | {ours.p99_ms:.2f} | {base_cells} |"
+            f" {results.rss_mb.get(label, 0):.0f} |"
+        )
+    errors = sum(o.non_2xx + o.errors for _, o, _ in results.rows)
+    lines += ["", f"Non-2xx responses and socket errors of the service, all scenarios: {errors}.", ""]
+    lines += ["| Measure | Result |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in results.extra.items()]
+    lines.append(f"| API peak RSS, full-history walk | {results.rss_mb.get('full-history walk', 0):.0f} MB |")
+    lines += ["", "| Target | Met | Measured |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {'yes' if met else 'NO'} | {value} |" for name, met, value in results.targets]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="small data, short runs (CI)")
+    parser.add_argument("--seconds", type=float, help="load duration per scenario")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
+    args = parser.parse_args()
+    plan = (
+        Plan(
+            tickers=3,
+            rows_per_ticker=5_000,
+            seconds=args.seconds or 1,
+            connections=4,
+            ingest_tickers=10,
+            smoke=True,
+        )
+        if args.smoke
+        else Plan(20, 500_000, args.seconds or 10, args.connections, ingest_tickers=50, smoke=False)
+    )
+    if not shutil.which("wrk"):
+        if not plan.smoke:
+            sys.exit(f"wrk is required for the full benchmark: {WRK_INSTALL}")
+        print(f"wrk not found, using the built-in Python load generator ({WRK_INSTALL})")
+    loader = "wrk" if shutil.which("wrk") else "Python load generator"
+    WORK.mkdir(exist_ok=True)
+
+    results = Results()
+    url = asyncio.run(create_database(plan))
+    try:
+        http_scenarios(plan, url, results)
+        pgbench_ceiling(plan, url, results)
+        asyncio.run(ingestion_scenarios(plan, url, results))
+    finally:
+        if not args.keep:
+            asyncio.run(drop_database(url))
+    judge(results, plan)
+    text = report(results, plan, loader)
+    target = WORK / "RESULTS-smoke.md" if plan.smoke else HERE / "RESULTS.md"
+    target.write_text(text)
+    print(text)
+    print(f"written to {target}")
+    failures = sum(o.non_2xx + o.errors for _, o, _ in results.rows)
+    if failures:
+        sys.exit(f"{failures} failed requests")
+
+
+if __name__ == "__main__":
+    main()

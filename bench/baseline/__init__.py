@@ -1,0 +1,1 @@
+"""The seed's design written plainly, to measure the service against."""
