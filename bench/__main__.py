@@ -29,6 +29,7 @@ import httpx
 import psutil
 from sqlalchemy.engine import make_url
 
+from bench.load import WRK_INSTALL, Load, load
 from crypto_client.api.routes import encode_cursor
 from crypto_client.clients.deribit import DeribitClient
 from crypto_client.config import Settings
@@ -43,7 +44,6 @@ WORK = HERE / ".work"
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BASE_TS = 1_699_999_980  # a whole minute
 STEP = 60
-WRK_INSTALL = "apt-get install -y wrk   (Debian/Ubuntu; or build it from https://github.com/wg/wrk)"
 
 
 @dataclass
@@ -65,15 +65,6 @@ class Plan:
 
 
 @dataclass
-class Load:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    non_2xx: int
-    errors: int
-
-
-@dataclass
 class Results:
     rows: list[tuple[str, Load, Load | None]] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
@@ -87,66 +78,6 @@ class Results:
         base = next(base for label, _, base in self.rows if label == name)
         assert base is not None
         return base
-
-
-# --- load generation ---------------------------------------------------------------------
-
-
-def _duration_ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not match:
-        raise ValueError(f"unexpected wrk duration {text!r}")
-    value, unit = float(match.group(1)), match.group(2)
-    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
-
-
-def run_wrk(url: str, seconds: float, connections: int) -> Load:
-    threads = min(2, connections)
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.MULTILINE))
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    return Load(
-        rps=rps,
-        p50_ms=_duration_ms(latency["50"]),
-        p99_ms=_duration_ms(latency["99"]),
-        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
-        errors=sum(int(n) for n in socket.groups()) if socket else 0,
-    )
-
-
-def run_python_load(url: str, seconds: float, connections: int) -> Load:
-    """A small closed-loop load generator, for machines without wrk (the CI smoke run)."""
-
-    async def main() -> Load:
-        latencies: list[float] = []
-        failures = 0
-        deadline = time.monotonic() + seconds
-        async with httpx.AsyncClient(timeout=10) as client:
-
-            async def loop() -> None:
-                nonlocal failures
-                while time.monotonic() < deadline:
-                    started = time.perf_counter()
-                    response = await client.get(url)
-                    latencies.append((time.perf_counter() - started) * 1000)
-                    failures += not response.is_success
-
-            began = time.monotonic()
-            await asyncio.gather(*(loop() for _ in range(connections)))
-            elapsed = time.monotonic() - began
-        quantiles = statistics.quantiles(latencies, n=100)
-        return Load(len(latencies) / elapsed, quantiles[49], quantiles[98], failures, 0)
-
-    return asyncio.run(main())
-
-
-def load(url: str, plan: Plan) -> Load:
-    if shutil.which("wrk"):
-        return run_wrk(url, plan.seconds, plan.connections)
-    return run_python_load(url, plan.seconds, plan.connections)
 
 
 # --- processes and the database ------------------------------------------------------------
@@ -305,9 +236,13 @@ def http_scenarios(plan: Plan, url: str, results: Results) -> None:
                 if path is not None:
                     httpx.get(f"http://127.0.0.1:{port}{path}", timeout=30).raise_for_status()  # warm up
             with peak_rss(ours) as peak:
-                ours_load = load(f"http://127.0.0.1:{ours_port}{ours_path}", plan)
+                ours_load = load(f"http://127.0.0.1:{ours_port}{ours_path}", plan.seconds, plan.connections)
             results.rss_mb[label] = peak[0]
-            base_load = load(f"http://127.0.0.1:{base_port}{base_path}", plan) if base_path else None
+            base_load = (
+                load(f"http://127.0.0.1:{base_port}{base_path}", plan.seconds, plan.connections)
+                if base_path
+                else None
+            )
             results.rows.append((label, ours_load, base_load))
             print(
                 f"{label}: {ours_load.rps:,.0f} req/s"

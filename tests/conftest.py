@@ -5,7 +5,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -20,7 +19,7 @@ from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.repository import PriceReader, Tick
-from tests.services import SimServer, ThrowawayRedis, unavailable
+from tests.services import SimServer, ThrowawayPostgres, ThrowawayRedis, unavailable
 
 PG_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -121,15 +120,6 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     await _clear(db_url)
 
 
-@pytest.fixture
-async def pg_engine(postgresql_url: str) -> AsyncIterator[AsyncEngine]:
-    await _clear(postgresql_url)
-    engine = create_engine(postgresql_url)
-    yield engine
-    await engine.dispose()
-    await _clear(postgresql_url)
-
-
 @pytest.fixture(scope="session")
 def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
     server = SimServer(tmp_path_factory.mktemp("sim"))
@@ -153,7 +143,8 @@ def redis_server() -> Iterator[ThrowawayRedis]:
 
 
 @pytest.fixture
-def logs_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "logs"
-    path.mkdir()
-    return path
+def throwaway_pg() -> Iterator[ThrowawayPostgres]:
+    """A private PostgreSQL cluster this test may stop and start."""
+    server = ThrowawayPostgres()
+    yield server
+    server.destroy()

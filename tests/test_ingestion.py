@@ -4,7 +4,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -108,48 +108,48 @@ async def test_tickers_are_fetched_concurrently(
 
 
 @pytest.fixture
-def throwaway_pg() -> Iterator[ThrowawayPostgres]:
-    server = ThrowawayPostgres()
-    yield server
-    server.destroy()
+async def stoppable_engine(throwaway_pg: ThrowawayPostgres) -> AsyncIterator[tuple[str, AsyncEngine]]:
+    """A migrated database on a server the test may stop, and an engine on it."""
+    url = await create_pg_database(throwaway_pg.url)
+    engine = create_engine(url)
+    yield url, engine
+    await engine.dispose()
 
 
 async def test_prices_wait_for_the_database_and_keep_their_time(
-    sim: SimServer, deribit: DeribitClient, throwaway_pg: ThrowawayPostgres
+    sim: SimServer,
+    deribit: DeribitClient,
+    throwaway_pg: ThrowawayPostgres,
+    stoppable_engine: tuple[str, AsyncEngine],
 ) -> None:
-    url = await create_pg_database(throwaway_pg.url)
-    engine = create_engine(url)
-    try:
-        settings = settings_for(sim, url, ingest_max_write_delay_seconds=60)
-        throwaway_pg.stop()
-        fetched_at = int(time.time())
-        tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=current_slot(60)))
-        await asyncio.sleep(3)
-        assert not tick.done()  # still holding the prices, waiting for the database
-        await asyncio.to_thread(throwaway_pg.start)
-        summary = await asyncio.wait_for(tick, 30)
-        assert summary.count("stored") == 3
-        for ticker in TICKERS.split(","):
-            rows = await stored(engine, ticker)
-            assert len(rows) == 1
-            assert fetched_at - 1 <= rows[0].ts <= fetched_at + 2  # observation time, not write time
-    finally:
-        await engine.dispose()
+    url, engine = stoppable_engine
+    settings = settings_for(sim, url, ingest_max_write_delay_seconds=60)
+    throwaway_pg.stop()
+    fetched_at = int(time.time())
+    tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=current_slot(60)))
+    await asyncio.sleep(3)
+    assert not tick.done()  # still holding the prices, waiting for the database
+    await asyncio.to_thread(throwaway_pg.start)
+    summary = await asyncio.wait_for(tick, 30)
+    assert summary.count("stored") == 3
+    for ticker in TICKERS.split(","):
+        rows = await stored(engine, ticker)
+        assert len(rows) == 1
+        assert fetched_at - 1 <= rows[0].ts <= fetched_at + 2  # observation time, not write time
 
 
 async def test_prices_older_than_the_bound_are_reported_failed(
-    sim: SimServer, deribit: DeribitClient, throwaway_pg: ThrowawayPostgres
+    sim: SimServer,
+    deribit: DeribitClient,
+    throwaway_pg: ThrowawayPostgres,
+    stoppable_engine: tuple[str, AsyncEngine],
 ) -> None:
-    url = await create_pg_database(throwaway_pg.url)
-    engine = create_engine(url)
-    try:
-        throwaway_pg.stop()
-        settings = settings_for(sim, url, ingest_max_write_delay_seconds=2)
-        summary = await ingest_tick(deribit, engine, settings, slot_ts=None)
-        assert summary.count("failed") == 3
-        assert all("database write failed" in (o.error or "") for o in summary.outcomes)
-    finally:
-        await engine.dispose()
+    url, engine = stoppable_engine
+    throwaway_pg.stop()
+    settings = settings_for(sim, url, ingest_max_write_delay_seconds=2)
+    summary = await ingest_tick(deribit, engine, settings, slot_ts=None)
+    assert summary.count("failed") == 3
+    assert all("database write failed" in (o.error or "") for o in summary.outcomes)
 
 
 def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_url: str) -> None:

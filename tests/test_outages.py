@@ -3,7 +3,7 @@ without a restart; ingestion keeps every fetched price and stores each slot exac
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -25,13 +25,6 @@ pytestmark = pytest.mark.slow
 
 OUTAGE_SECONDS = 30
 INTERVAL = 6
-
-
-@pytest.fixture
-def throwaway_pg() -> Iterator[ThrowawayPostgres]:
-    server = ThrowawayPostgres()
-    yield server
-    server.destroy()
 
 
 @pytest.fixture

@@ -15,9 +15,6 @@ from crypto_client.db.models import PriceTick
 _table: Table = PriceTick.__table__  # type: ignore[assignment]
 _c = _table.c
 
-# Well under the bind-parameter limits of asyncpg (32767) and SQLite (32766), four per row.
-_INSERT_CHUNK_ROWS = 2000
-
 
 class Tick(NamedTuple):
     ticker: str
@@ -106,19 +103,12 @@ class PriceWriter:
 
         Returns the `(ticker, ts)` of the rows that were new. The caller owns the transaction.
         """
-        insert = postgresql.insert if self._connection.dialect.name == "postgresql" else sqlite.insert
-        inserted: list[tuple[str, int]] = []
-        for start in range(0, len(ticks), _INSERT_CHUNK_ROWS):
-            chunk = ticks[start : start + _INSERT_CHUNK_ROWS]
-            statement = (
-                insert(_table)
-                .values([tick._asdict() for tick in chunk])
-                .on_conflict_do_nothing()
-                .returning(_c.ticker, _c.ts)
-            )
-            result = await self._connection.execute(statement)
-            inserted.extend((ticker, ts) for ticker, ts in result)
-        return inserted
+        if not ticks:
+            return []
+        statement = _INSERT[self._connection.dialect.name]
+        # One compiled statement, sent as multi-row VALUES batches (SQLAlchemy's insertmanyvalues).
+        result = await self._connection.execute(statement, [tick._asdict() for tick in ticks])
+        return [(ticker, ts) for ticker, ts in result]
 
 
 # Built once: every request reuses the compiled statement (and, on PostgreSQL, the prepared one).
@@ -150,5 +140,9 @@ _PAGE_JSON = {
         func.count(),
         func.max(_PAGE_ROWS.c.ts),
     ),
+}
+_INSERT = {
+    "postgresql": postgresql.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
+    "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
 }
 _MIN_TS, _MAX_TS = -(2**62), 2**62

@@ -1,0 +1,32 @@
+"""The benchmark's smoke run: every scenario still runs end to end (no timing is judged)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PG_ADMIN_URL
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_run_writes_a_complete_report(postgresql_url: str) -> None:
+    # postgresql_url makes a missing server skip (locally) or fail (CI) like every other test.
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=ROOT,
+        env={"BENCH_DATABASE_URL": PG_ADMIN_URL, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (ROOT / "bench" / ".work" / "RESULTS-smoke.md").read_text()
+    for scenario in ("/prices/latest", "first page", "cursor at", "/prices/range", "framework ceiling"):
+        assert scenario in report
+    for measure in ("Ingestion tick", "Naive sequential", "Bulk insert", "full-history walk"):
+        assert measure in report
+    assert "all scenarios: 0." in report

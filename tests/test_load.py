@@ -1,0 +1,56 @@
+"""A bounded load on loopback while ingestion writes: no error, no non-2xx answer."""
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.load import load
+from tests.conftest import stored_ticks
+from tests.services import Process, SimServer, crypto_client, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+LOAD_SECONDS = 8
+CONNECTIONS = 64
+
+
+async def test_api_under_load_while_ingesting(sim: SimServer, postgresql_url: str, tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from crypto_client.db.engine import create_engine
+
+    engine = create_engine(postgresql_url)
+    async with engine.begin() as connection:
+        await connection.execute(text("DELETE FROM price_ticks"))
+    port = free_port()
+    env = {
+        "DATABASE_URL": postgresql_url,
+        "DERIBIT_RPC_URL": sim.rpc_url,
+        "INGEST_INTERVAL_SECONDS": "1",
+        "LOG_LEVEL": "WARNING",
+    }
+    server = Process(crypto_client("serve", "--port", str(port)), env, tmp_path / "serve.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await asyncio.to_thread(
+            wait_until, lambda: httpx.get(f"{base}/prices/latest?ticker=btc_usd").status_code == 200, 30
+        )
+        before = len(await stored_ticks(engine, "btc_usd"))
+        pages, latest = await asyncio.gather(
+            asyncio.to_thread(
+                load, f"{base}/prices?ticker=btc_usd&limit=100", LOAD_SECONDS, CONNECTIONS // 2
+            ),
+            asyncio.to_thread(load, f"{base}/prices/latest?ticker=eth_usd", LOAD_SECONDS, CONNECTIONS // 2),
+        )
+        after = len(await stored_ticks(engine, "btc_usd"))
+    finally:
+        server.stop()
+        await engine.dispose()
+    for result in (pages, latest):
+        assert result.non_2xx == 0
+        assert result.errors == 0
+        assert result.rps > 0
+    assert after >= before + LOAD_SECONDS // 2, "ingestion stalled under load"
+    assert "Traceback" not in server.output
