@@ -9,11 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from crypto_client import __version__
 from crypto_client.api.cache import LatestPriceCache
+from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.middleware import RequestLogMiddleware
 from crypto_client.api.routes import router
 from crypto_client.config import Settings, get_settings
@@ -36,7 +38,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.database_url_value, pool_size=settings.database_pool_size, read_only=True
         )
         stack.push_async_callback(engine.dispose)
-        app.state.read_engine = engine
+        # As many request slots as the pool has connections (pool_size plus as many overflow).
+        app.state.read_database = ReadDatabase(engine, connections=2 * settings.database_pool_size)
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
         log.info("api started", version=__version__, embedded_ingestion=app.state.embedded_ingestion)
         yield
@@ -63,6 +66,9 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, PoolTimeoutError):
+        log.warning("no database connection free in time", path=request.url.path)
+        return JSONResponse({"detail": "the service is busy, try again shortly"}, status_code=503)
     if is_database_unavailable(exc):
         log.warning("database unavailable", path=request.url.path, error=repr(exc))
         return JSONResponse({"detail": "the database is unavailable, try again shortly"}, status_code=503)
@@ -83,7 +89,7 @@ def create_app(settings: Settings | None = None, *, embedded_ingestion: bool = F
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for error in (DBAPIError, OSError, asyncio.TimeoutError):
+    for error in (DBAPIError, OSError, asyncio.TimeoutError, PoolTimeoutError):
         app.add_exception_handler(error, _database_error)
     if app.state.settings.cors_origins:
         app.add_middleware(

@@ -1,11 +1,13 @@
 """Dependencies of the routes: the read-only database access and the query checks."""
 
+import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.config import Settings
@@ -15,9 +17,27 @@ from crypto_client.db.repository import PriceReader
 # which costs a thread hop per dependency per request.
 
 
-async def get_read_engine(request: Request) -> AsyncEngine:
-    engine: AsyncEngine = request.app.state.read_engine
-    return engine
+class ReadDatabase:
+    """The API's read-only engine behind a first-come, first-served queue.
+
+    Under more concurrent requests than pooled connections, SQLAlchemy's pool hands freed
+    connections to whichever waiter wakes first, so a few requests can starve until the
+    pool timeout; waiting on a (fair) asyncio semaphore first keeps every wait short.
+    """
+
+    def __init__(self, engine: AsyncEngine, connections: int) -> None:
+        self.engine = engine
+        self._slots = asyncio.Semaphore(connections)
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        async with self._slots, self.engine.connect() as connection:
+            yield connection
+
+
+async def get_read_database(request: Request) -> ReadDatabase:
+    database: ReadDatabase = request.app.state.read_database
+    return database
 
 
 async def get_latest_cache(request: Request) -> LatestPriceCache:
@@ -30,8 +50,10 @@ async def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
-async def get_reader(engine: Annotated[AsyncEngine, Depends(get_read_engine)]) -> AsyncIterator[PriceReader]:
-    async with engine.connect() as connection:
+async def get_reader(
+    database: Annotated[ReadDatabase, Depends(get_read_database)],
+) -> AsyncIterator[PriceReader]:
+    async with database.connect() as connection:
         yield PriceReader(connection)
 
 
@@ -54,5 +76,5 @@ async def reject_repeated_parameters(request: Request) -> None:
 
 LatestCacheDep = Annotated[LatestPriceCache, Depends(get_latest_cache)]
 ReaderDep = Annotated[PriceReader, Depends(get_reader)]
-ReadEngineDep = Annotated[AsyncEngine, Depends(get_read_engine)]
+ReadDatabaseDep = Annotated[ReadDatabase, Depends(get_read_database)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -12,7 +12,7 @@ from starlette.datastructures import URL
 from crypto_client import exact_json
 from crypto_client.api.deps import (
     LatestCacheDep,
-    ReadEngineDep,
+    ReadDatabaseDep,
     ReaderDep,
     SettingsDep,
     reject_repeated_parameters,
@@ -123,11 +123,11 @@ async def list_prices(request: Request, query: Annotated[PageQuery, Query()], re
     summary="The most recent price of a ticker",
 )
 async def latest_price(
-    query: Annotated[TickerQuery, Query()], engine: ReadEngineDep, cache: LatestCacheDep
+    query: Annotated[TickerQuery, Query()], database: ReadDatabaseDep, cache: LatestCacheDep
 ) -> JSONBytes:
     body = cache.get(query.ticker)
     if body is None:
-        async with engine.connect() as connection:
+        async with database.connect() as connection:
             tick = await PriceReader(connection).latest(query.ticker)
         if tick is None:
             raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
@@ -185,7 +185,7 @@ async def list_tickers(reader: ReaderDep, settings: SettingsDep) -> JSONBytes:
     responses={**_INVALID, 503: {"model": HealthOut, "description": "The database did not answer."}},
     summary="200 when the database answers a SELECT 1 within a second, else 503",
 )
-async def health(engine: ReadEngineDep) -> JSONBytes:
+async def health(database: ReadDatabaseDep) -> JSONBytes:
     problem = "unreachable"
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
@@ -193,7 +193,9 @@ async def health(engine: ReadEngineDep) -> JSONBytes:
             # connections (which invalidates them); the second then connects afresh.
             for attempt in (1, 2):
                 try:
-                    async with engine.connect() as connection:
+                    # Straight to the engine, not behind queued requests: this asks whether
+                    # the database answers, not how busy the API is.
+                    async with database.engine.connect() as connection:
                         await PriceReader(connection).ping()
                     return _json({"status": "ok", "database": "ok"})
                 except Exception as exc:  # any failure to reach the database is what this reports
