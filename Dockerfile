@@ -43,8 +43,10 @@ CMD ["crypto-client", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM runtime-base AS test
 COPY --from=builder-test /opt/venv /opt/venv
-COPY --chown=app:app pyproject.toml ./
+# The suite, and the files its static checks read.
+COPY --chown=app:app pyproject.toml README.md Dockerfile docker-compose.yml .env.example .dockerignore .gitignore ./
 COPY --chown=app:app tests ./tests
+COPY --chown=app:app bench ./bench
 USER app
 
 FROM runtime-base AS runtime

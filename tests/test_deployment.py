@@ -132,6 +132,10 @@ def test_dockerfile_final_stage_is_non_root_and_locked() -> None:
     assert users
     assert users[-1] not in ("root", "0")
     assert any(line.startswith("USER app") for line in stages["test"])
+    # The test stage carries what the suite reads, so `docker compose run --rm api pytest -q` works.
+    copied = " ".join(line for line in stages["test"] if line.startswith("COPY"))
+    for needed in ("tests", "bench", "README.md", "docker-compose.yml", ".env.example", "pyproject.toml"):
+        assert needed in copied, needed
     assert "python:3.12-slim" in text
     assert "uv sync --locked" in text
     assert "HEALTHCHECK" in text
