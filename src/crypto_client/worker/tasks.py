@@ -91,7 +91,7 @@ def ingest_tick_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | 
         slot_ts=slot_ts,
         redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
     ):
-        log.info("task started", task=INGEST_TASK)
+        log.info("task started", task=INGEST_TASK, tickers=list(settings.tickers))
         # The runner would otherwise reuse the context of its first run, with stale task ids.
         summary = runtime.runner.run(_run_claimed(runtime, int(slot_ts), task_id), context=copy_context())
         if summary is None:
