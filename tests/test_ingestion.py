@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from decimal import Decimal
 
 import pytest
@@ -107,29 +108,33 @@ async def test_tickers_are_fetched_concurrently(
     assert elapsed < len(tickers) * 0.2 / 2  # well under one after another
 
 
+@dataclass
+class StoppableDatabase:
+    server: ThrowawayPostgres
+    url: str
+    engine: AsyncEngine
+
+
 @pytest.fixture
-async def stoppable_engine(throwaway_pg: ThrowawayPostgres) -> AsyncIterator[tuple[str, AsyncEngine]]:
+async def stoppable(throwaway_pg: ThrowawayPostgres) -> AsyncIterator[StoppableDatabase]:
     """A migrated database on a server the test may stop, and an engine on it."""
     url = await create_pg_database(throwaway_pg.url)
-    engine = create_engine(url)
-    yield url, engine
-    await engine.dispose()
+    database = StoppableDatabase(throwaway_pg, url, create_engine(url))
+    yield database
+    await database.engine.dispose()
 
 
 async def test_prices_wait_for_the_database_and_keep_their_time(
-    sim: SimServer,
-    deribit: DeribitClient,
-    throwaway_pg: ThrowawayPostgres,
-    stoppable_engine: tuple[str, AsyncEngine],
+    sim: SimServer, deribit: DeribitClient, stoppable: StoppableDatabase
 ) -> None:
-    url, engine = stoppable_engine
-    settings = settings_for(sim, url, ingest_max_write_delay_seconds=60)
-    throwaway_pg.stop()
+    engine = stoppable.engine
+    settings = settings_for(sim, stoppable.url, ingest_max_write_delay_seconds=60)
+    stoppable.server.stop()
     fetched_at = int(time.time())
     tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=current_slot(60)))
     await asyncio.sleep(3)
     assert not tick.done()  # still holding the prices, waiting for the database
-    await asyncio.to_thread(throwaway_pg.start)
+    await asyncio.to_thread(stoppable.server.start)
     summary = await asyncio.wait_for(tick, 30)
     assert summary.count("stored") == 3
     for ticker in TICKERS.split(","):
@@ -139,15 +144,11 @@ async def test_prices_wait_for_the_database_and_keep_their_time(
 
 
 async def test_prices_older_than_the_bound_are_reported_failed(
-    sim: SimServer,
-    deribit: DeribitClient,
-    throwaway_pg: ThrowawayPostgres,
-    stoppable_engine: tuple[str, AsyncEngine],
+    sim: SimServer, deribit: DeribitClient, stoppable: StoppableDatabase
 ) -> None:
-    url, engine = stoppable_engine
-    throwaway_pg.stop()
-    settings = settings_for(sim, url, ingest_max_write_delay_seconds=2)
-    summary = await ingest_tick(deribit, engine, settings, slot_ts=None)
+    stoppable.server.stop()
+    settings = settings_for(sim, stoppable.url, ingest_max_write_delay_seconds=2)
+    summary = await ingest_tick(deribit, stoppable.engine, settings, slot_ts=None)
     assert summary.count("failed") == 3
     assert all("database write failed" in (o.error or "") for o in summary.outcomes)
 
