@@ -211,3 +211,14 @@ async def test_latest_is_cached_briefly(engine: AsyncEngine, db_url: str) -> Non
     async with api_client(make_settings(db_url, api_latest_cache_seconds=0)) as uncached:
         await store(engine, "btc_usd", (300, "3.5"))
         assert (await uncached.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 300
+
+
+async def test_no_cors_headers_unless_configured(api: httpx.AsyncClient, db_url: str) -> None:
+    origin = {"Origin": "https://dashboard.example"}
+    response = await api.get("/health", headers=origin)
+    assert "access-control-allow-origin" not in response.headers
+    async with api_client(make_settings(db_url, cors_origins="https://dashboard.example")) as client:
+        allowed = await client.get("/health", headers=origin)
+        other = await client.get("/health", headers={"Origin": "https://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://dashboard.example"
+    assert "access-control-allow-origin" not in other.headers

@@ -1,7 +1,9 @@
 """The client's parser pinned to the real API's shapes (payloads from the fact sheet)."""
 
 import json
+import time
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,14 +13,11 @@ from crypto_client.clients.deribit import DeribitClient
 from crypto_client.clients.errors import PermanentDeribitError, RateLimitedError, RetriesExhaustedError
 
 BASE = "https://www.deribit.com/api/v2"
-REAL_SUCCESS = (
-    b'{"jsonrpc":"2.0","result":{"index_price":11628.81,"estimated_delivery_price":11628.81},'
-    b'"usIn":1597678000000000,"usOut":1597678000000137,"usDiff":137,"testnet":false}'
-)
-REAL_ERROR = (
-    b'{"jsonrpc":"2.0","error":{"code":13009,"message":"invalid_token","data":{"reason":"token has expired",'
-    b'"param":"access_token"}},"usIn":1,"usOut":2,"usDiff":1,"id":42}'
-)
+FIXTURES = Path(__file__).parent / "fixtures" / "deribit"
+REAL_SUCCESS = (FIXTURES / "get_index_price.json").read_bytes()
+REAL_REORDERED = (FIXTURES / "get_index_price_reordered.json").read_bytes()
+REAL_ERROR = (FIXTURES / "error_invalid_token.json").read_bytes()
+TOO_MANY_REQUESTS = (FIXTURES / "error_too_many_requests.json").read_bytes()
 
 
 def replaying(*answers: tuple[int, bytes, dict[str, str]]) -> tuple[httpx.MockTransport, list[httpx.Request]]:
@@ -63,11 +62,7 @@ async def test_post_form_sends_a_json_rpc_object() -> None:
 
 
 async def test_key_order_and_string_times_do_not_matter() -> None:
-    reordered = (
-        b'{"usOut":"1597678000000137","testnet":false,"usIn":"1597678000000000",'
-        b'"result":{"estimated_delivery_price":2291.4,"index_price":2291.4},"jsonrpc":"2.0","usDiff":137}'
-    )
-    transport, _ = replaying((200, reordered, {}))
+    transport, _ = replaying((200, REAL_REORDERED, {}))
     async with deribit(transport) as client:
         price = await client.get_index_price("eth_usd")
     assert price.price == Decimal("2291.4")
@@ -87,7 +82,7 @@ async def test_json_rpc_error_decides_whatever_the_status(status: int) -> None:
 @pytest.mark.parametrize(
     ("status", "body"),
     [
-        (400, b'{"jsonrpc":"2.0","error":{"code":10028,"message":"too_many_requests"},"usIn":1,"usOut":2}'),
+        (400, TOO_MANY_REQUESTS),
         (429, b"Too Many Requests"),
     ],
     ids=["400-10028", "bare-429"],
@@ -134,8 +129,6 @@ async def test_garbage_is_transient_and_retried_then_reported(status: int, body:
 async def test_retry_after_header_is_honoured() -> None:
     transport, _ = replaying((429, b"", {"Retry-After": "0.2"}), (200, REAL_SUCCESS, {}))
     async with deribit(transport) as client:
-        import time
-
         started = time.monotonic()
         await client.get_index_price("btc_usd")
     assert time.monotonic() - started >= 0.2
