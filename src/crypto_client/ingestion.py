@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Literal
 
 import structlog
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import (
     AsyncRetrying,
@@ -23,6 +22,7 @@ from tenacity import (
 from crypto_client.clients.deribit import DeribitClient, FetchResult
 from crypto_client.clients.errors import RetriesExhaustedError
 from crypto_client.config import Settings
+from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import NewTick, PriceWriter
 
 log = structlog.get_logger(__name__)
@@ -57,15 +57,6 @@ class TickSummary:
     @property
     def ok(self) -> bool:
         return self.count("failed") == 0
-
-
-def is_database_unavailable(error: BaseException) -> bool:
-    """Whether `error` means the database cannot be reached now (worth waiting for)."""
-    if isinstance(error, OSError | TimeoutError):
-        return True
-    if isinstance(error, DBAPIError):
-        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
-    return False
 
 
 async def ingest_tick(

@@ -19,8 +19,7 @@ from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.middleware import RequestLogMiddleware
 from crypto_client.api.routes import router
 from crypto_client.config import Settings, get_settings
-from crypto_client.db.engine import create_engine
-from crypto_client.ingestion import is_database_unavailable
+from crypto_client.db.engine import create_engine, is_database_unavailable
 
 log = structlog.get_logger(__name__)
 

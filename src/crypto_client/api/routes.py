@@ -28,8 +28,8 @@ from crypto_client.api.schemas import (
     TickerQuery,
     ValidationErrorOut,
 )
+from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import PriceReader
-from crypto_client.ingestion import is_database_unavailable
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 
@@ -51,8 +51,8 @@ class JSONBytes(Response):
     media_type = "application/json"
 
 
-def _json(payload: Any, headers: dict[str, str] | None = None) -> JSONBytes:
-    return JSONBytes(exact_json.dumps(payload), headers=headers)
+def _json(payload: Any) -> JSONBytes:
+    return JSONBytes(exact_json.dumps(payload))
 
 
 def _invalid(parameter: str, message: str) -> RequestValidationError:

@@ -1,9 +1,11 @@
-"""Engines: URL normalization and the connection settings each backend needs."""
+"""Engines: URL normalization, the connection settings each backend needs, and what counts
+as the database being out of reach."""
 
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -19,10 +21,6 @@ def async_url(url: str | URL) -> URL:
     if backend not in _ASYNC_DRIVERS:
         raise ValueError(f"unsupported database {backend!r}: use PostgreSQL or SQLite")
     return parsed.set(drivername=_ASYNC_DRIVERS[backend])
-
-
-def is_sqlite(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite"
 
 
 def create_engine(url: str | URL, *, pool_size: int = 10, read_only: bool = False) -> AsyncEngine:
@@ -68,3 +66,12 @@ def create_engine(url: str | URL, *, pool_size: int = 10, read_only: bool = Fals
 
         event.listen(engine.sync_engine, "connect", configure_sqlite)
     return engine
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database cannot be reached now (worth waiting for)."""
+    if isinstance(error, OSError | TimeoutError):
+        return True
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    return False

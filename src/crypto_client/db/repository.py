@@ -43,7 +43,8 @@ class TickerStats(NamedTuple):
 
 
 class PriceReader:
-    """Read-only queries; every one is served by the `(ticker, ts)` primary key."""
+    """Read-only queries. All but `ticker_stats` (which counts rows) are one walk of the
+    `(ticker, ts)` primary-key index."""
 
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
