@@ -414,7 +414,9 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     memory = psutil.virtual_memory().total / 2**30
-    postgres = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
+    postgres = "PostgreSQL client not installed"
+    if shutil.which("psql"):
+        postgres = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
     return (
         f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, {postgres}"

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
 
 from crypto_client.clients.deribit import DeribitClient
 from crypto_client.config import Settings
@@ -148,9 +149,13 @@ async def test_prices_older_than_the_bound_are_reported_failed(
 ) -> None:
     stoppable.server.stop()
     settings = settings_for(sim, stoppable.url, ingest_max_write_delay_seconds=2)
-    summary = await ingest_tick(deribit, stoppable.engine, settings, slot_ts=None)
+    with capture_logs() as logs:
+        summary = await ingest_tick(deribit, stoppable.engine, settings, slot_ts=None)
     assert summary.count("failed") == 3
     assert all("database write failed" in (o.error or "") for o in summary.outcomes)
+    lost = next(line for line in logs if line["event"] == "tick lost: database write failed")
+    assert {row["ticker"] for row in lost["rows"]} == set(TICKERS.split(","))
+    assert all(Decimal(row["price"]) > 0 for row in lost["rows"])
 
 
 def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_url: str) -> None:

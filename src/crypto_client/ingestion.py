@@ -90,9 +90,9 @@ async def ingest_tick(
         try:
             inserted = await _store(engine, rows, settings.ingest_max_write_delay_seconds, bound)
         except Exception as exc:
-            bound.error(
-                "tick lost: database write failed", error=repr(exc), tickers=[row.ticker for row in rows]
-            )
+            # The prices go into the log line: it is the last place they exist.
+            lost = [{"ticker": row.ticker, "price": str(row.price), "ts": row.ts} for row in rows]
+            bound.error("tick lost: database write failed", error=repr(exc), rows=lost)
             summary.outcomes.extend(
                 TickerOutcome(row.ticker, "failed", row.price, row.ts, f"database write failed: {exc!r}")
                 for row in rows
