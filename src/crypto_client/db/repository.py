@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import NamedTuple
 
-from sqlalchemy import Table, bindparam, func, literal, literal_column, select
+from sqlalchemy import BigInteger, Integer, String, Table, bindparam, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -113,14 +113,17 @@ class PriceWriter:
 
 
 # Built once: every request reuses the compiled statement (and, on PostgreSQL, the prepared one).
-_TICKS = select(_c.ticker, _c.price, _c.ts).where(_c.ticker == bindparam("ticker"))
+_TICKS = select(_c.ticker, _c.price, _c.ts).where(_c.ticker == bindparam("ticker", type_=String))
 _LATEST = _TICKS.order_by(_c.ts.desc()).limit(1)
 _PAGE_ROWS = (
     select(_c.ticker, _c.price, _c.ts)
-    .where(_c.ticker == bindparam("ticker"), _c.ts.between(bindparam("lower"), bindparam("upper")))
+    .where(
+        _c.ticker == bindparam("ticker", type_=String),
+        _c.ts.between(bindparam("lower", type_=BigInteger), bindparam("upper", type_=BigInteger)),
+    )
     .order_by(_c.ts)
-    .limit(bindparam("limit"))
-    .offset(bindparam("offset"))
+    .limit(bindparam("limit", type_=Integer))
+    .offset(bindparam("offset", type_=Integer))
     .subquery("page")
 )
 _ROW_FORMAT = '{"ticker":"%s","price":%s,"ts":%s}'  # tickers are index names: nothing to escape
