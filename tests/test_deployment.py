@@ -1,5 +1,6 @@
 """Static checks of the Docker files, since no Docker engine runs here."""
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -10,7 +11,7 @@ import yaml
 from typer.main import get_command
 
 from crypto_client.cli import app
-from crypto_client.config import Settings
+from crypto_client.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -63,8 +64,6 @@ def test_application_services_run_commands_that_exist() -> None:
             assert command[:3] == ["alembic", "upgrade", "head"], name
     worker_check = " ".join(SERVICES["worker"]["healthcheck"]["test"])
     assert "crypto_client.worker.celery_app" in worker_check
-    import importlib
-
     assert importlib.import_module("crypto_client.worker.celery_app").app.main == "crypto_client"
 
 
@@ -117,8 +116,6 @@ def test_settings_env_example_and_readme_agree() -> None:
 def test_env_example_is_valid_for_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in env_example_variables().items():
         monkeypatch.setenv(name, value)
-    from crypto_client.config import load_settings
-
     loaded = load_settings()
     assert loaded.database_url_value.startswith("postgresql://app:change-me@db:5432/crypto")
 

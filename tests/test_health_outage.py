@@ -1,5 +1,6 @@
 """/health and the API when PostgreSQL is unreachable, stopped and back."""
 
+import socket
 import time
 
 import httpx
@@ -32,8 +33,6 @@ async def test_wrong_port_is_503_within_a_second() -> None:
 
 async def test_unresponsive_database_still_answers_within_a_second() -> None:
     # A listening socket that never speaks PostgreSQL: connect succeeds, the handshake hangs.
-    import socket
-
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from bench.load import load
+from crypto_client.db.engine import create_engine
 from tests.conftest import stored_ticks
 from tests.services import Process, SimServer, crypto_client, free_port, wait_until
 
@@ -17,10 +19,6 @@ CONNECTIONS = 64
 
 
 async def test_api_under_load_while_ingesting(sim: SimServer, postgresql_url: str, tmp_path: Path) -> None:
-    from sqlalchemy import text
-
-    from crypto_client.db.engine import create_engine
-
     engine = create_engine(postgresql_url)
     async with engine.begin() as connection:
         await connection.execute(text("DELETE FROM price_ticks"))

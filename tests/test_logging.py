@@ -2,6 +2,8 @@
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -50,9 +52,6 @@ def test_text_format_is_one_readable_line(capsys: pytest.CaptureFixture[str]) ->
 
 def test_broker_password_never_reaches_the_worker_log(monkeypatch: pytest.MonkeyPatch) -> None:
     """Celery prints the broker URL at start; it must be the masked form."""
-    import subprocess
-    import sys
-
     env = {
         "CELERY_BROKER_URL": "redis://:sup3r-secret@127.0.0.1:1/0",
         "DATABASE_URL": "postgresql://app:db-secret@127.0.0.1:1/crypto",

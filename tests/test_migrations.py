@@ -3,10 +3,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy import inspect, text
 
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
+from crypto_client.db.models import Base
 from tests.conftest import create_pg_database, drop_pg_database
 
 
@@ -66,12 +70,6 @@ async def test_cli_migrate_then_the_seed_query_runs() -> None:
 
 def test_models_match_the_migrations(sqlite_url: str) -> None:
     """Autogenerate finds nothing to do: the committed revision is the models' schema."""
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-    from sqlalchemy import create_engine as create_sync_engine
-
-    from crypto_client.db.models import Base
-
     engine = create_sync_engine(sqlite_url.replace("sqlite:", "sqlite+pysqlite:"))
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)

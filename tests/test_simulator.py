@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import SimServer
+from tests.services import Process, SimServer, crypto_client, free_port, wait_until
 
 
 def get(sim: SimServer, method: str, **params: str) -> httpx.Response:
@@ -162,8 +162,6 @@ def test_admin_rejects_unknown_knobs(sim: SimServer) -> None:
 
 
 def test_start_time_faults_from_the_command_line(tmp_path: Path) -> None:
-    from tests.services import Process, crypto_client, free_port, wait_until
-
     port = free_port()
     process = Process(crypto_client("sim", "--port", str(port), "--outage"), {}, tmp_path / "sim.log")
     try:
