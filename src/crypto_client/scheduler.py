@@ -50,6 +50,9 @@ class IntervalScheduler:
     async def _loop(self) -> None:
         slot = current_slot(self._interval)
         while True:
+            # After a stall (suspended host, blocked loop) go on with the current slot: a
+            # missed slot cannot be observed late, only mislabelled.
+            slot = max(slot, current_slot(self._interval))
             task = asyncio.create_task(self._guarded(slot), name=f"ingest-slot-{slot}")
             self._ticks.add(task)
             task.add_done_callback(self._ticks.discard)
