@@ -3,7 +3,8 @@
 # dependencies and the test suite; the compose stack builds this one so that
 # `docker compose run --rm api pytest -q` works).
 
-FROM python:3.12-slim AS base
+# The Python minor version that mypy and CI check (pyproject's python_version).
+FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     UV_COMPILE_BYTECODE=1 \

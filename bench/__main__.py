@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,14 +29,14 @@ import psutil
 from sqlalchemy.engine import make_url
 
 from bench.load import WRK_INSTALL, Load, load
-from crypto_client.api.routes import encode_cursor
-from crypto_client.clients.deribit import DeribitClient
+from crypto_client.api.pagination import encode_cursor
 from crypto_client.config import Settings
-from crypto_client.db import migrations
-from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import NewTick, PriceWriter
-from crypto_client.ingestion import ingest_tick
+from crypto_client.db.repository import PriceWriter
+from crypto_client.domain import NewPrice
+from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.sim.prices import INDEXES
+from tests.support.databases import create_pg_database, drop_pg_database
+from tests.support.services import ApiServer, SimServer, free_port
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -85,24 +84,8 @@ class Results:
 
 @contextmanager
 def server(args: list[str], env: dict[str, str], port: int, log_name: str) -> Iterator[psutil.Process]:
-    log = (WORK / log_name).open("wb")
-    process = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"{log_name} did not start; see {WORK / log_name}")
-            time.sleep(0.2)
-        yield psutil.Process(process.pid)
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+    with ApiServer(args, env, WORK / log_name, port=port) as api:
+        yield psutil.Process(api.process.popen.pid)
 
 
 @contextmanager
@@ -124,23 +107,8 @@ def peak_rss(process: psutil.Process) -> Iterator[list[float]]:
         thread.join()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def create_database(plan: Plan) -> str:
-    name = f"cc_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    await asyncio.to_thread(migrations.upgrade, url)
-
+    url = await create_pg_database(ADMIN_URL, prefix="cc_bench")
     connection = await asyncpg.connect(url)
     started = time.monotonic()
     # Bulk load without the indexes, then build them once: minutes become seconds.
@@ -167,15 +135,9 @@ async def create_database(plan: Plan) -> str:
     )
     await connection.execute("VACUUM ANALYZE price_ticks")
     rows = await connection.fetchval("SELECT count(*) FROM price_ticks")
-    print(f"loaded {rows:,} rows in {time.monotonic() - started:.1f}s into {name}")
+    print(f"loaded {rows:,} rows in {time.monotonic() - started:.1f}s into {make_url(url).database}")
     await connection.close()
     return url
-
-
-async def drop_database(url: str) -> None:
-    admin = await asyncpg.connect(ADMIN_URL)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-    await admin.close()
 
 
 # --- scenarios -----------------------------------------------------------------------------
@@ -308,63 +270,55 @@ def pgbench_ceiling(plan: Plan, url: str, results: Results) -> None:
 
 
 async def ingestion_scenarios(plan: Plan, url: str, results: Results) -> None:
-    port = free_port()
-    sim_log = (WORK / "sim.log").open("wb")
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "crypto_client", "sim", "--port", str(port), "--latency-ms", "100"],
-        stdout=sim_log,
-        stderr=subprocess.STDOUT,
-    )
-    rpc = f"http://127.0.0.1:{port}/api/v2"
+    sim = SimServer(WORK)
     tickers = list(INDEXES)[: plan.ingest_tickers]
     try:
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/_sim/stats", timeout=1)
-                break
-            except httpx.HTTPError:
-                await asyncio.sleep(0.1)
+        sim.faults(latency_ms=100)
         settings = Settings.model_validate(
-            {"tickers": tickers, "deribit_rpc_url": rpc, "database_url": url, "ingest_interval_seconds": 1}
+            {
+                "tickers": tickers,
+                "deribit_rpc_url": sim.rpc_url,
+                "database_url": url,
+                "ingest_interval_seconds": 1,
+            }
         )
-        engine = create_engine(url)
         durations = []
-        async with DeribitClient.from_settings(settings) as client:
+        async with open_runtime(settings) as runtime:
             for _ in range(5):
-                summary = await ingest_tick(client, engine, settings, slot_ts=None)
+                summary = await runtime.run_tick(slot_ts=None)
                 assert summary.ok, summary
                 durations.append(summary.duration_seconds)
                 await asyncio.sleep(1.05)  # a new second: new rows, not duplicates
-        results.extra[f"Ingestion tick, {len(tickers)} tickers at 100 ms latency"] = (
-            f"median {statistics.median(durations):.3f} s, worst {max(durations):.3f} s"
-            f" (HTTP_MAX_CONCURRENCY={settings.http_max_concurrency})"
-        )
-        median = statistics.median(durations)
-        results.targets.append(("ingestion tick of 50 tickers < 0.5 s", median < 0.5, f"{median:.3f} s"))
+            results.extra[f"Ingestion tick, {len(tickers)} tickers at 100 ms latency"] = (
+                f"median {statistics.median(durations):.3f} s, worst {max(durations):.3f} s"
+                f" (DERIBIT_MAX_CONCURRENCY={settings.deribit_max_concurrency})"
+            )
+            median = statistics.median(durations)
+            results.targets.append(("ingestion tick of 50 tickers < 0.5 s", median < 0.5, f"{median:.3f} s"))
 
-        started = time.monotonic()
-        with httpx.Client() as naive:
-            for ticker in tickers:
-                naive.get(f"{rpc}/public/get_index_price", params={"index_name": ticker}).raise_for_status()
-        results.extra[f"Naive sequential fetch of the same {len(tickers)} tickers"] = (
-            f"{time.monotonic() - started:.3f} s"
-        )
+            started = time.monotonic()
+            with httpx.Client() as naive:
+                for ticker in tickers:
+                    response = naive.get(
+                        f"{sim.rpc_url}/public/get_index_price", params={"index_name": ticker}
+                    )
+                    response.raise_for_status()
+            results.extra[f"Naive sequential fetch of the same {len(tickers)} tickers"] = (
+                f"{time.monotonic() - started:.3f} s"
+            )
 
-        count = 100_000 if not plan.smoke else 5_000
-        batch = [NewTick("bulk_usd", Decimal("43521.37"), BASE_TS + i) for i in range(count)]
-        started = time.monotonic()
-        async with engine.begin() as connection:
-            inserted = await PriceWriter(connection).insert_many(batch)
-        assert len(inserted) == count
-        elapsed = time.monotonic() - started
-        results.extra["Bulk insert (insert_many, one transaction)"] = (
-            f"{count / elapsed:,.0f} rows/s ({count:,} rows)"
-        )
-        await engine.dispose()
+            count = 100_000 if not plan.smoke else 5_000
+            batch = [NewPrice("bulk_usd", Decimal("43521.37"), BASE_TS + i) for i in range(count)]
+            started = time.monotonic()
+            async with runtime.engine.begin() as connection:
+                inserted = await PriceWriter(connection).insert_many(batch)
+            assert len(inserted) == count
+            elapsed = time.monotonic() - started
+            results.extra["Bulk insert (insert_many, one transaction)"] = (
+                f"{count / elapsed:,.0f} rows/s ({count:,} rows)"
+            )
     finally:
-        sim.terminate()
-        sim.wait(10)
-        sim_log.close()
+        sim.stop()
 
 
 # --- report --------------------------------------------------------------------------------
@@ -505,7 +459,7 @@ def main() -> None:
         asyncio.run(ingestion_scenarios(plan, url, results))
     finally:
         if not args.keep:
-            asyncio.run(drop_database(url))
+            asyncio.run(drop_pg_database(url, ADMIN_URL))
     judge(results, plan)
     text = report(results, plan, loader)
     target = WORK / "RESULTS-smoke.md" if plan.smoke else HERE / "RESULTS.md"

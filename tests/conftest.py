@@ -1,66 +1,18 @@
-import asyncio
-import json
-import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from decimal import Decimal
 
-import asyncpg
 import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.app import create_app
 from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceReader, Tick
-from tests.services import SimServer, ThrowawayPostgres, ThrowawayRedis, unavailable
-
-PG_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _plain_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def create_pg_database(admin_url: str = PG_ADMIN_URL, *, migrate: bool = True) -> str:
-    """A new, empty (or migrated) database on the server of `admin_url`; returns its URL."""
-    name = f"cc_test_{uuid.uuid4().hex[:12]}"
-    try:
-        connection = await asyncpg.connect(_plain_dsn(admin_url), timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        unavailable(f"PostgreSQL at {admin_url} unreachable: {exc!r}")
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    if migrate:
-        await asyncio.to_thread(migrations.upgrade, url)
-    return url
-
-
-async def stored_ticks(engine: AsyncEngine, ticker: str, **bounds: int) -> list[Tick]:
-    """Every stored row of `ticker` (within `bounds`), read back through the repository."""
-    async with engine.connect() as connection:
-        page = await PriceReader(connection).page_json(ticker, limit=100_000, **bounds)
-    return [
-        Tick(row["ticker"], row["price"], row["ts"]) for row in json.loads(page.json, parse_float=Decimal)
-    ]
-
-
-async def drop_pg_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
-    name = make_url(url).database
-    connection = await asyncpg.connect(_plain_dsn(admin_url), timeout=5)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+from tests.support.databases import create_pg_database, drop_pg_database
+from tests.support.services import SimServer, ThrowawayPostgres, ThrowawayRedis
 
 
 @asynccontextmanager

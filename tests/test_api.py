@@ -9,7 +9,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.db.repository import NewTick, PriceWriter
+from crypto_client.db.repository import PriceWriter
+from crypto_client.domain import NewPrice
 from tests.conftest import api_client, make_settings
 
 
@@ -22,7 +23,7 @@ async def api(engine: AsyncEngine, db_url: str) -> AsyncIterator[httpx.AsyncClie
 async def store(engine: AsyncEngine, ticker: str, *points: tuple[int, str]) -> None:
     async with engine.begin() as connection:
         await PriceWriter(connection).insert_many(
-            [NewTick(ticker, Decimal(price), ts) for ts, price in points]
+            [NewPrice(ticker, Decimal(price), ts) for ts, price in points]
         )
 
 

@@ -4,7 +4,6 @@ no input may cause a 5xx, and every answer must match what the document promises
 import socket
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,9 +15,11 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.core.result import Ok
 
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import NewTick, PriceWriter
-from tests.conftest import create_pg_database, drop_pg_database
-from tests.services import Process, crypto_client, free_port, wait_until
+from crypto_client.db.repository import PriceWriter
+from crypto_client.domain import NewPrice
+from tests.support.databases import create_pg_database, drop_pg_database
+from tests.support.services import ApiServer
+from tests.support.waiting import wait_until
 
 FUZZ_EXAMPLES = 300
 
@@ -29,7 +30,11 @@ async def fuzz_database() -> AsyncIterator[str]:
     engine = create_engine(url)
     async with engine.begin() as connection:
         await PriceWriter(connection).insert_many(
-            [NewTick(t, Decimal("43521.37"), ts) for t in ("btc_usd", "eth_usd") for ts in range(0, 3000, 60)]
+            [
+                NewPrice(t, Decimal("43521.37"), ts)
+                for t in ("btc_usd", "eth_usd")
+                for ts in range(0, 3000, 60)
+            ]
         )
     await engine.dispose()
     yield url
@@ -38,18 +43,14 @@ async def fuzz_database() -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 def api_url(fuzz_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     env = {"DATABASE_URL": fuzz_database, "LOG_LEVEL": "WARNING"}
-    log = tmp_path_factory.mktemp("fuzz") / "api.log"
-    process = Process(crypto_client("api", "--port", str(port)), env, log)
-    url = f"http://127.0.0.1:{port}"
+    server = ApiServer.command("api", env, tmp_path_factory.mktemp("fuzz"))
     try:
-        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200, 30, what="API server")
-        yield url
+        wait_until(lambda: server.get("/health").status_code == 200, 30, what="API health")
+        yield server.url
     finally:
-        process.stop()
-        output = Path(log).read_text()
-        assert "Traceback" not in output, output
+        server.stop()
+        assert "Traceback" not in server.output, server.output
 
 
 def test_no_input_breaks_the_api(api_url: str) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.celery_stack import TICKERS, CeleryStack, kill_pool_children
-from tests.conftest import create_pg_database, drop_pg_database
-from tests.services import SimServer, ThrowawayRedis
+from tests.support.celery_stack import TICKERS, CeleryStack, kill_pool_children
+from tests.support.databases import create_pg_database, drop_pg_database
+from tests.support.services import Process, SimServer, ThrowawayRedis
+from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +26,22 @@ async def stack(sim: SimServer, redis_server: ThrowawayRedis, tmp_path: Path) ->
 
 
 async def wait_for_rows(stack: CeleryStack, per_ticker: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def enough() -> bool:
         counts = await stack.count_by_ticker()
-        if all(counts[ticker] >= per_ticker for ticker in TICKERS):
-            return
-        if time.monotonic() > deadline:
-            logs = "\n".join(p.output[-3000:] for p in stack.processes)
-            raise AssertionError(f"only {dict(counts)} rows after {timeout}s\n{logs}")
-        await asyncio.sleep(0.2)
+        return all(counts[ticker] >= per_ticker for ticker in TICKERS)
+
+    try:
+        await wait_until_async(enough, timeout, interval=0.2, what=f"{per_ticker} rows per ticker")
+    except TimeoutError as exc:
+        logs = "\n".join(p.output[-3000:] for p in stack.processes)
+        raise AssertionError(f"{exc}: {dict(await stack.count_by_ticker())}\n{logs}") from None
+
+
+async def wait_for_log(process: Process, text: str, count: int = 1, timeout: float = 30) -> None:
+    """Wait until `process` has logged `text` `count` times: the work it marks is over."""
+    await asyncio.to_thread(
+        wait_until, lambda: process.output.count(text) >= count, timeout, what=f"{count}x {text}"
+    )
 
 
 def assert_one_row_per_slot(rows: list[tuple[str, int, int | None]], interval: int) -> None:
@@ -62,7 +70,7 @@ async def test_two_beats_still_give_one_row_per_ticker_per_slot(stack: CelerySta
     stack.beat("beat-a")
     stack.beat("beat-b")
     await wait_for_rows(stack, per_ticker=4, timeout=30)
-    await asyncio.sleep(1.5)
+    await wait_for_log(stack.processes[0], '"slot already claimed, skipping"')
     rows = await stack.rows()
     assert_one_row_per_slot(rows, stack.interval)
     # Both beats published every slot, yet Deribit was asked about once per slot: the slot
@@ -87,7 +95,7 @@ async def test_killed_worker_slot_is_stored_once_by_the_next_worker(stack: Celer
 
     second = stack.worker("w2", concurrency=1)
     await wait_for_rows(stack, per_ticker=1, timeout=40)
-    await asyncio.sleep(3)
+    await wait_for_log(second, '"task finished"')
     rows = await stack.rows()
     assert len(rows) == len(TICKERS)
     assert len({slot for _, _, slot in rows}) == 1
@@ -103,7 +111,7 @@ async def test_killed_pool_process_task_is_requeued_at_once(stack: CeleryStack) 
     assert kill_pool_children(worker) == 1
     stack.sim.reset()
     await wait_for_rows(stack, per_ticker=1, timeout=30)
-    await asyncio.sleep(2)
+    await wait_for_log(worker, '"task finished"')
     assert len(await stack.rows()) == len(TICKERS)
     assert "WorkerLostError" in worker.output or "exited with" in worker.output
 
@@ -130,7 +138,4 @@ async def test_worker_and_beat_survive_a_redis_restart(
 
 
 def _wait_in_flight(sim: SimServer) -> None:
-    deadline = time.monotonic() + 30
-    while sim.stats()["in_flight"] == 0:
-        assert time.monotonic() < deadline, "the task never reached Deribit"
-        time.sleep(0.05)
+    wait_until(lambda: sim.stats()["in_flight"] > 0, 30, what="the task to reach Deribit")

@@ -4,7 +4,8 @@ import sys
 import pytest
 from pydantic import SecretStr
 
-from crypto_client.config import DEFAULT_SQLITE_URL, Settings, SettingsError, load_settings, parse_ticker
+from crypto_client.config import DEFAULT_SQLITE_URL, Settings, SettingsError, load_settings
+from crypto_client.domain import parse_ticker
 
 
 def settings(**values: object) -> Settings:

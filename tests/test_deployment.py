@@ -3,6 +3,7 @@
 import importlib
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,9 @@ def test_dockerfile_final_stage_is_non_root_and_locked() -> None:
     copied = " ".join(line for line in stages["test"] if line.startswith("COPY"))
     for needed in ("tests", "bench", "README.md", "docker-compose.yml", ".env.example", "pyproject.toml"):
         assert needed in copied, needed
-    assert "python:3.12-slim" in text
+    # The image runs the Python minor version that mypy and CI check.
+    python_version = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["python_version"]
+    assert f"FROM python:{python_version}-slim AS base" in text
     assert "uv sync --locked" in text
     assert "HEALTHCHECK" in text
     # Dependencies are installed before the source is copied, so they stay cached.

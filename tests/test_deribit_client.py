@@ -6,45 +6,40 @@ from decimal import Decimal
 
 import pytest
 
-from crypto_client.clients.deribit import DeribitClient
-from crypto_client.clients.errors import PermanentDeribitError, RateLimitedError, RetriesExhaustedError
-from tests.services import SimServer
+from crypto_client.clients.deribit.errors import (
+    PermanentDeribitError,
+    RateLimitedError,
+    RetriesExhaustedError,
+)
+from crypto_client.clients.deribit.http import DeribitHttpClient
+from tests.support.services import SimServer
 
 MAX_RETRIES = 3
 
 
-def client(sim: SimServer, **options: object) -> DeribitClient:
+def client(sim: SimServer, **options: object) -> DeribitHttpClient:
     defaults: dict[str, object] = {"timeout": 0.5, "max_retries": MAX_RETRIES, "backoff_seconds": 0.01}
-    return DeribitClient(sim.rpc_url, **{**defaults, **options})  # type: ignore[arg-type]
+    return DeribitHttpClient(sim.rpc_url, **{**defaults, **options})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("use_post", [False, True], ids=["GET", "POST"])
-async def test_index_prices_of_several_indexes(sim: SimServer, use_post: bool) -> None:
-    async with client(sim, use_post=use_post) as deribit:
+async def test_index_prices_of_several_indexes(sim: SimServer) -> None:
+    async with client(sim) as deribit:
         for name in ("btc_usd", "eth_usd", "sol_usdc", "drbfix-btc_usdc", "shib_usdc"):
             price = await deribit.get_index_price(name)
-            assert price.index_name == name
+            assert price.ticker == name
+            assert price.sent_at <= price.received_at
             assert isinstance(price.price, Decimal)
             assert price.price > 0
             assert price.server_time_us is not None
             assert abs(price.server_time_us / 1e6 - time.time()) < 60
 
 
-@pytest.mark.parametrize("use_post", [False, True], ids=["GET", "POST"])
 @pytest.mark.parametrize("text", ["43521.37", "0.00012345", "1234567.89012345", "2291.40"])
-async def test_prices_stay_exact(sim: SimServer, text: str, use_post: bool) -> None:
+async def test_prices_stay_exact(sim: SimServer, text: str) -> None:
     sim.pin(btc_usd=text)
-    async with client(sim, use_post=use_post) as deribit:
+    async with client(sim) as deribit:
         price = await deribit.get_index_price("btc_usd")
     assert str(price.price) == text
-
-
-async def test_discovery_and_time(sim: SimServer) -> None:
-    async with client(sim) as deribit:
-        names = await deribit.get_index_price_names()
-        server_ms = await deribit.get_time()
-    assert {"btc_usd", "eth_usd", "drbfix-eth_usdc"} <= set(names)
-    assert abs(server_ms / 1000 - time.time()) < 60
 
 
 @pytest.mark.parametrize("kind", ["error", "timeout", "drop", "malformed", "bad_result", "rate_limit"])
@@ -101,21 +96,21 @@ async def test_concurrency_is_real_and_bounded(sim: SimServer) -> None:
     tickers = ["btc_usd", "eth_usd", "sol_usdc", "xrp_usdc", "ada_usdc", "dot_usdc", "ltc_usdc", "bnb_usdc"]
     async with client(sim, max_concurrency=4, timeout=5) as deribit:
         started = time.monotonic()
-        results = await deribit.fetch_many(tickers)
+        results = await deribit.fetch_prices(tickers)
         elapsed = time.monotonic() - started
-    assert all(result.price is not None for result in results)
+    assert all(result.observation is not None for result in results)
     assert sim.stats()["max_in_flight"] == 4
     # Two waves of four, not eight requests one after another.
     assert elapsed < 8 * 0.2
 
 
-async def test_fetch_many_keeps_the_others_when_one_fails(sim: SimServer) -> None:
+async def test_fetch_prices_keeps_the_others_when_one_fails(sim: SimServer) -> None:
     sim.faults("eth_usd", outage=True)
     async with client(sim) as deribit:
-        results = await deribit.fetch_many(["btc_usd", "eth_usd", "no_such_index", "sol_usdc"])
+        results = await deribit.fetch_prices(["btc_usd", "eth_usd", "no_such_index", "sol_usdc"])
     by_ticker = {result.ticker: result for result in results}
-    assert by_ticker["btc_usd"].price is not None
-    assert by_ticker["sol_usdc"].price is not None
+    assert by_ticker["btc_usd"].observation is not None
+    assert by_ticker["sol_usdc"].observation is not None
     assert isinstance(by_ticker["eth_usd"].error, RetriesExhaustedError)
     assert isinstance(by_ticker["no_such_index"].error, PermanentDeribitError)
 

@@ -1,6 +1,5 @@
 """The client's parser pinned to the real API's shapes (payloads from the fact sheet)."""
 
-import json
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -9,8 +8,12 @@ import httpx
 import pytest
 
 from crypto_client import __version__
-from crypto_client.clients.deribit import DeribitClient
-from crypto_client.clients.errors import PermanentDeribitError, RateLimitedError, RetriesExhaustedError
+from crypto_client.clients.deribit.errors import (
+    PermanentDeribitError,
+    RateLimitedError,
+    RetriesExhaustedError,
+)
+from crypto_client.clients.deribit.http import DeribitHttpClient
 
 BASE = "https://www.deribit.com/api/v2"
 FIXTURES = Path(__file__).parent / "fixtures" / "deribit"
@@ -31,8 +34,8 @@ def replaying(*answers: tuple[int, bytes, dict[str, str]]) -> tuple[httpx.MockTr
     return httpx.MockTransport(handle), seen
 
 
-def deribit(transport: httpx.MockTransport, **options: object) -> DeribitClient:
-    return DeribitClient(BASE, max_retries=2, backoff_seconds=0.001, transport=transport, **options)  # type: ignore[arg-type]
+def deribit(transport: httpx.MockTransport) -> DeribitHttpClient:
+    return DeribitHttpClient(BASE, max_retries=2, backoff_seconds=0.001, transport=transport)
 
 
 async def test_real_success_payload() -> None:
@@ -45,20 +48,6 @@ async def test_real_success_payload() -> None:
     request = seen[0]
     assert str(request.url) == f"{BASE}/public/get_index_price?index_name=btc_usd"
     assert request.headers["user-agent"] == f"crypto-client/{__version__}"
-
-
-async def test_post_form_sends_a_json_rpc_object() -> None:
-    transport, seen = replaying((200, REAL_SUCCESS.replace(b'"testnet"', b'"id":1,"testnet"'), {}))
-    async with deribit(transport, use_post=True) as client:
-        await client.get_index_price("eth_usd")
-    body = json.loads(seen[0].content)
-    assert str(seen[0].url) == BASE
-    assert body == {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "public/get_index_price",
-        "params": {"index_name": "eth_usd"},
-    }
 
 
 async def test_key_order_and_string_times_do_not_matter() -> None:
@@ -101,6 +90,7 @@ async def test_rate_limits_in_both_forms_are_retried(status: int, body: bytes) -
         (502, b"<html><body>Bad Gateway</body></html>"),
         (200, b'{"jsonrpc":"2.0","result":{"estimated_delivery_price":1},"usOut":1}'),
         (200, b'{"jsonrpc":"2.0","result":{"index_price":NaN,"estimated_delivery_price":1}}'),
+        (200, b'{"jsonrpc":"2.0","result":{"index_price":true,"estimated_delivery_price":1}}'),
         (200, b'{"jsonrpc":"2.0","result":{"index_price":"11628.81","estimated_delivery_price":1}}'),
         (200, b'{"jsonrpc":"2.0","result":{"index_price":-1,"estimated_delivery_price":1}}'),
         (200, b"not json"),
@@ -111,6 +101,7 @@ async def test_rate_limits_in_both_forms_are_retried(status: int, body: bytes) -
         "html-502",
         "missing-price",
         "nan",
+        "boolean-price",
         "string-price",
         "negative",
         "not-json",
@@ -124,6 +115,18 @@ async def test_garbage_is_transient_and_retried_then_reported(status: int, body:
         with pytest.raises(RetriesExhaustedError):
             await client.get_index_price("btc_usd")
     assert len(seen) == 3
+
+
+async def test_an_odd_estimated_delivery_price_does_not_fail_a_good_index_price() -> None:
+    # Only index_price is stored; estimated_delivery_price missing or odd must not cost the price.
+    odd = b'{"jsonrpc":"2.0","result":{"index_price":11628.81,"estimated_delivery_price":"n/a"},"usOut":1}'
+    missing = b'{"jsonrpc":"2.0","result":{"index_price":11628.81},"usOut":1}'
+    for body in (odd, missing):
+        transport, seen = replaying((200, body, {}))
+        async with deribit(transport) as client:
+            observation = await client.get_index_price("btc_usd")
+        assert observation.price == Decimal("11628.81")
+        assert len(seen) == 1
 
 
 async def test_retry_after_header_is_honoured() -> None:

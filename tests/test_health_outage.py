@@ -6,7 +6,7 @@ import time
 import httpx
 
 from tests.conftest import api_client, make_settings
-from tests.services import ThrowawayPostgres, free_port
+from tests.support.services import ThrowawayPostgres, free_port
 
 
 async def unhealthy_within_a_second(client: httpx.AsyncClient) -> str:

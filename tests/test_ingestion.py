@@ -12,13 +12,16 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
-from crypto_client.clients.deribit import DeribitClient
+from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import Tick
-from crypto_client.ingestion import current_slot, ingest_tick
-from tests.conftest import create_pg_database, make_settings, stored_ticks
-from tests.services import SimServer, ThrowawayPostgres
+from crypto_client.domain import PriceRow, current_slot
+from crypto_client.ingestion.runtime import IngestionRuntime
+from crypto_client.ingestion.tick import TickSummary
+from tests.conftest import make_settings
+from tests.support.databases import create_pg_database, stored_rows
+from tests.support.services import SimServer, ThrowawayPostgres
+from tests.support.waiting import wait_until_async
 
 TICKERS = "btc_usd,eth_usd,sol_usdc"
 
@@ -37,17 +40,23 @@ def settings_for(sim: SimServer, db_url: str, **overrides: object) -> Settings:
 
 
 @pytest.fixture
-async def deribit(sim: SimServer) -> AsyncIterator[DeribitClient]:
-    async with DeribitClient(sim.rpc_url, timeout=2, max_retries=2, backoff_seconds=0.01) as client:
+async def deribit(sim: SimServer) -> AsyncIterator[DeribitHttpClient]:
+    async with DeribitHttpClient(sim.rpc_url, timeout=2, max_retries=2, backoff_seconds=0.01) as client:
         yield client
 
 
-async def stored(engine: AsyncEngine, ticker: str) -> list[Tick]:
-    return await stored_ticks(engine, ticker)
+async def ingest_tick(
+    source: DeribitHttpClient, engine: AsyncEngine, settings: Settings, *, slot_ts: int | None
+) -> TickSummary:
+    return await IngestionRuntime(settings, engine, source).run_tick(slot_ts)
+
+
+async def stored(engine: AsyncEngine, ticker: str) -> list[PriceRow]:
+    return await stored_rows(engine, ticker)
 
 
 async def test_every_ticker_is_stored_with_deribits_time(
-    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+    sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     sim.pin(btc_usd="43521.37")
     before = int(time.time())
@@ -62,7 +71,7 @@ async def test_every_ticker_is_stored_with_deribits_time(
 
 
 async def test_one_failing_ticker_does_not_block_the_others(
-    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+    sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     sim.faults("eth_usd", outage=True)
     settings = settings_for(sim, db_url, tickers=TICKERS + ",no_such_index")
@@ -82,7 +91,7 @@ async def test_one_failing_ticker_does_not_block_the_others(
 
 
 async def test_the_same_slot_is_stored_once(
-    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+    sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     settings = settings_for(sim, db_url)
     slot = current_slot(60)
@@ -97,7 +106,7 @@ async def test_the_same_slot_is_stored_once(
 
 
 async def test_tickers_are_fetched_concurrently(
-    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+    sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     tickers = ["btc_usd", "eth_usd", "sol_usdc", "xrp_usdc", "ada_usdc", "dot_usdc"]
     sim.faults(latency_ms=200)
@@ -126,14 +135,19 @@ async def stoppable(throwaway_pg: ThrowawayPostgres) -> AsyncIterator[StoppableD
 
 
 async def test_prices_wait_for_the_database_and_keep_their_time(
-    sim: SimServer, deribit: DeribitClient, stoppable: StoppableDatabase
+    sim: SimServer, deribit: DeribitHttpClient, stoppable: StoppableDatabase
 ) -> None:
     engine = stoppable.engine
     settings = settings_for(sim, stoppable.url, ingest_max_write_delay_seconds=60)
     stoppable.server.stop()
     fetched_at = int(time.time())
-    tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=current_slot(60)))
-    await asyncio.sleep(3)
+    with capture_logs() as logs:
+        tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=current_slot(60)))
+
+        async def retrying_the_write() -> bool:
+            return any(line["event"].startswith("database unavailable") for line in logs)
+
+        await wait_until_async(retrying_the_write, 30, what="the write to wait for the database")
     assert not tick.done()  # still holding the prices, waiting for the database
     await asyncio.to_thread(stoppable.server.start)
     summary = await asyncio.wait_for(tick, 30)
@@ -145,7 +159,7 @@ async def test_prices_wait_for_the_database_and_keep_their_time(
 
 
 async def test_prices_older_than_the_bound_are_reported_failed(
-    sim: SimServer, deribit: DeribitClient, stoppable: StoppableDatabase
+    sim: SimServer, deribit: DeribitHttpClient, stoppable: StoppableDatabase
 ) -> None:
     stoppable.server.stop()
     settings = settings_for(sim, stoppable.url, ingest_max_write_delay_seconds=2)
@@ -188,7 +202,7 @@ def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_ur
 
 
 async def test_deribit_down_for_whole_ticks_then_back(
-    sim: SimServer, deribit: DeribitClient, engine: AsyncEngine, db_url: str
+    sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     settings = settings_for(sim, db_url, ingest_interval_seconds=1)
     sim.faults(outage=True)

@@ -9,8 +9,9 @@ from sqlalchemy import text
 
 from bench.load import load
 from crypto_client.db.engine import create_engine
-from tests.conftest import stored_ticks
-from tests.services import Process, SimServer, crypto_client, free_port, wait_until
+from tests.support.databases import stored_rows
+from tests.support.services import ApiServer, SimServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,27 +23,26 @@ async def test_api_under_load_while_ingesting(sim: SimServer, postgresql_url: st
     engine = create_engine(postgresql_url)
     async with engine.begin() as connection:
         await connection.execute(text("DELETE FROM price_ticks"))
-    port = free_port()
     env = {
         "DATABASE_URL": postgresql_url,
         "DERIBIT_RPC_URL": sim.rpc_url,
         "INGEST_INTERVAL_SECONDS": "1",
         "LOG_LEVEL": "WARNING",
     }
-    server = Process(crypto_client("serve", "--port", str(port)), env, tmp_path / "serve.log")
-    base = f"http://127.0.0.1:{port}"
+    server = await asyncio.to_thread(ApiServer.command, "serve", env, tmp_path)
+    base = server.url
     try:
         await asyncio.to_thread(
             wait_until, lambda: httpx.get(f"{base}/prices/latest?ticker=btc_usd").status_code == 200, 30
         )
-        before = len(await stored_ticks(engine, "btc_usd"))
+        before = len(await stored_rows(engine, "btc_usd"))
         pages, latest = await asyncio.gather(
             asyncio.to_thread(
                 load, f"{base}/prices?ticker=btc_usd&limit=100", LOAD_SECONDS, CONNECTIONS // 2
             ),
             asyncio.to_thread(load, f"{base}/prices/latest?ticker=eth_usd", LOAD_SECONDS, CONNECTIONS // 2),
         )
-        after = len(await stored_ticks(engine, "btc_usd"))
+        after = len(await stored_rows(engine, "btc_usd"))
     finally:
         server.stop()
         await engine.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import inspect, text
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.models import Base
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.support.databases import create_pg_database, drop_pg_database
 
 
 async def _tables(url: str) -> set[str]:

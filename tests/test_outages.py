@@ -9,17 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.celery_stack import TICKERS, CeleryStack
-from tests.conftest import create_pg_database
-from tests.services import (
-    Process,
-    SimServer,
-    ThrowawayPostgres,
-    ThrowawayRedis,
-    crypto_client,
-    free_port,
-    wait_until,
-)
+from tests.support.celery_stack import TICKERS, CeleryStack
+from tests.support.databases import create_pg_database
+from tests.support.services import ApiServer, SimServer, ThrowawayPostgres, ThrowawayRedis
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +40,9 @@ async def stack(
 async def test_database_outage_loses_and_duplicates_nothing(
     stack: CeleryStack, throwaway_pg: ThrowawayPostgres
 ) -> None:
-    port = free_port()
-    api = Process(crypto_client("api", "--port", str(port)), stack.env, stack.tmp / "api.log")
-    stack.processes.append(api)
-    health = f"http://127.0.0.1:{port}/health"
+    api = await asyncio.to_thread(ApiServer.command, "api", stack.env, stack.tmp)
+    stack.processes.append(api.process)
+    health = f"{api.url}/health"
     await asyncio.to_thread(wait_until, lambda: httpx.get(health).status_code == 200, 30, what="API")
 
     # Enough pool processes that ticks keep being fetched while earlier ones wait for the database.

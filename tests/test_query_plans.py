@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db import repository
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import NewTick, PriceWriter
+from crypto_client.db.repository import PriceWriter
+from crypto_client.domain import NewPrice
 
 MAX = 2**62
 
@@ -19,7 +20,7 @@ MAX = 2**62
 @pytest.fixture
 async def filled(postgresql_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(postgresql_url)
-    ticks = [NewTick(f"plan{n}_usd", Decimal("1.5"), ts * 60) for n in range(4) for ts in range(20_000)]
+    ticks = [NewPrice(f"plan{n}_usd", Decimal("1.5"), ts * 60) for n in range(4) for ts in range(20_000)]
     async with engine.begin() as connection:
         await PriceWriter(connection).insert_many(ticks)
     async with engine.connect() as connection:

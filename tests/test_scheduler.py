@@ -4,7 +4,7 @@ import asyncio
 import time
 from itertools import pairwise
 
-from crypto_client.scheduler import IntervalScheduler
+from crypto_client.ingestion.embedded_scheduler import IntervalScheduler
 
 
 async def test_runs_every_slot_and_skips_slots_it_slept_through() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import Process, SimServer, crypto_client, free_port, wait_until
+from tests.support.services import Process, SimServer, crypto_client, free_port
+from tests.support.waiting import wait_until
 
 
 def get(sim: SimServer, method: str, **params: str) -> httpx.Response:

@@ -66,11 +66,11 @@ def serve(host: Host = None, port: Port = None) -> None:
     """Run everything in one process: the API plus an in-process scheduler (default SQLite)."""
     import uvicorn
 
-    from crypto_client.api.app import create_app
+    from crypto_client.serve import create_embedded_app
 
     settings = _settings()
     uvicorn.run(
-        create_app(settings, embedded_ingestion=True),
+        create_embedded_app(settings),
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_config=None,
@@ -85,20 +85,15 @@ def ingest() -> None:
 
     Exits 0 when every ticker was stored (or already was, for this slot), 1 otherwise.
     """
-    from crypto_client.clients.deribit import DeribitClient
-    from crypto_client.db.engine import create_engine
-    from crypto_client.ingestion import TickSummary, current_slot, ingest_tick
+    from crypto_client.domain import current_slot
+    from crypto_client.ingestion.runtime import open_runtime
+    from crypto_client.ingestion.tick import TickSummary
 
     settings = _settings()
 
     async def run() -> TickSummary:
-        engine = create_engine(settings.database_url_value, pool_size=1)
-        try:
-            async with DeribitClient.from_settings(settings) as client:
-                slot = current_slot(settings.ingest_interval_seconds)
-                return await ingest_tick(client, engine, settings, slot_ts=slot)
-        finally:
-            await engine.dispose()
+        async with open_runtime(settings) as runtime:
+            return await runtime.run_tick(current_slot(settings.ingest_interval_seconds))
 
     summary = asyncio.run(run())
     for outcome in summary.outcomes:

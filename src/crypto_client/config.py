@@ -1,43 +1,43 @@
 """The service's configuration: one validated model, read from the environment and `.env`."""
 
-import re
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from dotenv import dotenv_values
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Deribit's index names: lower case letters, digits, `_` and `-` (as in `drbfix-btc_usdc`).
-TICKER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-_TICKER_RE = re.compile(TICKER_PATTERN)
+from crypto_client.domain import parse_ticker
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-def parse_ticker(raw: str) -> str:
-    """Normalize one ticker to Deribit's form or raise `ValueError` saying why not."""
-    ticker = raw.strip().lower()
-    if not _TICKER_RE.fullmatch(ticker):
-        raise ValueError(
-            f"{raw!r} is not an index name: use lower-case letters, digits, '_' and '-' "
-            "(1 to 64 characters, e.g. btc_usd)"
-        )
-    return ticker
+def _deribit(name: str) -> AliasChoices:
+    # Settings that only concern Deribit are named DERIBIT_*; the seed's HTTP_* names still work.
+    return AliasChoices(f"deribit_{name}", f"http_{name}")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True, populate_by_name=True)
 
     tickers: Annotated[tuple[str, ...], NoDecode] = ("btc_usd", "eth_usd")
 
     deribit_rpc_url: str = "https://www.deribit.com/api/v2"
-    http_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
-    http_max_retries: int = Field(default=3, ge=0, le=20)
-    http_retry_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
-    http_max_concurrency: int = Field(default=20, ge=1, le=32)
+    deribit_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=120, validation_alias=_deribit("timeout_seconds")
+    )
+    deribit_max_retries: int = Field(default=3, ge=0, le=20, validation_alias=_deribit("max_retries"))
+    deribit_retry_backoff_seconds: float = Field(
+        default=0.5, gt=0, le=60, validation_alias=_deribit("retry_backoff_seconds")
+    )
+    deribit_max_concurrency: int = Field(
+        default=20, ge=1, le=32, validation_alias=_deribit("max_concurrency")
+    )
 
     ingest_interval_seconds: int = Field(default=60, ge=1, le=86400)
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
@@ -115,13 +115,33 @@ class SettingsError(Exception):
     """A configuration value is invalid; the message names the variable and the problem."""
 
 
+def _where(name: str, env_file: Path) -> str:
+    """The variable, as the user spelled it (an old alias too), and where it was set."""
+    field = Settings.model_fields.get(name)
+    alias = field.validation_alias if field is not None else None
+    names = (
+        [choice for choice in alias.choices if isinstance(choice, str)]
+        if isinstance(alias, AliasChoices)
+        else [name]
+    )
+    environment = {key.lower() for key in os.environ}
+    from_file = {key.lower() for key in dotenv_values(env_file)} if env_file.is_file() else set()
+    for candidate in names:
+        if candidate in environment:
+            return candidate.upper()
+        if candidate in from_file:
+            return f"{candidate.upper()} (in {env_file})"
+    return names[0].upper()
+
+
 def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
+        env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
         problems = []
         for error in exc.errors():
-            variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            variable = _where(str(error["loc"][0]), env_file) if error["loc"] else "settings"
             problems.append(f"{variable}: {error['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
 

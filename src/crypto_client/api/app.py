@@ -1,8 +1,8 @@
-"""The FastAPI application: engines and (in embedded mode) the scheduler live in its lifespan."""
+"""The FastAPI application. Its engine lives in the lifespan; whoever runs the API may add
+lifespan contexts of their own (`crypto-client serve` adds migration and ingestion)."""
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import structlog
 from fastapi import FastAPI, Request
@@ -19,20 +19,19 @@ from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.middleware import RequestLogMiddleware
 from crypto_client.api.routes import router
 from crypto_client.config import Settings, get_settings
-from crypto_client.db.engine import create_engine, is_database_unavailable
+from crypto_client.db.engine import DatabaseUnavailableError, create_engine, is_database_unavailable
 
 log = structlog.get_logger(__name__)
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[object]]
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
-        if app.state.embedded_ingestion:
-            # Imported here: the API alone needs neither the Deribit client nor the scheduler.
-            from crypto_client.scheduler import embedded_ingestion
-
-            await stack.enter_async_context(embedded_ingestion(settings))
+        for extra in app.state.extra_lifespans:
+            await stack.enter_async_context(extra(app))
         engine = create_engine(
             settings.database_url_value, pool_size=settings.database_pool_size, read_only=True
         )
@@ -40,7 +39,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # As many request slots as the pool has connections (pool_size plus as many overflow).
         app.state.read_database = ReadDatabase(engine, connections=2 * settings.database_pool_size)
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
-        log.info("api started", version=__version__, embedded_ingestion=app.state.embedded_ingestion)
+        log.info("api started", version=__version__)
         yield
 
 
@@ -75,8 +74,9 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
-def create_app(settings: Settings | None = None, *, embedded_ingestion: bool = False) -> FastAPI:
-    """The API; with `embedded_ingestion` it also migrates the database and runs the scheduler."""
+def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan] = ()) -> FastAPI:
+    """The read-only API. `lifespans` are entered, in order, before the API's own engine and
+    exited after it."""
     app = FastAPI(
         title="crypto-client",
         version=__version__,
@@ -84,11 +84,11 @@ def create_app(settings: Settings | None = None, *, embedded_ingestion: bool = F
         lifespan=_lifespan,
     )
     app.state.settings = settings or get_settings()
-    app.state.embedded_ingestion = embedded_ingestion
+    app.state.extra_lifespans = tuple(lifespans)
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for error in (DBAPIError, OSError, asyncio.TimeoutError, PoolTimeoutError):
+    for error in (DBAPIError, PoolTimeoutError, DatabaseUnavailableError):
         app.add_exception_handler(error, _database_error)
     if app.state.settings.cors_origins:
         app.add_middleware(

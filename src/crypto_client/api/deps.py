@@ -2,15 +2,16 @@
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.config import Settings
+from crypto_client.db.engine import DatabaseUnavailableError
 from crypto_client.db.repository import PriceReader
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a thread pool,
@@ -30,9 +31,19 @@ class ReadDatabase:
         self._slots = asyncio.Semaphore(connections)
 
     @asynccontextmanager
-    async def connect(self) -> AsyncIterator[AsyncConnection]:
-        async with self._slots, self.engine.connect() as connection:
-            yield connection
+    async def reader(self, *, queued: bool = True) -> AsyncIterator[PriceReader]:
+        """A reader on one pooled connection; `queued=False` skips the queue (health checks
+        ask whether the database answers, not how busy the API is)."""
+        async with AsyncExitStack() as stack:
+            if queued:
+                await stack.enter_async_context(self._slots)
+            try:
+                connection = await stack.enter_async_context(self.engine.connect())
+            except (OSError, TimeoutError) as exc:
+                # Connecting fails with the driver's raw socket errors, which SQLAlchemy does
+                # not wrap; name them here so that only these become "unavailable".
+                raise DatabaseUnavailableError(f"cannot connect: {exc!r}") from exc
+            yield PriceReader(connection)
 
 
 async def get_read_database(request: Request) -> ReadDatabase:
@@ -48,13 +59,6 @@ async def get_latest_cache(request: Request) -> LatestPriceCache:
 async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
-
-
-async def get_reader(
-    database: Annotated[ReadDatabase, Depends(get_read_database)],
-) -> AsyncIterator[PriceReader]:
-    async with database.connect() as connection:
-        yield PriceReader(connection)
 
 
 async def reject_repeated_parameters(request: Request) -> None:
@@ -75,6 +79,5 @@ async def reject_repeated_parameters(request: Request) -> None:
 
 
 LatestCacheDep = Annotated[LatestPriceCache, Depends(get_latest_cache)]
-ReaderDep = Annotated[PriceReader, Depends(get_reader)]
 ReadDatabaseDep = Annotated[ReadDatabase, Depends(get_read_database)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -1,24 +1,14 @@
 """The read-only endpoints."""
 
 import asyncio
-import base64
-import binascii
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from starlette.datastructures import URL
 
 from crypto_client import exact_json
-from crypto_client.api.deps import (
-    LatestCacheDep,
-    ReadDatabaseDep,
-    ReaderDep,
-    SettingsDep,
-    reject_repeated_parameters,
-)
+from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
+from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
 from crypto_client.api.schemas import (
-    MAX_TS,
     ErrorOut,
     HealthOut,
     PageQuery,
@@ -29,7 +19,6 @@ from crypto_client.api.schemas import (
     ValidationErrorOut,
 )
 from crypto_client.db.engine import is_database_unavailable
-from crypto_client.db.repository import PriceReader
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 
@@ -55,28 +44,9 @@ def _json(payload: Any) -> JSONBytes:
     return JSONBytes(exact_json.dumps(payload))
 
 
-def _invalid(parameter: str, message: str) -> RequestValidationError:
-    return RequestValidationError([{"loc": ("query", parameter), "msg": message, "type": "value_error"}])
-
-
-def encode_cursor(ts: int) -> str:
-    return base64.urlsafe_b64encode(f"ts:{ts}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, value = text.partition(":")
-        if prefix != "ts" or not value.isdigit() or int(value) > MAX_TS:
-            raise ValueError(cursor)
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise _invalid("cursor", "not a valid cursor: pass the one from a Link header unchanged") from None
-
-
 async def _page(
     request: Request,
-    reader: PriceReader,
+    database: ReadDatabaseDep,
     ticker: str,
     *,
     limit: int,
@@ -86,17 +56,13 @@ async def _page(
     to_ts: int | None = None,
 ) -> JSONBytes:
     if cursor is not None and offset:
-        raise _invalid("cursor", "cannot be combined with offset: use one of them")
+        raise invalid_parameter("cursor", "cannot be combined with offset: use one of them")
     start_ts = decode_cursor(cursor) if cursor is not None else None
-    page = await reader.page_json(
-        ticker, limit=limit, offset=offset, start_ts=start_ts, from_ts=from_ts, to_ts=to_ts
-    )
-    headers = None
-    if page.next_ts is not None:
-        query = {k: v for k, v in request.query_params.items() if k not in ("offset", "cursor")}
-        query.update(ticker=ticker, cursor=encode_cursor(page.next_ts))
-        next_url = URL(path=request.url.path).include_query_params(**query)
-        headers = {"Link": f'<{next_url}>; rel="next"'}
+    async with database.reader() as reader:
+        page = await reader.page_json(
+            ticker, limit=limit, offset=offset, start_ts=start_ts, from_ts=from_ts, to_ts=to_ts
+        )
+    headers = next_page_link(request, ticker, page.next_ts) if page.next_ts is not None else None
     return JSONBytes(page.json.encode(), headers=headers)
 
 
@@ -106,9 +72,11 @@ async def _page(
     responses={200: _PAGED, **_INVALID, **_UNAVAILABLE},
     summary="Stored prices of a ticker, oldest first, paged",
 )
-async def list_prices(request: Request, query: Annotated[PageQuery, Query()], reader: ReaderDep) -> JSONBytes:
+async def list_prices(
+    request: Request, query: Annotated[PageQuery, Query()], database: ReadDatabaseDep
+) -> JSONBytes:
     return await _page(
-        request, reader, query.ticker, limit=query.limit, offset=query.offset, cursor=query.cursor
+        request, database, query.ticker, limit=query.limit, offset=query.offset, cursor=query.cursor
     )
 
 
@@ -127,11 +95,11 @@ async def latest_price(
 ) -> JSONBytes:
     body = cache.get(query.ticker)
     if body is None:
-        async with database.connect() as connection:
-            tick = await PriceReader(connection).latest(query.ticker)
-        if tick is None:
+        async with database.reader() as reader:
+            row = await reader.latest(query.ticker)
+        if row is None:
             raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
-        body = exact_json.dumps({"ticker": tick.ticker, "price": tick.price, "ts": tick.ts})
+        body = exact_json.dumps(row._asdict())
         cache.put(query.ticker, body)
     return JSONBytes(body)
 
@@ -143,11 +111,11 @@ async def latest_price(
     summary="Prices of a ticker with from_ts <= ts <= to_ts, oldest first, paged",
 )
 async def price_range(
-    request: Request, query: Annotated[RangeQuery, Query()], reader: ReaderDep
+    request: Request, query: Annotated[RangeQuery, Query()], database: ReadDatabaseDep
 ) -> JSONBytes:
     return await _page(
         request,
-        reader,
+        database,
         query.ticker,
         limit=query.limit,
         cursor=query.cursor,
@@ -162,8 +130,9 @@ async def price_range(
     responses={**_INVALID, **_UNAVAILABLE},
     summary="Configured and stored tickers with their row counts and time spans",
 )
-async def list_tickers(reader: ReaderDep, settings: SettingsDep) -> JSONBytes:
-    stats = {row.ticker: row for row in await reader.ticker_stats()}
+async def list_tickers(database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
+    async with database.reader() as reader:
+        stats = {row.ticker: row for row in await reader.ticker_stats()}
     body = []
     for ticker in sorted(set(stats) | set(settings.tickers)):
         row = stats.get(ticker)
@@ -193,10 +162,8 @@ async def health(database: ReadDatabaseDep) -> JSONBytes:
             # connections (which invalidates them); the second then connects afresh.
             for attempt in (1, 2):
                 try:
-                    # Straight to the engine, not behind queued requests: this asks whether
-                    # the database answers, not how busy the API is.
-                    async with database.engine.connect() as connection:
-                        await PriceReader(connection).ping()
+                    async with database.reader(queued=False) as reader:
+                        await reader.ping()
                     return _json({"status": "ok", "database": "ok"})
                 except Exception as exc:  # any failure to reach the database is what this reports
                     problem = (

@@ -5,9 +5,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from crypto_client.config import TICKER_PATTERN, parse_ticker
+from crypto_client.domain import MAX_TS, TICKER_INPUT_PATTERN, TICKER_MAX_LENGTH, TICKER_PATTERN, parse_ticker
 
-MAX_TS = 253_402_300_799  # 9999-12-31T23:59:59Z: keeps every bound far inside BIGINT
 MAX_LIMIT = 10_000
 MAX_OFFSET = 100_000_000
 
@@ -19,8 +18,8 @@ Ticker = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        max_length=TICKER_MAX_LENGTH,
+        pattern=TICKER_INPUT_PATTERN,
         description="A Deribit index name such as btc_usd (case-insensitive).",
         examples=["btc_usd"],
     ),
@@ -70,6 +69,8 @@ class RangeQuery(TickerQuery):
 
 
 class PriceOut(BaseModel):
+    """A stored price (`domain.PriceRow`) as the OpenAPI document shows it."""
+
     ticker: str = Field(pattern=TICKER_PATTERN)
     price: ExactPrice
     ts: Timestamp

@@ -68,9 +68,13 @@ def create_engine(url: str | URL, *, pool_size: int = 10, read_only: bool = Fals
     return engine
 
 
+class DatabaseUnavailableError(Exception):
+    """The database cannot be reached now (raised where a raw socket error is caught)."""
+
+
 def is_database_unavailable(error: BaseException) -> bool:
     """Whether `error` means the database cannot be reached now (worth waiting for)."""
-    if isinstance(error, OSError | TimeoutError):
+    if isinstance(error, DatabaseUnavailableError | OSError | TimeoutError):
         return True
     if isinstance(error, DBAPIError):
         return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)

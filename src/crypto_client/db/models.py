@@ -7,6 +7,8 @@ from sqlalchemy import BigInteger, Dialect, Index, MetaData, Numeric, String, Te
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
+from crypto_client.domain import TICKER_MAX_LENGTH
+
 
 class ExactDecimal(TypeDecorator[Decimal]):
     """NUMERIC on PostgreSQL; decimal text on SQLite, whose NUMERIC would round through a float."""
@@ -51,7 +53,7 @@ class PriceTick(Base):
 
     __tablename__ = "price_ticks"
 
-    ticker: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ticker: Mapped[str] = mapped_column(String(TICKER_MAX_LENGTH), primary_key=True)
     ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     price: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
     slot_ts: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -11,7 +11,7 @@ from celery import Celery, signals
 from celery.schedules import schedstate, schedule
 
 from crypto_client.config import get_settings
-from crypto_client.ingestion import current_slot
+from crypto_client.domain import current_slot
 from crypto_client.logging import setup_logging
 
 INGEST_TASK = "crypto_client.ingest_tick"

@@ -8,7 +8,7 @@ engine between loops fails with "Future attached to a different loop".
 import asyncio
 import os
 import time
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from contextvars import copy_context
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +17,10 @@ import redis.asyncio as aioredis
 import structlog
 from celery import Task, signals
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.clients.deribit import DeribitClient
-from crypto_client.db.engine import create_engine
-from crypto_client.ingestion import TickSummary, current_slot, ingest_tick
+from crypto_client.domain import current_slot
+from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
+from crypto_client.ingestion.tick import TickSummary
 from crypto_client.worker.celery_app import INGEST_TASK, SLOT_HEADER, celery_app, settings
 
 log = structlog.get_logger(__name__)
@@ -36,8 +35,8 @@ CLAIM_REFRESH_SECONDS = 1.0
 class _ProcessRuntime:
     pid: int
     runner: asyncio.Runner
-    engine: AsyncEngine
-    client: DeribitClient
+    resources: AsyncExitStack
+    ingestion: IngestionRuntime
     redis: aioredis.Redis
 
 
@@ -48,18 +47,17 @@ def _process_runtime() -> _ProcessRuntime:
     """This process's loop and clients, made on first use (after the prefork fork)."""
     global _runtime
     if _runtime is None or _runtime.pid != os.getpid():
-        _runtime = _ProcessRuntime(
-            pid=os.getpid(),
-            runner=asyncio.Runner(),
-            engine=create_engine(settings.database_url_value, pool_size=2),
-            client=DeribitClient.from_settings(settings),
-            redis=aioredis.Redis.from_url(
-                settings.celery_broker_url.get_secret_value(),
-                decode_responses=True,
-                socket_timeout=5,
-                socket_connect_timeout=5,
-            ),
+        runner = asyncio.Runner()
+        resources = AsyncExitStack()
+        ingestion = runner.run(resources.enter_async_context(open_runtime(settings)))
+        redis = aioredis.Redis.from_url(
+            settings.celery_broker_url.get_secret_value(),
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=5,
         )
+        resources.push_async_callback(redis.aclose)
+        _runtime = _ProcessRuntime(os.getpid(), runner, resources, ingestion, redis)
     return _runtime
 
 
@@ -70,14 +68,8 @@ def _close_runtime(**_kwargs: Any) -> None:
     runtime, _runtime = _runtime, None
     if runtime is None or runtime.pid != os.getpid():
         return
-
-    async def close() -> None:
-        await runtime.client.aclose()
-        await runtime.engine.dispose()
-        await runtime.redis.aclose()
-
     with suppress(Exception):
-        runtime.runner.run(close())
+        runtime.runner.run(runtime.resources.aclose())
     runtime.runner.close()
 
 
@@ -119,7 +111,7 @@ async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> 
 
     heartbeat = asyncio.create_task(_keep_claim(runtime.redis, key, running))
     try:
-        summary = await ingest_tick(runtime.client, runtime.engine, settings, slot_ts=slot_ts)
+        summary = await runtime.ingestion.run_tick(slot_ts)
     finally:
         heartbeat.cancel()
     with suppress(RedisError):

@@ -1,10 +1,11 @@
-"""One ingestion tick: fetch every ticker's index price and store the tick in one transaction.
+"""One ingestion tick: fetch every ticker's price and store the tick in one transaction.
 
 This is the only ingestion logic; the Celery task, the embedded scheduler and
-`crypto-client ingest` all call `ingest_tick`.
+`crypto-client ingest` all call `ingest_tick` (through `IngestionRuntime.run_tick`).
 """
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
@@ -19,21 +20,14 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from crypto_client.clients.deribit import DeribitClient, FetchResult
-from crypto_client.clients.errors import RetriesExhaustedError
-from crypto_client.config import Settings
+from crypto_client.clients.source import FetchResult, PriceSource
 from crypto_client.db.engine import is_database_unavailable
-from crypto_client.db.repository import NewTick, PriceWriter
+from crypto_client.db.repository import PriceWriter
+from crypto_client.domain import NewPrice
 
 log = structlog.get_logger(__name__)
 
 Status = Literal["stored", "duplicate", "failed"]
-
-
-def current_slot(interval_seconds: int, now: float | None = None) -> int:
-    """The start (UNIX seconds) of the schedule slot that `now` falls in."""
-    moment = time.time() if now is None else now
-    return int(moment // interval_seconds) * interval_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,35 +54,45 @@ class TickSummary:
 
 
 async def ingest_tick(
-    client: DeribitClient, engine: AsyncEngine, settings: Settings, *, slot_ts: int | None
+    source: PriceSource,
+    engine: AsyncEngine,
+    tickers: Sequence[str],
+    *,
+    slot_ts: int | None,
+    max_write_delay_seconds: float,
 ) -> TickSummary:
-    """Fetch every configured ticker concurrently and store the tick, at most once per slot.
+    """Fetch every ticker concurrently and store the tick, at most once per slot.
 
     Rows carry `ts` from Deribit's clock (`usOut`, the time the server sent the price), or
     the local clock if an answer lacks it. When the database is unreachable, the fetched prices
-    are kept and the write retried with backoff for `INGEST_MAX_WRITE_DELAY_SECONDS`.
+    are kept and the write retried with backoff for `max_write_delay_seconds`.
     """
-    tickers = settings.tickers
     started = time.monotonic()
     summary = TickSummary(slot_ts=slot_ts)
     bound = log.bind(slot_ts=slot_ts)
     bound.info("tick started", tickers=len(tickers))
 
-    fetched: list[FetchResult] = await client.fetch_many(tickers)
-    rows: list[NewTick] = []
+    fetched: list[FetchResult] = await source.fetch_prices(tickers)
+    rows: list[NewPrice] = []
     for result in fetched:
-        if result.price is None:
-            attempts = result.error.attempts if isinstance(result.error, RetriesExhaustedError) else 1
-            bound.error("ticker failed", ticker=result.ticker, attempt=attempts, error=str(result.error))
+        observation = result.observation
+        if observation is None:
+            bound.error(
+                "ticker failed", ticker=result.ticker, attempt=result.attempts, error=str(result.error)
+            )
             summary.outcomes.append(TickerOutcome(result.ticker, "failed", error=str(result.error)))
             continue
-        server_us = result.price.server_time_us
-        ts = server_us // 1_000_000 if server_us else int(time.time())
-        rows.append(NewTick(result.ticker, result.price.price, ts, slot_ts))
+        server_us = observation.server_time_us
+        ts = (
+            server_us // 1_000_000
+            if isinstance(server_us, int) and server_us
+            else int(observation.received_at)
+        )
+        rows.append(NewPrice(result.ticker, observation.price, ts, slot_ts))
 
     if rows:
         try:
-            inserted = await _store(engine, rows, settings.ingest_max_write_delay_seconds, bound)
+            inserted = await _store(engine, rows, max_write_delay_seconds, bound)
         except Exception as exc:
             # The prices go into the log line: it is the last place they exist.
             lost = [{"ticker": row.ticker, "price": str(row.price), "ts": row.ts} for row in rows]
@@ -115,7 +119,7 @@ async def ingest_tick(
 
 async def _store(
     engine: AsyncEngine,
-    rows: list[NewTick],
+    rows: list[NewPrice],
     max_write_delay_seconds: float,
     bound: structlog.stdlib.BoundLogger,
 ) -> set[tuple[str, int]]:

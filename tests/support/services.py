@@ -1,4 +1,4 @@
-"""Real processes for the tests: the simulator, the service's own commands, and throwaway
+"""Real processes: the simulator, the API, the service's own commands, and throwaway
 PostgreSQL and Redis servers that a test may stop and start."""
 
 import contextlib
@@ -10,13 +10,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
 import httpx
 import pytest
+
+from tests.support.waiting import wait_until
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -33,18 +35,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_until(condition: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            result = condition()
-            if result:
-                return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def port_open(port: int) -> bool:
@@ -126,6 +116,61 @@ class SimServer:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+class ApiServer:
+    """An HTTP server process on its own port (`crypto-client api` or `serve`, or any command
+    given whole), ready once `ready_path` answers 200."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        port: int,
+        ready_path: str = "/openapi.json",
+        timeout: float = 30.0,
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = Process(list(args), env, log_path)
+
+        def exited_or_ready() -> bool:
+            if self.process.popen.poll() is not None:
+                return True
+            return httpx.get(self.url + ready_path, timeout=2).status_code == 200
+
+        try:
+            wait_until(exited_or_ready, timeout, what=log_path.stem)
+        except TimeoutError:
+            self.process.stop()
+            raise
+        if self.process.popen.poll() is not None:
+            raise RuntimeError(f"{log_path.stem} exited at start:\n{self.process.output[-3000:]}")
+
+    @classmethod
+    def command(cls, command: str, env: Mapping[str, str], tmp: Path, **options: Any) -> "ApiServer":
+        """`crypto-client <command> --port <free port>`."""
+        port = free_port()
+        args = crypto_client(command, "--port", str(port))
+        return cls(args, env, tmp / f"{command}-{port}.log", port=port, **options)
+
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        return httpx.get(self.url + path, params=params, timeout=10)
+
+    @property
+    def output(self) -> str:
+        return self.process.output
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+    def __enter__(self) -> "ApiServer":
+        return self
+
+    def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
 
 
 def _pg_bin(name: str) -> str:

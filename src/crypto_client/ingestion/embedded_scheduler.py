@@ -1,4 +1,4 @@
-"""The embedded scheduler: ingestion in the API's own process, without Celery or Redis."""
+"""The embedded scheduler: ingestion in `crypto-client serve`'s own process, without Celery."""
 
 import asyncio
 import time
@@ -7,11 +7,9 @@ from contextlib import asynccontextmanager
 
 import structlog
 
-from crypto_client.clients.deribit import DeribitClient
 from crypto_client.config import Settings
-from crypto_client.db import migrations
-from crypto_client.db.engine import create_engine
-from crypto_client.ingestion import current_slot, ingest_tick
+from crypto_client.domain import current_slot
+from crypto_client.ingestion.runtime import open_runtime
 
 log = structlog.get_logger(__name__)
 
@@ -69,26 +67,17 @@ class IntervalScheduler:
 
 @asynccontextmanager
 async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalScheduler]:
-    """Migrate the database, then ingest every interval until the context exits."""
-    url = settings.database_url_value
-    await asyncio.to_thread(migrations.upgrade, url)
-    engine = create_engine(url, pool_size=2)
-    client = DeribitClient.from_settings(settings)
-
-    async def run_slot(slot_ts: int) -> object:
-        return await ingest_tick(client, engine, settings, slot_ts=slot_ts)
-
-    scheduler = IntervalScheduler(settings.ingest_interval_seconds, run_slot)
-    scheduler.start()
-    log.info(
-        "embedded scheduler started",
-        interval_seconds=settings.ingest_interval_seconds,
-        tickers=settings.tickers,
-    )
-    try:
-        yield scheduler
-    finally:
-        await scheduler.stop()
-        await client.aclose()
-        await engine.dispose()
-        log.info("embedded scheduler stopped")
+    """Ingest every interval until the context exits (the database must be migrated)."""
+    async with open_runtime(settings) as runtime:
+        scheduler = IntervalScheduler(settings.ingest_interval_seconds, runtime.run_tick)
+        scheduler.start()
+        log.info(
+            "embedded scheduler started",
+            interval_seconds=settings.ingest_interval_seconds,
+            tickers=settings.tickers,
+        )
+        try:
+            yield scheduler
+        finally:
+            await scheduler.stop()
+            log.info("embedded scheduler stopped")

@@ -12,7 +12,8 @@ import psutil
 from sqlalchemy import text
 
 from crypto_client.db.engine import create_engine
-from tests.services import Process, SimServer, crypto_client, wait_until
+from tests.support.services import Process, SimServer, crypto_client
+from tests.support.waiting import wait_until
 
 TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
 

@@ -1,0 +1,29 @@
+# Developer shortcuts; each target is one command you could type yourself.
+.PHONY: lint format test test-fast bench-smoke bench serve sim
+
+lint:  ## ruff, formatting and mypy --strict, as CI runs them
+	uv run ruff check .
+	uv run ruff format --check .
+	uv run mypy
+
+format:  ## rewrite files to the project's style
+	uv run ruff check --fix .
+	uv run ruff format .
+
+test:  ## the whole suite (needs PostgreSQL and Redis, see README)
+	uv run pytest
+
+test-fast:  ## everything but the tests that start worker, beat or server processes
+	uv run pytest -m "not slow"
+
+bench-smoke:  ## the benchmark on small data: checks that it still works
+	uv run python -m bench --smoke
+
+bench:  ## the full benchmark (about 7 minutes); rewrites bench/RESULTS.md
+	uv run python -m bench
+
+serve:  ## the whole service in one process
+	uv run crypto-client serve
+
+sim:  ## the Deribit simulator on :8001
+	uv run crypto-client sim --port 8001

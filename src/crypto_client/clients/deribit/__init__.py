@@ -1,0 +1,1 @@
+"""Deribit's public JSON-RPC API: the protocol (`rpc`), its HTTP transport (`http`) and errors."""

@@ -1,0 +1,180 @@
+"""Deribit over HTTP: `GET /api/v2/public/<method>` with retries, as a `PriceSource`."""
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+import httpx
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from crypto_client import __version__
+from crypto_client.clients.deribit.errors import (
+    DeribitError,
+    PermanentDeribitError,
+    RateLimitedError,
+    RetriesExhaustedError,
+    TransientDeribitError,
+)
+from crypto_client.clients.deribit.rpc import (
+    RpcEnvelope,
+    decode_envelope,
+    error_for,
+    parse_index_price,
+    server_time_us,
+)
+from crypto_client.clients.source import FetchResult, Observation
+
+log = structlog.get_logger(__name__)
+
+_MAX_BACKOFF_SECONDS = 30.0
+
+T = TypeVar("T")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class DeribitHttpClient:
+    """One per process: it holds the HTTP connection pool. Use as an async context manager."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 5.0,
+        max_retries: int = 3,
+        backoff_seconds: float = 0.5,
+        max_concurrency: int = 20,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._max_retries = max_retries
+        self._backoff_seconds = backoff_seconds
+        self._backoff = wait_random_exponential(multiplier=backoff_seconds, max=_MAX_BACKOFF_SECONDS)
+        self._concurrency = asyncio.Semaphore(max_concurrency)
+        self._http = httpx.AsyncClient(
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            headers={"User-Agent": f"crypto-client/{__version__}", "Accept": "application/json"},
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> "DeribitHttpClient":
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def get_index_price(self, index_name: str) -> Observation:
+        sent_at = time.time()
+
+        def parse(envelope: RpcEnvelope) -> Observation:
+            return Observation(
+                ticker=index_name,
+                price=parse_index_price(envelope.result),
+                server_time_us=server_time_us(envelope.usOut),
+                sent_at=sent_at,
+                received_at=time.time(),
+            )
+
+        return await self.call("public/get_index_price", {"index_name": index_name}, parse)
+
+    async def fetch_prices(self, tickers: Sequence[str]) -> list[FetchResult]:
+        """The index price of every ticker, concurrently; one ticker's failure is its own."""
+
+        async def fetch(ticker: str) -> FetchResult:
+            try:
+                return FetchResult(ticker, observation=await self.get_index_price(ticker))
+            except RetriesExhaustedError as exc:
+                return FetchResult(ticker, error=exc, attempts=exc.attempts)
+            except DeribitError as exc:
+                return FetchResult(ticker, error=exc)
+
+        return list(await asyncio.gather(*(fetch(ticker) for ticker in tickers)))
+
+    async def call(self, method: str, params: Mapping[str, str], parse: Callable[[RpcEnvelope], T]) -> T:
+        """Call `method` and `parse` its answer, retrying transient failures (a malformed
+        result among them) with full-jitter exponential backoff."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientDeribitError),
+            stop=stop_after_attempt(self._max_retries + 1),
+            wait=self._wait,
+            before_sleep=lambda state: self._log_retry(method, params, state),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return parse(await self._call_once(method, params))
+        except TransientDeribitError as exc:
+            attempts = self._max_retries + 1
+            raise RetriesExhaustedError(
+                f"{method} failed after {attempts} attempts: {exc}", attempts=attempts, last_error=exc
+            ) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, TransientDeribitError) and error.retry_after is not None:
+            return min(error.retry_after, _MAX_BACKOFF_SECONDS)
+        wait = float(self._backoff(state))
+        if isinstance(error, RateLimitedError):
+            # Full jitter may draw ~0; a rate limit needs at least the exponential floor.
+            floor = self._backoff_seconds * 2 ** (state.attempt_number - 1)
+            wait = max(wait, min(floor, _MAX_BACKOFF_SECONDS))
+        return wait
+
+    def _log_retry(self, method: str, params: Mapping[str, str], state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "deribit call failed, retrying",
+            method=method,
+            ticker=params.get("index_name"),
+            attempt=state.attempt_number,
+            max_attempts=self._max_retries + 1,
+            wait_seconds=round(state.upcoming_sleep, 3),
+            cause=str(error),
+        )
+
+    async def _call_once(self, method: str, params: Mapping[str, str]) -> RpcEnvelope:
+        async with self._concurrency:
+            try:
+                response = await self._http.get(f"{self._base_url}/{method}", params=params)
+            except httpx.TimeoutException as exc:
+                raise TransientDeribitError(f"timed out ({type(exc).__name__})") from exc
+            except httpx.TransportError as exc:
+                raise TransientDeribitError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+        return _check(method, response)
+
+
+def _check(method: str, response: httpx.Response) -> RpcEnvelope:
+    status = response.status_code
+    envelope = decode_envelope(response.content)
+    # A JSON-RPC error object decides, whatever the HTTP status; the status decides otherwise.
+    if envelope is not None and envelope.error is not None:
+        raise error_for(method, envelope.error, http_status=status, retry_after=_retry_after(response))
+    if status == 429:
+        raise RateLimitedError(f"{method}: HTTP 429 Too Many Requests", retry_after=_retry_after(response))
+    if status >= 500:
+        raise TransientDeribitError(f"{method}: HTTP {status} from Deribit")
+    if status >= 400:
+        raise PermanentDeribitError(f"{method}: HTTP {status} from Deribit", http_status=status)
+    if envelope is None:
+        raise TransientDeribitError(f"{method}: malformed response (HTTP {status}, not a JSON-RPC result)")
+    return envelope

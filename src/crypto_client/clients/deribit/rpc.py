@@ -1,0 +1,115 @@
+"""Deribit's JSON-RPC protocol without a transport: the envelope, exact numbers, and what
+each error means for the caller. The HTTP client uses it; a WebSocket client can too."""
+
+import json
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from crypto_client.clients.deribit.errors import (
+    DeribitError,
+    PermanentDeribitError,
+    RateLimitedError,
+    TransientDeribitError,
+)
+
+# JSON-RPC error codes that Deribit documents as "wait and try again".
+RETRYABLE_RPC_CODES = frozenset({10028, 10040, 10041, 11051, 13028, 13888})
+TOO_MANY_REQUESTS = 10028
+
+
+class RpcError(BaseModel):
+    code: int
+    message: str = ""
+    data: Any = None
+
+
+class RpcEnvelope(BaseModel):
+    """Deribit's response envelope. Fields are read by name; their order varies.
+
+    `usIn`/`usOut` are kept as sent (integers, strings, anything): see `server_time_us`.
+    """
+
+    jsonrpc: Literal["2.0"]
+    id: int | str | None = None
+    result: Any = None
+    error: RpcError | None = None
+    usIn: Any = None  # noqa: N815 - Deribit's field name
+    usOut: Any = None  # noqa: N815
+    testnet: bool | None = None
+
+
+class IndexPriceResult(BaseModel):
+    """`get_index_price`'s result. Only `index_price` is stored, so only it is checked."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    index_price: Decimal
+
+    @field_validator("index_price", mode="plain")
+    @classmethod
+    def _check_number(cls, value: object) -> Decimal:
+        # Decimals come straight from the JSON text (parse_float=Decimal); strings, booleans and
+        # non-finite or non-positive numbers are not prices.
+        if isinstance(value, bool) or not isinstance(value, Decimal | int):
+            raise ValueError("must be a JSON number")
+        number = Decimal(value)
+        if not number.is_finite() or number <= 0:
+            raise ValueError("must be a positive finite number")
+        return number
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def decode_envelope(content: bytes | str) -> RpcEnvelope | None:
+    """The envelope in `content`, numbers as exact `Decimal`s; None when it is not one (not
+    JSON, not JSON-RPC, or neither a `result` nor an `error`)."""
+    try:
+        body = json.loads(content, parse_float=Decimal, parse_constant=_reject_constant)
+        envelope = RpcEnvelope.model_validate(body)
+    except (ValueError, ValidationError):
+        return None
+    if "result" not in body and envelope.error is None:
+        return None
+    return envelope
+
+
+def error_for(
+    method: str, error: RpcError, *, http_status: int | None = None, retry_after: float | None = None
+) -> DeribitError:
+    """What a JSON-RPC error object means: retry (later) or give up."""
+    message = f"{method}: Deribit error {error.code} {error.message}"
+    if error.data is not None:
+        message += f" ({error.data})"
+    if error.code == TOO_MANY_REQUESTS:
+        return RateLimitedError(message, retry_after=retry_after)
+    if error.code in RETRYABLE_RPC_CODES or (http_status is not None and http_status >= 500):
+        return TransientDeribitError(message, retry_after=retry_after)
+    return PermanentDeribitError(message, code=error.code, http_status=http_status)
+
+
+def parse_index_price(result: object) -> Decimal:
+    """The exact index price in a `get_index_price` result, or a transient error."""
+    try:
+        return IndexPriceResult.model_validate(result).index_price
+    except ValidationError as exc:
+        raise TransientDeribitError(f"malformed get_index_price result: {first_problem(exc)}") from None
+
+
+def server_time_us(value: object) -> int | None:
+    """`usOut` as an integer when it is one (Deribit sends it as a number or a digit string);
+    None for anything else. Whether the time is plausible is for ingestion to judge."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "result"
+    return f"{where}: {error['msg']}"

@@ -1,0 +1,44 @@
+"""What ingestion needs from a price source, whatever its transport.
+
+A new source (a WebSocket stream, another exchange) implements `PriceSource`; ingestion
+never imports a concrete client.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One price as the source reported it, with both clocks that saw it.
+
+    `server_time_us` is the source's own clock (Deribit's `usOut`), unchecked: ingestion
+    decides whether to believe it. `sent_at` and `received_at` are the local wall-clock
+    times (UNIX seconds) of the request and of its answer.
+    """
+
+    ticker: str
+    price: Decimal
+    server_time_us: int | None
+    sent_at: float
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """The outcome for one ticker: an observation, or why there is none."""
+
+    ticker: str
+    observation: Observation | None = None
+    error: Exception | None = None
+    attempts: int = 1
+
+
+class PriceSource(Protocol):
+    async def fetch_prices(self, tickers: Sequence[str]) -> list[FetchResult]:
+        """The current price of every ticker; one ticker's failure is its own result."""
+        ...
+
+    async def aclose(self) -> None: ...

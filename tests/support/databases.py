@@ -1,0 +1,57 @@
+"""Throwaway PostgreSQL databases, and reading back what a test stored."""
+
+import asyncio
+import json
+import os
+import uuid
+from decimal import Decimal
+
+import asyncpg
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from crypto_client.db import migrations
+from crypto_client.db.repository import PriceReader
+from crypto_client.domain import PriceRow
+from tests.support.services import unavailable
+
+PG_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def plain_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def create_pg_database(
+    admin_url: str = PG_ADMIN_URL, *, migrate: bool = True, prefix: str = "cc_test"
+) -> str:
+    """A new, empty (or migrated) database on the server of `admin_url`; returns its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        connection = await asyncpg.connect(plain_dsn(admin_url), timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        unavailable(f"PostgreSQL at {admin_url} unreachable: {exc!r}")
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    if migrate:
+        await asyncio.to_thread(migrations.upgrade, url)
+    return url
+
+
+async def drop_pg_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
+    name = make_url(url).database
+    connection = await asyncpg.connect(plain_dsn(admin_url), timeout=5)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+async def stored_rows(engine: AsyncEngine, ticker: str, **bounds: int) -> list[PriceRow]:
+    """Every stored row of `ticker` (within `bounds`), read back through the repository."""
+    async with engine.connect() as connection:
+        page = await PriceReader(connection).page_json(ticker, limit=100_000, **bounds)
+    return [PriceRow(**row) for row in json.loads(page.json, parse_float=Decimal)]
