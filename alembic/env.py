@@ -2,6 +2,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
@@ -32,7 +33,17 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any fixed number: every `crypto-client migrate` / `serve` of this service takes the same lock.
+_MIGRATION_LOCK_ID = 0x63727970746F  # "crypto"
+
+
 def _run_with(connection: Connection) -> None:
+    # Two migrations started at once on a fresh PostgreSQL database would both create the
+    # tables; a session advisory lock makes the second wait and then find the schema at head.
+    # (SQLite serializes writers itself.)
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+        connection.commit()
     # Batch mode lets later revisions alter SQLite tables, which have no ALTER COLUMN.
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():

@@ -8,6 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.app import create_app
+from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
@@ -30,6 +31,30 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 def make_settings(database_url: str, **overrides: object) -> Settings:
     """Settings from these values alone (model_validate reads no environment and no .env)."""
     return Settings.model_validate({"database_url": SecretStr(database_url), **overrides})
+
+
+INGEST_TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
+
+
+def ingestion_settings(sim: SimServer, db_url: str, **overrides: object) -> Settings:
+    """Settings for ingesting INGEST_TICKERS from the simulator, with quick retries."""
+    values: dict[str, object] = {
+        "tickers": ",".join(INGEST_TICKERS),
+        "deribit_rpc_url": sim.rpc_url,
+        "deribit_timeout_seconds": 5,
+        "deribit_max_retries": 2,
+        "deribit_retry_backoff_seconds": 0.01,
+        "ingest_interval_seconds": 60,
+        **overrides,
+    }
+    return make_settings(db_url, **values)
+
+
+@pytest.fixture
+async def deribit(sim: SimServer) -> AsyncIterator[DeribitHttpClient]:
+    """A client of the simulator, configured as `ingestion_settings`."""
+    async with DeribitHttpClient(sim.rpc_url, timeout=5, max_retries=2, backoff_seconds=0.01) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

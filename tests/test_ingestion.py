@@ -18,31 +18,12 @@ from crypto_client.db.engine import create_engine
 from crypto_client.domain import PriceRow, current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import make_settings
+from tests.conftest import INGEST_TICKERS, ingestion_settings
 from tests.support.databases import create_pg_database, stored_rows
 from tests.support.services import SimServer, ThrowawayPostgres
 from tests.support.waiting import wait_until_async
 
-TICKERS = "btc_usd,eth_usd,sol_usdc"
-
-
-def settings_for(sim: SimServer, db_url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "tickers": TICKERS,
-        "deribit_rpc_url": sim.rpc_url,
-        "http_timeout_seconds": 2,
-        "http_max_retries": 2,
-        "http_retry_backoff_seconds": 0.01,
-        "ingest_interval_seconds": 60,
-        **overrides,
-    }
-    return make_settings(db_url, **values)
-
-
-@pytest.fixture
-async def deribit(sim: SimServer) -> AsyncIterator[DeribitHttpClient]:
-    async with DeribitHttpClient(sim.rpc_url, timeout=2, max_retries=2, backoff_seconds=0.01) as client:
-        yield client
+TICKERS = ",".join(INGEST_TICKERS)
 
 
 async def ingest_tick(
@@ -60,7 +41,7 @@ async def test_every_ticker_is_stored_with_deribits_time(
 ) -> None:
     sim.pin(btc_usd="43521.37")
     before = int(time.time())
-    summary = await ingest_tick(deribit, engine, settings_for(sim, db_url), slot_ts=current_slot(60))
+    summary = await ingest_tick(deribit, engine, ingestion_settings(sim, db_url), slot_ts=current_slot(60))
     assert summary.ok
     assert [o.status for o in summary.outcomes] == ["stored"] * 3
     for ticker in TICKERS.split(","):
@@ -74,7 +55,7 @@ async def test_one_failing_ticker_does_not_block_the_others(
     sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     sim.faults("eth_usd", outage=True)
-    settings = settings_for(sim, db_url, tickers=TICKERS + ",no_such_index")
+    settings = ingestion_settings(sim, db_url, tickers=TICKERS + ",no_such_index")
     summary = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(60))
     status = {o.ticker: o.status for o in summary.outcomes}
     assert status == {
@@ -93,7 +74,7 @@ async def test_one_failing_ticker_does_not_block_the_others(
 async def test_the_same_slot_is_stored_once(
     sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
-    settings = settings_for(sim, db_url)
+    settings = ingestion_settings(sim, db_url)
     slot = current_slot(60)
     first = await ingest_tick(deribit, engine, settings, slot_ts=slot)
     await asyncio.sleep(1.1)  # a new observation time: only the slot can make it a duplicate
@@ -110,7 +91,7 @@ async def test_tickers_are_fetched_concurrently(
 ) -> None:
     tickers = ["btc_usd", "eth_usd", "sol_usdc", "xrp_usdc", "ada_usdc", "dot_usdc"]
     sim.faults(latency_ms=200)
-    settings = settings_for(sim, db_url, tickers=",".join(tickers))
+    settings = ingestion_settings(sim, db_url, tickers=",".join(tickers))
     started = time.monotonic()
     summary = await ingest_tick(deribit, engine, settings, slot_ts=None)
     elapsed = time.monotonic() - started
@@ -138,7 +119,7 @@ async def test_prices_wait_for_the_database_and_keep_their_time(
     sim: SimServer, deribit: DeribitHttpClient, stoppable: StoppableDatabase
 ) -> None:
     engine = stoppable.engine
-    settings = settings_for(sim, stoppable.url, ingest_max_write_delay_seconds=60)
+    settings = ingestion_settings(sim, stoppable.url, ingest_max_write_delay_seconds=60)
     stoppable.server.stop()
     fetched_at = int(time.time())
     with capture_logs() as logs:
@@ -162,7 +143,7 @@ async def test_prices_older_than_the_bound_are_reported_failed(
     sim: SimServer, deribit: DeribitHttpClient, stoppable: StoppableDatabase
 ) -> None:
     stoppable.server.stop()
-    settings = settings_for(sim, stoppable.url, ingest_max_write_delay_seconds=2)
+    settings = ingestion_settings(sim, stoppable.url, ingest_max_write_delay_seconds=2)
     with capture_logs() as logs:
         summary = await ingest_tick(deribit, stoppable.engine, settings, slot_ts=None)
     assert summary.count("failed") == 3
@@ -204,7 +185,7 @@ def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_ur
 async def test_deribit_down_for_whole_ticks_then_back(
     sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
-    settings = settings_for(sim, db_url, ingest_interval_seconds=1)
+    settings = ingestion_settings(sim, db_url, ingest_interval_seconds=1)
     sim.faults(outage=True)
     for _ in range(2):
         down = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(1))

@@ -1,16 +1,22 @@
 import asyncio
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.models import Base
+from crypto_client.db.repository import PriceWriter
+from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database, drop_pg_database
 
 
@@ -75,3 +81,51 @@ def test_models_match_the_migrations(sqlite_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
+    url = await create_pg_database(migrate=False)
+    try:
+        runs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "crypto_client",
+                "migrate",
+                env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            for _ in range(10)
+        ]
+        results = [await run.communicate() for run in runs]
+        for run, (_out, err) in zip(runs, results, strict=True):
+            assert run.returncode == 0, err.decode()
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                versions = (await connection.execute(text("SELECT version_num FROM alembic_version"))).all()
+        finally:
+            await engine.dispose()
+        assert len(versions) == 1
+        assert await _tables(url) == {"alembic_version", "price_ticks"}
+    finally:
+        await drop_pg_database(url)
+
+
+@pytest.mark.parametrize(
+    ("ticker", "ts", "slot_ts"),
+    [
+        ("BTC_USD", 10, None),
+        ("btc usd", 10, None),
+        ("-btc", 10, None),
+        ("btc_usd", -5, None),
+        ("btc_usd", 10, 20),
+    ],
+)
+async def test_the_table_refuses_rows_outside_the_rules(
+    engine: AsyncEngine, ticker: str, ts: int, slot_ts: int | None
+) -> None:
+    with pytest.raises(IntegrityError):
+        async with engine.begin() as connection:
+            await PriceWriter(connection).insert_many([NewPrice(ticker, Decimal("1"), ts, slot_ts)])

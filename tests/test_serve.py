@@ -55,3 +55,23 @@ def test_serve_ingests_and_answers_then_stops_cleanly(sim: SimServer, tmp_path: 
     assert "embedded scheduler stopped" in events
     assert any(line["event"] == "request" and line["path"] == "/prices/latest" for line in lines)
     assert database.exists()
+
+
+def test_serve_stores_local_time_when_deribits_clock_lies(sim: SimServer, tmp_path: Path) -> None:
+    sim.faults(clock_offset_seconds=7200)
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'clock.db'}",
+        "DERIBIT_RPC_URL": sim.rpc_url,
+        "TICKERS": "btc_usd",
+        "INGEST_INTERVAL_SECONDS": "1",
+        "LOG_FORMAT": "json",
+    }
+    with ApiServer.command("serve", env, tmp_path, ready_path="/health") as server:
+
+        def three_rows() -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = server.get("/prices", ticker="btc_usd").json()
+            return rows if len(rows) >= 3 else []
+
+        rows = wait_until(three_rows, 20, what="3 rows")
+    assert all(abs(row["ts"] - time.time()) < 30 for row in rows)
+    assert "source time not used" in server.output

@@ -55,14 +55,29 @@ class Settings(BaseSettings):
 
     celery_broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     celery_result_backend: SecretStr | None = None
-    celery_visibility_timeout_seconds: int = Field(default=30, ge=6, le=86400)
+    # Unset: derived from the interval (see `celery_visibility_timeout`).
+    celery_visibility_timeout_seconds: int | None = Field(default=None, ge=2, le=86400)
 
     api_latest_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
 
-    @field_validator("database_url", "celery_result_backend", "postgres_host", mode="before")
+    @property
+    def celery_visibility_timeout(self) -> int:
+        """How long a dead worker's message waits before redelivery: short enough that a
+        slot of 10 s or more is recovered within itself, at most 30 s."""
+        if self.celery_visibility_timeout_seconds is not None:
+            return self.celery_visibility_timeout_seconds
+        return min(30, max(2, self.ingest_interval_seconds * 3 // 10))
+
+    @field_validator(
+        "database_url",
+        "celery_result_backend",
+        "postgres_host",
+        "celery_visibility_timeout_seconds",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `VAR=` in a .env file means "not set", not "the empty URL".

@@ -19,6 +19,12 @@ _TICKER_RE = re.compile(TICKER_PATTERN)
 # 9999-12-31T23:59:59Z: every stored or requested time lies in [0, MAX_TS], far inside BIGINT.
 MAX_TS = 253_402_300_799
 
+# Prices both backends store exactly (PostgreSQL NUMERIC, SQLite decimal text) and every
+# client reads back unchanged: below 10^20, at most 18 decimal places (so at most 38
+# significant digits). Real index prices use a handful of each.
+MAX_PRICE_INTEGER_DIGITS = 20
+MAX_PRICE_DECIMAL_PLACES = 18
+
 
 def parse_ticker(raw: str) -> str:
     """Normalize one ticker to Deribit's form or raise `ValueError` saying why not."""
@@ -29,6 +35,30 @@ def parse_ticker(raw: str) -> str:
             f"(1 to {TICKER_MAX_LENGTH} characters, e.g. btc_usd)"
         )
     return ticker
+
+
+def canonical_price(value: Decimal) -> Decimal:
+    """`value` in plain form (no exponent: `1E+5` is `100000`), the same number exactly, or
+    `ValueError` saying why it is not a price this service stores."""
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"price {value} is not a positive finite number")
+    _sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    decimal_places = max(0, -exponent)
+    integer_digits = max(0, len(digits) + exponent)
+    if decimal_places > MAX_PRICE_DECIMAL_PLACES:
+        raise ValueError(
+            f"price {value} has {decimal_places} decimal places; "
+            f"at most {MAX_PRICE_DECIMAL_PLACES} are stored"
+        )
+    if integer_digits > MAX_PRICE_INTEGER_DIGITS:
+        raise ValueError(f"price {value} is not below 10^{MAX_PRICE_INTEGER_DIGITS}")
+    return Decimal(plain_decimal(value))
+
+
+def plain_decimal(value: Decimal) -> str:
+    """The number's text without an exponent, keeping its decimal places (`2291.40`)."""
+    return format(value, "f")
 
 
 class PriceRow(NamedTuple):

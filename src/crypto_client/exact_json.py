@@ -5,11 +5,14 @@ from typing import Any
 
 import orjson
 
+from crypto_client.domain import plain_decimal
+
 
 def _default(value: object) -> orjson.Fragment:
     if isinstance(value, Decimal):
-        # str() of a finite Decimal is valid JSON number text (e.g. 43521.37, 1.2E-7).
-        return orjson.Fragment(str(value))
+        # Plain decimal text is valid JSON number text, in the one form every endpoint writes
+        # (str() would write 1.5E-7).
+        return orjson.Fragment(plain_decimal(value))
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 

@@ -7,7 +7,7 @@ from sqlalchemy import BigInteger, Dialect, Index, MetaData, Numeric, String, Te
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
-from crypto_client.domain import TICKER_MAX_LENGTH
+from crypto_client.domain import TICKER_MAX_LENGTH, plain_decimal
 
 
 class ExactDecimal(TypeDecorator[Decimal]):
@@ -24,7 +24,8 @@ class ExactDecimal(TypeDecorator[Decimal]):
     def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> object:
         if value is None or dialect.name != "sqlite":
             return value
-        return str(value)
+        # Plain text: the API copies it into JSON as it is.
+        return plain_decimal(value)
 
     def process_result_value(self, value: object, dialect: Dialect) -> Decimal | None:
         if value is None:
@@ -49,6 +50,9 @@ class PriceTick(Base):
     index. `slot_ts` is the start of the ingestion slot that observed the row; its unique index
     keeps a slot to one row per ticker however often the slot is ingested. It is NULL for rows
     that no schedule produced.
+
+    Revision 0002 adds database checks from `domain`: the ticker rule, `0 <= ts <= MAX_TS`
+    and `slot_ts <= ts`.
     """
 
     __tablename__ = "price_ticks"

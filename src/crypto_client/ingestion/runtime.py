@@ -6,7 +6,7 @@ The embedded scheduler, the Celery task, `crypto-client ingest` and the benchmar
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -14,6 +14,7 @@ from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.clients.source import PriceSource
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine
+from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
 
 # A tick writes in one transaction; a second connection lets the next tick start while a
@@ -36,6 +37,8 @@ class IngestionRuntime:
     settings: Settings
     engine: AsyncEngine
     source: PriceSource
+    # The source's clock offset is measured across the ticks of this process.
+    clock: SourceClock = field(default_factory=SourceClock)
 
     async def run_tick(self, slot_ts: int | None) -> TickSummary:
         return await ingest_tick(
@@ -43,7 +46,9 @@ class IngestionRuntime:
             self.engine,
             self.settings.tickers,
             slot_ts=slot_ts,
+            interval_seconds=self.settings.ingest_interval_seconds,
             max_write_delay_seconds=self.settings.ingest_max_write_delay_seconds,
+            clock=self.clock,
         )
 
 

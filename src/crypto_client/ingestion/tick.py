@@ -20,14 +20,23 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from crypto_client.clients.source import FetchResult, PriceSource
+from crypto_client.clients.source import Observation, PriceSource
 from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import PriceWriter
-from crypto_client.domain import NewPrice
+from crypto_client.domain import NewPrice, canonical_price
+from crypto_client.ingestion.clock import SourceClock
 
 log = structlog.get_logger(__name__)
 
 Status = Literal["stored", "duplicate", "failed"]
+# Why a ticker's slot has no row from this tick.
+FailureReason = Literal[
+    "deribit_failed",  # the source gave no price (after retries)
+    "late",  # the price was observed after its slot had ended
+    "clock_skew",  # observed before its slot began: the scheduler's clock is ahead of this one
+    "invalid_value",  # a price this service cannot store exactly (or the database refused it)
+    "database_unavailable",  # the database stayed out of reach past the write bound
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,7 @@ class TickerOutcome:
     price: Decimal | None = None
     ts: int | None = None
     error: str | None = None
+    reason: FailureReason | None = None
 
 
 @dataclass(slots=True)
@@ -59,52 +69,70 @@ async def ingest_tick(
     tickers: Sequence[str],
     *,
     slot_ts: int | None,
+    interval_seconds: int,
     max_write_delay_seconds: float,
+    clock: SourceClock,
 ) -> TickSummary:
-    """Fetch every ticker concurrently and store the tick, at most once per slot.
+    """Fetch every ticker concurrently and store the tick, at most one row per ticker per slot.
 
-    Rows carry `ts` from Deribit's clock (`usOut`, the time the server sent the price), or
-    the local clock if an answer lacks it. When the database is unreachable, the fetched prices
-    are kept and the write retried with backoff for `max_write_delay_seconds`.
+    A row's `ts` follows `clock` (see `ingestion.clock`) and lies inside its slot
+    (`slot_ts <= ts < slot_ts + interval_seconds`): an observation made after the slot ended is
+    reported `late`, never stored under the slot. Each value is checked before the write, so a
+    bad one fails alone. When the database is unreachable, the prices are kept and the write
+    retried with backoff for `max_write_delay_seconds`.
     """
     started = time.monotonic()
     summary = TickSummary(slot_ts=slot_ts)
     bound = log.bind(slot_ts=slot_ts)
     bound.info("tick started", tickers=len(tickers))
 
-    fetched: list[FetchResult] = await source.fetch_prices(tickers)
     rows: list[NewPrice] = []
-    for result in fetched:
-        observation = result.observation
-        if observation is None:
+    for result in await source.fetch_prices(tickers):
+        if result.observation is None:
             bound.error(
                 "ticker failed", ticker=result.ticker, attempt=result.attempts, error=str(result.error)
             )
-            summary.outcomes.append(TickerOutcome(result.ticker, "failed", error=str(result.error)))
+            summary.outcomes.append(
+                TickerOutcome(result.ticker, "failed", error=str(result.error), reason="deribit_failed")
+            )
             continue
-        server_us = observation.server_time_us
-        ts = (
-            server_us // 1_000_000
-            if isinstance(server_us, int) and server_us
-            else int(observation.received_at)
-        )
-        rows.append(NewPrice(result.ticker, observation.price, ts, slot_ts))
+        placed = _place(result.observation, clock, slot_ts, interval_seconds, bound)
+        if isinstance(placed, TickerOutcome):
+            summary.outcomes.append(placed)
+        else:
+            rows.append(placed)
 
     if rows:
         try:
-            inserted = await _store(engine, rows, max_write_delay_seconds, bound)
+            inserted, rejected = await _store(engine, rows, max_write_delay_seconds, bound)
         except Exception as exc:
             # The prices go into the log line: it is the last place they exist.
             lost = [{"ticker": row.ticker, "price": str(row.price), "ts": row.ts} for row in rows]
             bound.error("tick lost: database write failed", error=repr(exc), rows=lost)
             summary.outcomes.extend(
-                TickerOutcome(row.ticker, "failed", row.price, row.ts, f"database write failed: {exc!r}")
+                TickerOutcome(
+                    row.ticker,
+                    "failed",
+                    row.price,
+                    row.ts,
+                    f"database write failed: {exc!r}",
+                    "database_unavailable",
+                )
                 for row in rows
             )
         else:
             for row in rows:
-                status: Status = "stored" if (row.ticker, row.ts) in inserted else "duplicate"
-                summary.outcomes.append(TickerOutcome(row.ticker, status, row.price, row.ts))
+                if row.ticker in rejected:
+                    error = f"the database refused the row: {rejected[row.ticker]}"
+                    bound.error(
+                        "ticker failed", ticker=row.ticker, price=str(row.price), ts=row.ts, error=error
+                    )
+                    summary.outcomes.append(
+                        TickerOutcome(row.ticker, "failed", row.price, row.ts, error, "invalid_value")
+                    )
+                else:
+                    status: Status = "stored" if (row.ticker, row.ts) in inserted else "duplicate"
+                    summary.outcomes.append(TickerOutcome(row.ticker, status, row.price, row.ts))
 
     summary.duration_seconds = time.monotonic() - started
     bound.info(
@@ -117,12 +145,64 @@ async def ingest_tick(
     return summary
 
 
+def _place(
+    observation: Observation,
+    clock: SourceClock,
+    slot_ts: int | None,
+    interval_seconds: int,
+    bound: structlog.stdlib.BoundLogger,
+) -> NewPrice | TickerOutcome:
+    """The row for `observation` inside its slot, or why there is none."""
+    ticker = observation.ticker
+    try:
+        price = canonical_price(observation.price)
+    except ValueError as exc:
+        bound.error("ticker failed", ticker=ticker, error=str(exc))
+        return TickerOutcome(ticker, "failed", error=str(exc), reason="invalid_value")
+
+    timing = clock.time_of(observation)
+    if timing.problem is not None:
+        bound.warning(
+            "source time not used, storing the local receive time",
+            ticker=ticker,
+            source_time_us=observation.server_time_us,
+            local_time=round(observation.received_at, 6),
+            problem=timing.problem,
+        )
+    ts = int(timing.ts)
+    if slot_ts is None:
+        return NewPrice(ticker, price, ts, None)
+
+    slot_end = slot_ts + interval_seconds
+    received = int(observation.received_at)
+    if not slot_ts <= ts < slot_end and slot_ts <= received < slot_end:
+        ts = received  # the source's clock puts it across a slot edge; ours says where it was seen
+    if received >= slot_end:
+        error = f"observed at {observation.received_at:.3f}, after its slot {slot_ts}..{slot_end} ended"
+        bound.warning("ticker failed", ticker=ticker, error=error, reason="late")
+        return TickerOutcome(ticker, "failed", price, None, error, "late")
+    if received < slot_ts:
+        error = f"observed at {observation.received_at:.3f}, before its slot {slot_ts} began"
+        bound.warning("ticker failed", ticker=ticker, error=error, reason="clock_skew")
+        return TickerOutcome(ticker, "failed", price, None, error, "clock_skew")
+    return NewPrice(ticker, price, ts, slot_ts)
+
+
 async def _store(
     engine: AsyncEngine,
     rows: list[NewPrice],
     max_write_delay_seconds: float,
     bound: structlog.stdlib.BoundLogger,
-) -> set[tuple[str, int]]:
+) -> tuple[set[tuple[str, int]], dict[str, str]]:
+    """Write `rows` in one transaction; returns the `(ticker, ts)` inserted and, per ticker,
+    why the database refused a row.
+
+    A refusal for a data reason (not an availability one) fails the whole transaction, so the
+    rows are then written one by one: the good ones are kept and only the bad one reported.
+    """
+    inserted: set[tuple[str, int]] = set()
+    rejected: dict[str, str] = {}
+
     def log_retry(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         bound.warning(
@@ -133,6 +213,26 @@ async def _store(
             cause=repr(error),
         )
 
+    async def write(batch: list[NewPrice]) -> None:
+        async with engine.begin() as connection:
+            inserted.update(await PriceWriter(connection).insert_many(batch))
+
+    async def write_all() -> None:
+        pending = [row for row in rows if (row.ticker, row.ts) not in inserted and row.ticker not in rejected]
+        try:
+            await write(pending)
+            return
+        except Exception as exc:
+            if is_database_unavailable(exc):
+                raise
+        for row in pending:
+            try:
+                await write([row])
+            except Exception as exc:
+                if is_database_unavailable(exc):
+                    raise
+                rejected[row.ticker] = repr(exc)
+
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_database_unavailable),
         stop=stop_after_delay(max_write_delay_seconds),
@@ -142,6 +242,5 @@ async def _store(
     )
     async for attempt in retrying:
         with attempt:
-            async with engine.begin() as connection:
-                return set(await PriceWriter(connection).insert_many(rows))
-    raise AssertionError("unreachable: tenacity either returns or raises")
+            await write_all()
+    return inserted, rejected

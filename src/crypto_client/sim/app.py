@@ -56,6 +56,7 @@ class Simulator:
         self.walk = PriceWalk(seed)
         self.faults = FaultPlan(seed=seed, default=faults or Faults())
         self.requests: Counter[str] = Counter()
+        self._frozen_us: dict[str | None, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = {
@@ -66,7 +67,7 @@ class Simulator:
             "public/test": lambda _params: {"version": "1.2.26"},
         }
 
-    def _get_index_price(self, params: Mapping[str, Any]) -> dict[str, Decimal]:
+    def _get_index_price(self, params: Mapping[str, Any]) -> dict[str, Decimal | orjson.Fragment]:
         name = params.get("index_name")
         if name is None:
             raise JsonRpcError(
@@ -76,7 +77,8 @@ class Simulator:
             raise JsonRpcError(
                 -32602, "Invalid params", data={"param": "index_name", "reason": "wrong format"}
             )
-        price = self.walk.next_price(name)
+        pinned = self.walk.pinned.get(name)
+        price = orjson.Fragment(pinned.encode()) if pinned is not None else self.walk.next_price(name)
         return {"estimated_delivery_price": price, "index_price": price}
 
     async def answer(self, method: str, params: Mapping[str, Any], request_id: object = None) -> Response:
@@ -96,7 +98,7 @@ class Simulator:
             if fault is not None:
                 log.info("sim injecting fault", fault=str(fault), method=method, index=index)
                 return self._fault_response(fault, index, request_id)
-            return self._rpc_response(method, params, request_id)
+            return self._rpc_response(method, params, request_id, index)
         finally:
             self.in_flight -= 1
 
@@ -118,18 +120,29 @@ class Simulator:
             return self._envelope({"error": error}, us_in, payload.get("id"), status=400)
         return await self.answer(payload["method"], params, payload.get("id"))
 
-    def _rpc_response(self, method: str, params: Mapping[str, Any], request_id: object) -> Response:
-        us_in = time.time_ns() // 1000
+    def _rpc_response(
+        self, method: str, params: Mapping[str, Any], request_id: object, index: str | None = None
+    ) -> Response:
+        us_in = self._clock_us(index)
         handler = self._methods.get(method)
         try:
             if handler is None:
                 raise JsonRpcError(-32601, "Method not found")
-            return self._envelope({"result": handler(params)}, us_in, request_id)
+            return self._envelope({"result": handler(params)}, us_in, request_id, index=index)
         except JsonRpcError as failure:
             error: dict[str, Any] = {"code": failure.code, "message": failure.message}
             if failure.data is not None:
                 error["data"] = dict(failure.data)
-            return self._envelope({"error": error}, us_in, request_id, status=failure.status)
+            return self._envelope({"error": error}, us_in, request_id, status=failure.status, index=index)
+
+    def _clock_us(self, index: str | None) -> int:
+        """Deribit's clock for `index`, with the clock faults applied."""
+        faults = self.faults.for_index(index)
+        now = time.time_ns() // 1000 + round(faults.clock_offset_seconds * 1_000_000)
+        if not faults.clock_frozen:
+            self._frozen_us.pop(index, None)
+            return now
+        return self._frozen_us.setdefault(index, now)
 
     def _envelope(
         self,
@@ -138,12 +151,16 @@ class Simulator:
         request_id: object,
         status: int = 200,
         headers: Mapping[str, str] | None = None,
+        index: str | None = None,
     ) -> Response:
-        us_out = time.time_ns() // 1000
+        us_out = self._clock_us(index)
         body: dict[str, Any] = {"jsonrpc": "2.0", **fields}
         if request_id is not None:
             body["id"] = request_id
         body.update(usIn=us_in, usOut=us_out, usDiff=us_out - us_in, testnet=False)
+        literal = self.faults.for_index(index).us_out_literal
+        if literal is not None:
+            body["usOut"] = orjson.Fragment(literal.encode())
         content = exact_json.dumps(body)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 
@@ -178,6 +195,7 @@ class Simulator:
         self.faults.reset()
         self.walk.pinned.clear()
         self.requests.clear()
+        self._frozen_us.clear()
         self.max_in_flight = self.in_flight
 
 
@@ -211,10 +229,12 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             pins = orjson.loads(await request.body())
             if not isinstance(pins, dict):
                 raise ValueError("expected a JSON object of index name to price")
-            sim.walk.pinned.update({str(name): Decimal(str(price)) for name, price in pins.items()})
+            for name, price in pins.items():
+                Decimal(str(price))  # must be a number; it is served as this very text
+                sim.walk.pinned[str(name)] = str(price)
         except (ValueError, ArithmeticError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
-        return JSONResponse({name: str(price) for name, price in sim.walk.pinned.items()})
+        return JSONResponse(sim.walk.pinned)
 
     async def admin_stats(_request: Request) -> Response:
         return JSONResponse(sim.stats())

@@ -27,6 +27,11 @@ class Faults:
     outage: bool = False  # every request fails with ERROR
     fail_next: int = 0  # the next N requests fail with fail_next_kind
     fail_next_kind: FaultKind = FaultKind.ERROR
+    # Deribit's clock as the envelope's usIn/usOut show it: shifted (a negative change is a
+    # step back), stopped, or replaced by any JSON text (a string, -5000, 1e25, true).
+    clock_offset_seconds: float = 0.0
+    clock_frozen: bool = False
+    us_out_literal: str | None = None
 
     def update(self, changes: dict[str, Any]) -> "Faults":
         known = {f.name for f in fields(self)}
@@ -41,6 +46,8 @@ class Faults:
                 raise ValueError(f"{name} must be between 0 and 1")
         if updated.fail_next < 0:
             raise ValueError("fail_next must be >= 0")
+        if abs(updated.clock_offset_seconds) > 10**9:
+            raise ValueError("clock_offset_seconds must be within +-1e9")
         updated.fail_next_kind = FaultKind(updated.fail_next_kind)
         return updated
 

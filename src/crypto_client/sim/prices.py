@@ -61,6 +61,10 @@ INDEXES: dict[str, tuple[str, int]] = {
     "drbfix-eth_usdc": ("2290.91", 2),
 }
 
+# Synthetic indexes (sim000_usd .. sim199_usd) so that tests and benchmarks can ingest more
+# tickers than Deribit's reference lists.
+SYNTHETIC_INDEXES: dict[str, tuple[str, int]] = {f"sim{n:03d}_usd": ("100.00", 2) for n in range(200)}
+
 _STEP_VOLATILITY = 0.0005  # about a minute of index moves per step
 
 
@@ -68,10 +72,11 @@ class PriceWalk:
     """Each read of an index moves it one step; the same seed gives the same sequence."""
 
     def __init__(self, seed: int, indexes: dict[str, tuple[str, int]] | None = None) -> None:
-        self._indexes = indexes if indexes is not None else INDEXES
+        self._indexes = indexes if indexes is not None else {**INDEXES, **SYNTHETIC_INDEXES}
         self._seed = seed
         self._state: dict[str, tuple[random.Random, float]] = {}
-        self.pinned: dict[str, Decimal] = {}
+        # Pinned prices are JSON number text, sent exactly as given ("1E+5" stays "1E+5").
+        self.pinned: dict[str, str] = {}
 
     @property
     def names(self) -> list[str]:
@@ -81,8 +86,7 @@ class PriceWalk:
         return name in self._indexes
 
     def next_price(self, name: str) -> Decimal:
-        if name in self.pinned:
-            return self.pinned[name]
+        """The next step of the walk (pinned indexes are answered by the app as their text)."""
         base, decimals = self._indexes[name]
         rng, value = self._state.get(name) or (random.Random(f"{self._seed}:{name}"), float(base))
         value *= math.exp(rng.gauss(0.0, _STEP_VOLATILITY))

@@ -7,17 +7,33 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from celery import Celery, signals
 from celery.schedules import schedstate, schedule
 
-from crypto_client.config import get_settings
+from crypto_client.config import Settings, get_settings
 from crypto_client.domain import current_slot
 from crypto_client.logging import setup_logging
 
 INGEST_TASK = "crypto_client.ingest_tick"
 SLOT_HEADER = "slot_ts"
+# A running tick refreshes its Redis claim every CLAIM_REFRESH_SECONDS; a claim not refreshed
+# for CLAIM_TTL_SECONDS belongs to a dead worker and may be taken over.
+CLAIM_TTL_SECONDS = 3
+CLAIM_REFRESH_SECONDS = 1.0
 
+log = structlog.get_logger(__name__)
 settings = get_settings()
+
+
+def restore_interval(settings: Settings) -> int:
+    return max(1, settings.celery_visibility_timeout // 3)
+
+
+def killed_worker_recovery_seconds(settings: Settings) -> int:
+    """The longest a slot whose worker was SIGKILLed waits to be run again: the message's
+    visibility timeout, the restore check, the dead run's claim lapsing, and a second to fetch."""
+    return settings.celery_visibility_timeout + restore_interval(settings) + CLAIM_TTL_SECONDS + 1
 
 
 class SlotSchedule(schedule):
@@ -65,9 +81,9 @@ celery_app.conf.update(
     broker_connection_max_retries=None,
     broker_transport_options={
         # How long an unacked message (its worker died) waits before another worker gets it.
-        "visibility_timeout": settings.celery_visibility_timeout_seconds,
+        "visibility_timeout": settings.celery_visibility_timeout,
         # Look for such messages often enough to rerun them within their slot.
-        "unacked_restore_interval": max(1, settings.celery_visibility_timeout_seconds // 3),
+        "unacked_restore_interval": restore_interval(settings),
         "unacked_restore_throttle": 1,
         # Notice a dead connection (Redis restarted, NAT dropped it) instead of waiting on it.
         "health_check_interval": 10,
@@ -101,3 +117,31 @@ def _stamp_slot(sender: str | None = None, headers: dict[str, Any] | None = None
     # slot rather than the one current when it finally runs.
     if sender == INGEST_TASK and headers is not None:
         headers.setdefault(SLOT_HEADER, current_slot(settings.ingest_interval_seconds))
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _warn_about_unrecoverable_slots(**_kwargs: Any) -> None:
+    recovery = killed_worker_recovery_seconds(settings)
+    if recovery >= settings.ingest_interval_seconds:
+        log.warning(
+            "a slot whose worker is killed cannot be recovered within the slot",
+            interval_seconds=settings.ingest_interval_seconds,
+            recovery_seconds=recovery,
+            visibility_timeout_seconds=settings.celery_visibility_timeout,
+            hint="such a slot is reported late or expired; use INGEST_INTERVAL_SECONDS of 10 or more"
+            " (and an unset CELERY_VISIBILITY_TIMEOUT_SECONDS) to have it rerun in time",
+        )
+
+
+@signals.task_revoked.connect
+def _report_expired_tick(request: Any = None, expired: bool = False, **_kwargs: Any) -> None:
+    # Celery discards an expired message with a debug line; a slot that was never ingested
+    # must be visible.
+    if expired and getattr(request, "name", None) == INGEST_TASK:
+        headers = getattr(request, "request_dict", None) or {}
+        log.warning(
+            "tick expired before a worker ran it: slot not ingested",
+            slot_ts=headers.get(SLOT_HEADER),
+            task_id=getattr(request, "id", None),
+        )

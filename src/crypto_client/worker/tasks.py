@@ -21,14 +21,16 @@ from redis.exceptions import RedisError
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
 from crypto_client.ingestion.tick import TickSummary
-from crypto_client.worker.celery_app import INGEST_TASK, SLOT_HEADER, celery_app, settings
+from crypto_client.worker.celery_app import (
+    CLAIM_REFRESH_SECONDS,
+    CLAIM_TTL_SECONDS,
+    INGEST_TASK,
+    SLOT_HEADER,
+    celery_app,
+    settings,
+)
 
 log = structlog.get_logger(__name__)
-
-# A running tick refreshes its claim every second; a claim not refreshed for CLAIM_TTL_SECONDS
-# belongs to a dead worker and may be taken over by the redelivered message.
-CLAIM_TTL_SECONDS = 5
-CLAIM_REFRESH_SECONDS = 1.0
 
 
 @dataclass
