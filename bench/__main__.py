@@ -133,6 +133,12 @@ async def create_database(plan: Plan) -> str:
     await connection.execute(
         "CREATE UNIQUE INDEX ix_price_ticks_ticker_slot_ts ON price_ticks (ticker, slot_ts)"
     )
+    # Every ticker tracked from its first slot, as ingestion would have recorded it.
+    await connection.execute(
+        "INSERT INTO tracked_tickers (ticker, since_slot_ts) SELECT unnest($1::text[]), $2::bigint",
+        plan.names,
+        BASE_TS,
+    )
     await connection.execute("VACUUM ANALYZE price_ticks")
     rows = await connection.fetchval("SELECT count(*) FROM price_ticks")
     print(f"loaded {rows:,} rows in {time.monotonic() - started:.1f}s into {make_url(url).database}")
@@ -186,6 +192,11 @@ def http_scenarios(plan: Plan, url: str, results: Results) -> None:
             f"/prices/range {day} rows, middle",
             f"/prices/range?{q}&from_ts={middle}&to_ts={middle + day * STEP - 1}&limit={day}",
             f"/prices/range?{q}&from_ts={middle}&to_ts={middle + day * STEP - 1}",
+        ),
+        (
+            f"/coverage, one ticker's whole history ({plan.rows_per_ticker:,} slots)",
+            f"/coverage?{q}&from_ts={BASE_TS}&to_ts={BASE_TS + plan.rows_per_ticker * STEP - 1}",
+            None,
         ),
         ("framework ceiling (no database)", "/bench/ping", None),
     ]
@@ -333,6 +344,7 @@ def judge(results: Results, plan: Plan) -> None:
     cursor = f"/prices limit=1000, cursor at {plan.depth:,}"
     day = min(1440, plan.rows_per_ticker // 4)
     start, middle = f"/prices/range {day} rows, start", f"/prices/range {day} rows, middle"
+    coverage = f"/coverage, one ticker's whole history ({plan.rows_per_ticker:,} slots)"
     ceiling = results.load("framework ceiling (no database)").rps
     results.targets += [
         ("/prices/latest >= 10x baseline", ratio(latest) >= 10, f"{ratio(latest):.1f}x"),
@@ -352,6 +364,11 @@ def judge(results: Results, plan: Plan) -> None:
             "one-day range p50, middle <= 1.5x start",
             results.load(middle).p50_ms <= 1.5 * results.load(start).p50_ms,
             f"{results.load(middle).p50_ms / results.load(start).p50_ms:.2f}x",
+        ),
+        (
+            "/coverage of one ticker's whole history p50 < 500 ms",
+            results.load(coverage).p50_ms < 500,
+            f"{results.load(coverage).p50_ms:.0f} ms",
         ),
         (
             "API RSS < 200 MB in every scenario",

@@ -82,7 +82,8 @@ async def _clear(url: str) -> None:
     engine = create_engine(url)
     try:
         async with engine.begin() as connection:
-            await connection.execute(text("DELETE FROM price_ticks"))
+            for table in ("price_ticks", "tracked_tickers", "slot_failures"):
+                await connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608 - fixed names
     finally:
         await engine.dispose()
 
@@ -99,7 +100,9 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture(scope="session")
 def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
-    server = SimServer(tmp_path_factory.mktemp("sim"))
+    # History points ten times closer than Deribit's (0.6 s apart for the 1h range), so that
+    # tests with 1-second slots can repair every slot.
+    server = SimServer(tmp_path_factory.mktemp("sim"), 0, "--chart-step-scale", "0.1")
     yield server
     server.stop()
 

@@ -1,6 +1,7 @@
 """Every endpoint on PostgreSQL and on SQLite, through the ASGI app."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -49,9 +50,9 @@ async def test_prices_oldest_first_as_exact_numbers(api: httpx.AsyncClient, engi
     assert "link" not in response.headers
     # The body text carries the decimals exactly, as JSON numbers.
     assert response.text == (
-        '[{"ticker":"btc_usd","price":1234567.89012345,"ts":100},'
-        '{"ticker":"btc_usd","price":43521.37,"ts":200},'
-        '{"ticker":"btc_usd","price":0.00012345,"ts":300}]'
+        '[{"ticker":"btc_usd","price":1234567.89012345,"ts":100,"source":"poll"},'
+        '{"ticker":"btc_usd","price":43521.37,"ts":200,"source":"poll"},'
+        '{"ticker":"btc_usd","price":0.00012345,"ts":300,"source":"poll"}]'
     )
 
 
@@ -113,7 +114,13 @@ async def test_latest(api: httpx.AsyncClient, engine: AsyncEngine) -> None:
     await store(engine, "btc_usd", (100, "1.5"), (300, "43521.37"), (200, "2"))
     response = await api.get("/prices/latest", params={"ticker": "BTC_USD"})
     assert response.status_code == 200
-    assert response.text == '{"ticker":"btc_usd","price":43521.37,"ts":300}'
+    assert response.text.startswith(
+        '{"ticker":"btc_usd","price":43521.37,"ts":300,"source":"poll","age_seconds":'
+    )
+    assert (
+        response.json()["age_seconds"] == int(time.time()) - 300
+        or response.json()["age_seconds"] == int(time.time()) - 301
+    )
 
 
 async def test_empty_ticker_gives_empty_lists(api: httpx.AsyncClient) -> None:
@@ -125,12 +132,17 @@ async def test_tickers(api: httpx.AsyncClient, engine: AsyncEngine) -> None:
     await store(engine, "btc_usd", (100, "1"), (160, "2"))
     await store(engine, "old_usd", (50, "1"))
     body = (await api.get("/tickers")).json()
+    ages = [row.pop("age_seconds") for row in body]
+    assert [row.pop("coverage_24h") for row in body] == [None] * 4  # no tick tracked them
     assert body == [
         {"ticker": "btc_usd", "configured": True, "rows": 2, "first_ts": 100, "last_ts": 160},
         {"ticker": "eth_usd", "configured": True, "rows": 0, "first_ts": None, "last_ts": None},
         {"ticker": "old_usd", "configured": False, "rows": 1, "first_ts": 50, "last_ts": 50},
         {"ticker": "sol_usdc", "configured": True, "rows": 0, "first_ts": None, "last_ts": None},
     ]
+    assert ages[1] is None
+    assert ages[0] is not None
+    assert ages[0] in (int(time.time()) - 160, int(time.time()) - 161)
 
 
 async def test_health_ok(api: httpx.AsyncClient) -> None:
@@ -192,7 +204,16 @@ async def test_unknown_path_is_json_404(api: httpx.AsyncClient) -> None:
 async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
     schema = (await api.get("/openapi.json")).json()
     paths = schema["paths"]
-    assert set(paths) == {"/prices", "/prices/latest", "/prices/range", "/tickers", "/health"}
+    assert set(paths) == {
+        "/prices",
+        "/prices/latest",
+        "/prices/range",
+        "/tickers",
+        "/health",
+        "/coverage",
+        "/livez",
+        "/readyz",
+    }
     assert {"200", "404", "422", "503"} <= set(paths["/prices/latest"]["get"]["responses"])
     params = {p["name"] for p in paths["/prices/range"]["get"]["parameters"]}
     assert params == {"ticker", "from_ts", "to_ts", "limit", "cursor"}

@@ -85,26 +85,6 @@ async def test_two_beats_still_give_one_row_per_ticker_per_slot(stack: CelerySta
     assert '"slot already claimed, skipping"' in stack.processes[0].output
 
 
-async def test_killed_worker_slot_is_stored_once_by_the_next_worker(stack: CeleryStack) -> None:
-    stack.interval = 60  # a slot long enough to outlive the restart; no beat, one tick by hand
-    stack.sim.faults(latency_ms=3000)
-    first = stack.worker("w1", concurrency=1)
-    task_id = stack.publish_tick()
-    await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
-    first.signal_group(signal.SIGKILL)  # the whole worker, mid-fetch
-    first.stop()
-    stack.sim.reset()
-    assert await stack.rows() == []
-
-    second = stack.worker("w2", concurrency=1)
-    await wait_for_rows(stack, per_ticker=1, timeout=40)
-    await wait_for_log(second, '"task finished"')
-    rows = await stack.rows()
-    assert len(rows) == len(TICKERS)
-    assert len({slot for _, _, slot in rows}) == 1
-    assert task_id in second.output
-
-
 async def test_at_a_ten_second_interval_a_killed_workers_slot_is_stored_within_the_slot(
     stack: CeleryStack,
 ) -> None:
@@ -115,15 +95,19 @@ async def test_at_a_ten_second_interval_a_killed_workers_slot_is_stored_within_t
     assert "cannot be recovered within the slot" not in first.output
     # Publish as beat would, right at the start of a slot.
     await asyncio.sleep(10 - time.time() % 10 + 0.05)
-    stack.publish_tick()
+    task_id = stack.publish_tick()
     await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
-    first.signal_group(signal.SIGKILL)
+    first.signal_group(signal.SIGKILL)  # the whole worker, mid-fetch
     first.stop()
     stack.sim.reset()
-    stack.worker("w2", concurrency=1)
+    assert await stack.rows() == []
+    second = stack.worker("w2", concurrency=1)
     await wait_for_rows(stack, per_ticker=1, timeout=30)
+    await wait_for_log(second, '"task finished"')
+    assert task_id in second.output  # the same message, redelivered
     rows = await stack.rows()
     assert len(rows) == len(TICKERS)
+    assert len({slot for _, _, slot in rows}) == 1
     for _ticker, ts, slot in rows:
         assert slot is not None
         assert slot <= ts < slot + 10, f"stored at {ts - slot}s into a 10 s slot"
@@ -172,3 +156,22 @@ async def test_worker_and_beat_survive_a_redis_restart(
 
 def _wait_in_flight(sim: SimServer) -> None:
     wait_until(lambda: sim.stats()["in_flight"] > 0, 30, what="the task to reach Deribit")
+
+
+async def test_beat_and_worker_repair_recent_gaps_from_deribits_history(stack: CeleryStack) -> None:
+    stack.extra_env["BACKFILL_INTERVAL_SECONDS"] = "2"
+    stack.extra_env["DERIBIT_MAX_RETRIES"] = "0"
+    worker = stack.worker()
+    stack.beat()
+    await wait_for_rows(stack, per_ticker=2, timeout=30)
+    stack.sim.faults("btc_usd", outage=True)
+    await wait_for_log(worker, '"ticker failed"', count=3)
+    stack.sim.reset()
+
+    async def repaired() -> bool:
+        rows = await stack.source_counts()
+        return rows.get(("btc_usd", "backfill"), 0) >= 3
+
+    await wait_until_async(repaired, 40, interval=0.5, what="the repair job to back-fill btc_usd")
+    assert_one_row_per_slot(await stack.rows(), stack.interval)
+    assert '"backfill finished"' in worker.output

@@ -29,7 +29,7 @@ TICKERS = ",".join(INGEST_TICKERS)
 async def ingest_tick(
     source: DeribitHttpClient, engine: AsyncEngine, settings: Settings, *, slot_ts: int | None
 ) -> TickSummary:
-    return await IngestionRuntime(settings, engine, source).run_tick(slot_ts)
+    return await IngestionRuntime(settings, engine, source, source).run_tick(slot_ts)
 
 
 async def stored(engine: AsyncEngine, ticker: str) -> list[PriceRow]:

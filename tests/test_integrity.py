@@ -3,7 +3,7 @@ through the ingestion function over HTTP to the simulator, on PostgreSQL and SQL
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
 from crypto_client.clients.deribit.http import DeribitHttpClient
-from crypto_client.clients.source import FetchResult, Observation
+from crypto_client.clients.source import FetchResult, HistoryPoint, Observation
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.embedded_scheduler import IntervalScheduler
@@ -117,7 +117,7 @@ async def test_a_lying_clock_changes_nothing_but_warnings(
     sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str, faults: dict[str, Any]
 ) -> None:
     settings = ingestion_settings(sim, db_url, ingest_interval_seconds=1)
-    runtime = IngestionRuntime(settings, engine, deribit)
+    runtime = IngestionRuntime(settings, engine, deribit, deribit)
     sim.faults(**faults)
     with capture_logs() as logs:
         summaries = [await tick_now(runtime) for _ in range(3)]
@@ -135,7 +135,7 @@ async def test_bad_values_fail_alone(
     sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     sim.pin(eth_usd="1E-20000", sol_usdc="1E+131072", btc_usd="43521.37")
-    summary = await IngestionRuntime(ingestion_settings(sim, db_url), engine, deribit).run_tick(
+    summary = await IngestionRuntime(ingestion_settings(sim, db_url), engine, deribit, deribit).run_tick(
         current_slot(60)
     )
     outcome = {o.ticker: o for o in summary.outcomes}
@@ -154,6 +154,13 @@ class OneRefusedRow:
         now = time.time()
         return [FetchResult(t, Observation(t, Decimal("2.5"), None, now, now)) for t in tickers]
 
+    @property
+    def history_ranges(self) -> Mapping[str, int | None]:
+        return {"all": None}
+
+    async def fetch_history(self, ticker: str, range_name: str) -> list[HistoryPoint]:
+        return []
+
     async def aclose(self) -> None:
         return None
 
@@ -161,7 +168,9 @@ class OneRefusedRow:
 async def test_a_row_the_database_refuses_does_not_cost_the_others(engine: AsyncEngine, db_url: str) -> None:
     settings = make_settings(db_url).model_copy(update={"tickers": ("btc_usd", "BAD", "eth_usd")})
     with capture_logs() as logs:
-        summary = await IngestionRuntime(settings, engine, OneRefusedRow()).run_tick(current_slot(60))
+        summary = await IngestionRuntime(settings, engine, OneRefusedRow(), OneRefusedRow()).run_tick(
+            current_slot(60)
+        )
     outcome = {o.ticker: o for o in summary.outcomes}
     assert (outcome["BAD"].status, outcome["BAD"].reason) == ("failed", "invalid_value")
     assert "refused" in (outcome["BAD"].error or "")
@@ -175,7 +184,7 @@ async def test_a_late_answer_never_takes_its_slot(
 ) -> None:
     settings = ingestion_settings(sim, db_url, ingest_interval_seconds=2)
     sim.faults("eth_usd", latency_ms=2500)  # crosses the end of a 2 s slot whenever it starts
-    summary = await tick_now(IngestionRuntime(settings, engine, deribit))
+    summary = await tick_now(IngestionRuntime(settings, engine, deribit, deribit))
     outcome = {o.ticker: o for o in summary.outcomes}
     assert (outcome["eth_usd"].status, outcome["eth_usd"].reason) == ("failed", "late")
     assert outcome["btc_usd"].status == "stored"
@@ -192,7 +201,7 @@ async def test_every_endpoint_writes_one_plain_decimal_form(
 ) -> None:
     sim.pin(btc_usd=sent)
     settings = ingestion_settings(sim, db_url, tickers="btc_usd")
-    summary = await IngestionRuntime(settings, engine, deribit).run_tick(current_slot(60))
+    summary = await IngestionRuntime(settings, engine, deribit, deribit).run_tick(current_slot(60))
     assert summary.count("stored") == 1
     async with api_client(settings) as api:
         bodies = [
@@ -205,24 +214,31 @@ async def test_every_endpoint_writes_one_plain_decimal_form(
 
 
 async def test_a_hundred_tickers_every_second_give_one_row_per_ticker_per_slot(
-    sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
+    sim: SimServer, engine: AsyncEngine, db_url: str
 ) -> None:
     tickers = [f"sim{n:03d}_usd" for n in range(100)]
     settings = ingestion_settings(sim, db_url, tickers=",".join(tickers), ingest_interval_seconds=1)
-    runtime = IngestionRuntime(settings, engine, deribit)
-    summaries: list[TickSummary] = []
+    async with DeribitHttpClient(sim.rpc_url, timeout=5, max_retries=2, max_concurrency=32) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        # Warm up as a running service is: the HTTP connections and the database connection open.
+        assert all(result.observation for result in await client.fetch_prices(tickers))
+        async with engine.connect():
+            pass
+        summaries: list[TickSummary] = []
 
-    async def run_slot(slot: int) -> TickSummary:
-        summary = await runtime.run_tick(slot)
-        summaries.append(summary)
-        return summary
+        async def run_slot(slot: int) -> TickSummary:
+            summary = await runtime.run_tick(slot)
+            summaries.append(summary)
+            return summary
 
-    scheduler = IntervalScheduler(1, run_slot)
-    scheduler.start()
-    try:
-        await wait_until_async(lambda: asyncio.sleep(0, len(summaries) >= 5), 30, what="5 ticks")
-    finally:
-        await scheduler.stop()
+        # The scheduler runs the current slot at once; start it as a slot begins.
+        await asyncio.sleep(current_slot(1) + 1 - time.time())
+        scheduler = IntervalScheduler(1, run_slot)
+        scheduler.start()
+        try:
+            await wait_until_async(lambda: asyncio.sleep(0, len(summaries) >= 5), 30, what="5 ticks")
+        finally:
+            await scheduler.stop()
     rows = await rows_of(engine)
     assert_rows_in_their_slots(rows, 1)
     for summary in summaries:

@@ -108,7 +108,7 @@ async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
         finally:
             await engine.dispose()
         assert len(versions) == 1
-        assert await _tables(url) == {"alembic_version", "price_ticks"}
+        assert await _tables(url) == {"alembic_version", "price_ticks", "tracked_tickers", "slot_failures"}
     finally:
         await drop_pg_database(url)
 

@@ -16,10 +16,7 @@ async def insert(engine: AsyncEngine, *ticks: NewPrice) -> list[tuple[str, int]]
 async def page(engine: AsyncEngine, ticker: str, **kwargs: int | None) -> list[PriceRow]:
     async with engine.connect() as connection:
         result = await PriceReader(connection).page_json(ticker, **kwargs)  # type: ignore[arg-type]
-    ticks = [
-        PriceRow(row["ticker"], row["price"], row["ts"])
-        for row in json.loads(result.json, parse_float=Decimal)
-    ]
+    ticks = [PriceRow(**row) for row in json.loads(result.json, parse_float=Decimal)]
     assert len(ticks) == result.rows
     return ticks
 
@@ -74,7 +71,9 @@ async def test_latest_is_the_newest_row_of_that_ticker(engine: AsyncEngine) -> N
         NewPrice("eth_usd", Decimal("9"), 99),
     )
     async with engine.connect() as connection:
-        assert await PriceReader(connection).latest("btc_usd") == PriceRow("btc_usd", Decimal("3"), 30)
+        assert await PriceReader(connection).latest("btc_usd") == PriceRow(
+            "btc_usd", Decimal("3"), 30, "poll"
+        )
 
 
 async def test_range_bounds_are_inclusive_and_optional(engine: AsyncEngine) -> None:
@@ -122,7 +121,7 @@ async def test_page_json_is_exact_compact_json(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         result = await PriceReader(connection).page_json("drbfix-btc_usdc", limit=1)
         empty = await PriceReader(connection).page_json("eth_usd", limit=5)
-    assert result == ('[{"ticker":"drbfix-btc_usdc","price":43521.37,"ts":1}]', 1, 2)
+    assert result == ('[{"ticker":"drbfix-btc_usdc","price":43521.37,"ts":1,"source":"poll"}]', 1, 2)
     assert empty == ("[]", 0, None)
 
 

@@ -103,6 +103,46 @@ def ingest() -> None:
 
 
 @app.command()
+def backfill(
+    ticker: Annotated[
+        list[str] | None, typer.Option("--ticker", help="A ticker to repair (repeatable; default: TICKERS).")
+    ] = None,
+    from_ts: Annotated[int | None, typer.Option(help="Repair slots from this UNIX time on.")] = None,
+    to_ts: Annotated[int | None, typer.Option(help="Repair slots up to this UNIX time.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be filled.")] = False,
+) -> None:
+    """Fill missing slots from Deribit's own history (get_index_chart_data).
+
+    Exits 0 when every gap within reach of Deribit's history was filled (slots with no
+    history point inside them stay missing, as not_repairable), 1 when a ticker failed.
+    """
+    from crypto_client.domain import parse_ticker
+    from crypto_client.ingestion.backfill import BackfillReport
+    from crypto_client.ingestion.runtime import open_runtime
+
+    settings = _settings()
+    try:
+        tickers = tuple(parse_ticker(name) for name in ticker) if ticker else None
+    except ValueError as exc:
+        typer.echo(f"crypto-client: --ticker: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def run() -> list[BackfillReport]:
+        async with open_runtime(settings) as runtime:
+            return await runtime.backfill(tickers, from_ts=from_ts, to_ts=to_ts, dry_run=dry_run)
+
+    reports = asyncio.run(run())
+    verb = "would fill" if dry_run else "filled"
+    for report in reports:
+        line = (
+            f"{report.ticker:<20} missing {report.missing:>7}  {verb} {report.filled:>7}"
+            f"  not repairable {report.not_repairable:>7}"
+        )
+        typer.echo(line + (f"  FAILED: {report.error}" if report.error else ""))
+    raise typer.Exit(0 if all(report.ok for report in reports) else 1)
+
+
+@app.command()
 def sim(
     host: Annotated[str, typer.Option(envvar="SIM_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="SIM_PORT")] = 8001,
@@ -114,6 +154,10 @@ def sim(
     malformed_rate: Annotated[float, typer.Option(envvar="SIM_MALFORMED_RATE", min=0, max=1)] = 0.0,
     rate_limit_rate: Annotated[float, typer.Option(envvar="SIM_RATE_LIMIT_RATE", min=0, max=1)] = 0.0,
     outage: Annotated[bool, typer.Option(envvar="SIM_OUTAGE", help="Answer every request with 503.")] = False,
+    chart_step_scale: Annotated[
+        float,
+        typer.Option(envvar="SIM_CHART_STEP_SCALE", min=0.001, help="Scale of the chart's point spacing."),
+    ] = 1.0,
 ) -> None:
     """Run the Deribit simulator (offline development and tests).
 
@@ -135,7 +179,11 @@ def sim(
         outage=outage,
     )
     uvicorn.run(
-        create_sim_app(Simulator(seed, faults)), host=host, port=port, log_config=None, access_log=False
+        create_sim_app(Simulator(seed, faults, chart_step_scale)),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
     )
 
 

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     ingest_interval_seconds: int = Field(default=60, ge=1, le=86400)
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
 
+    backfill_interval_seconds: int = Field(default=300, ge=0, le=86400)
+    # Unset: three ingestion intervals.
+    stale_after_seconds: int | None = Field(default=None, ge=1, le=86400 * 30)
+
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -64,6 +68,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
 
     @property
+    def stale_after(self) -> int:
+        """How old a ticker's newest price may be before `/readyz` calls it stale."""
+        return self.stale_after_seconds or 3 * self.ingest_interval_seconds
+
+    @property
     def celery_visibility_timeout(self) -> int:
         """How long a dead worker's message waits before redelivery: short enough that a
         slot of 10 s or more is recovered within itself, at most 30 s."""
@@ -76,6 +85,7 @@ class Settings(BaseSettings):
         "celery_result_backend",
         "postgres_host",
         "celery_visibility_timeout_seconds",
+        "stale_after_seconds",
         mode="before",
     )
     @classmethod

@@ -7,7 +7,7 @@ from here, so a rule changes in one place.
 import re
 import time
 from decimal import Decimal
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 # Deribit's index names: lower case letters, digits, `_` and `-` (as in `drbfix-btc_usdc`).
 TICKER_MAX_LENGTH = 64
@@ -61,12 +61,32 @@ def plain_decimal(value: Decimal) -> str:
     return format(value, "f")
 
 
+# Where a stored price came from: a poll of get_index_price, Deribit's own history
+# (get_index_chart_data, back-filled later), or the WebSocket stream.
+Source = Literal["poll", "backfill", "stream"]
+SOURCES: tuple[Source, ...] = get_args(Source)
+
+# Why a slot of a tracked ticker has no row. All but `no_tick_ran` are recorded in the ledger
+# when they happen; `no_tick_ran` is what a missing slot without a record means (nothing ran
+# that could have recorded it, e.g. every worker was down).
+GapReason = Literal[
+    "deribit_failed",  # the source gave no price (after retries)
+    "late",  # the price was observed after its slot had ended
+    "clock_skew",  # observed before its slot began: the scheduler's clock is ahead
+    "invalid_value",  # a price this service cannot store exactly (or the database refused it)
+    "database_unavailable",  # the database stayed out of reach past the write bound
+    "not_repairable",  # back-fill found no point of Deribit's history inside the slot
+    "no_tick_ran",
+]
+
+
 class PriceRow(NamedTuple):
     """A stored price as the API serves it; its fields are the keys of every price object."""
 
     ticker: str
     price: Decimal
     ts: int
+    source: Source
 
 
 class NewPrice(NamedTuple):
@@ -76,6 +96,16 @@ class NewPrice(NamedTuple):
     price: Decimal
     ts: int
     slot_ts: int | None = None
+    source: Source = "poll"
+
+
+class SlotFailure(NamedTuple):
+    """A ledger entry: why `ticker` has no row for the slot starting at `slot_ts`."""
+
+    ticker: str
+    slot_ts: int
+    reason: GapReason
+    detail: str
 
 
 def current_slot(interval_seconds: int, now: float | None = None) -> int:

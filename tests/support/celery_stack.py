@@ -98,6 +98,17 @@ class CeleryStack:
         finally:
             await engine.dispose()
 
+    async def source_counts(self) -> Counter[tuple[str, str]]:
+        engine = create_engine(self.db_url)
+        try:
+            async with engine.connect() as connection:
+                result = await connection.execute(
+                    text("SELECT ticker, source, count(*) FROM price_ticks GROUP BY ticker, source")
+                )
+                return Counter({(ticker, source): count for ticker, source, count in result})
+        finally:
+            await engine.dispose()
+
     async def count_by_ticker(self) -> Counter[str]:
         return Counter(ticker for ticker, _, _ in await self.rows())
 

@@ -3,6 +3,7 @@ PostgreSQL and Redis servers that a test may stop and start."""
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -86,12 +88,12 @@ def crypto_client(*args: str) -> list[str]:
 class SimServer:
     """`crypto-client sim` on a free port, driven through its /_sim/ admin endpoints."""
 
-    def __init__(self, tmp: Path, seed: int = 0) -> None:
+    def __init__(self, tmp: Path, seed: int = 0, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.rpc_url = f"{self.url}/api/v2"
         self.process = Process(
-            crypto_client("sim", "--port", str(self.port), "--seed", str(seed)),
+            crypto_client("sim", "--port", str(self.port), "--seed", str(seed), *args),
             {},
             tmp / f"sim-{self.port}.log",
         )
@@ -110,6 +112,13 @@ class SimServer:
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = httpx.get(f"{self.url}/_sim/stats").json()
         return stats
+
+    def chart(self, index: str, range_name: str) -> list[tuple[int, Decimal]]:
+        response = httpx.get(
+            f"{self.rpc_url}/public/get_index_chart_data", params={"index_name": index, "range": range_name}
+        )
+        response.raise_for_status()
+        return [(ts, price) for ts, price in json.loads(response.text, parse_float=Decimal)["result"]]
 
     def requests_for(self, index: str) -> int:
         return int(self.stats()["requests"].get(index, 0))

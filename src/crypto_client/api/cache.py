@@ -3,6 +3,8 @@
 import time
 from collections.abc import Callable
 
+from crypto_client.domain import PriceRow
+
 
 class LatestPriceCache:
     """Remembers each ticker's latest-price answer for `ttl_seconds`.
@@ -15,14 +17,14 @@ class LatestPriceCache:
     def __init__(self, ttl_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl_seconds
         self._clock = clock
-        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._entries: dict[str, tuple[float, PriceRow]] = {}
 
-    def get(self, ticker: str) -> bytes | None:
+    def get(self, ticker: str) -> PriceRow | None:
         entry = self._entries.get(ticker)
         if entry is None or entry[0] <= self._clock():
             return None
         return entry[1]
 
-    def put(self, ticker: str, body: bytes) -> None:
+    def put(self, ticker: str, row: PriceRow) -> None:
         if self._ttl > 0:
-            self._entries[ticker] = (self._clock() + self._ttl, body)
+            self._entries[ticker] = (self._clock() + self._ttl, row)

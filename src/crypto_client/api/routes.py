@@ -1,6 +1,7 @@
 """The read-only endpoints."""
 
 import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -9,16 +10,24 @@ from crypto_client import exact_json
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
 from crypto_client.api.schemas import (
+    CoverageOut,
+    CoverageQuery,
     ErrorOut,
     HealthOut,
+    LatestOut,
     PageQuery,
     PriceOut,
     RangeQuery,
+    ReadinessOut,
     TickerOut,
     TickerQuery,
     ValidationErrorOut,
 )
+from crypto_client.coverage import measure
 from crypto_client.db.engine import is_database_unavailable
+from crypto_client.domain import PriceRow
+
+COVERAGE_WINDOW_SECONDS = 86_400
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 
@@ -40,8 +49,16 @@ class JSONBytes(Response):
     media_type = "application/json"
 
 
-def _json(payload: Any) -> JSONBytes:
-    return JSONBytes(exact_json.dumps(payload))
+def _json(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONBytes:
+    return JSONBytes(exact_json.dumps(payload), status_code=status_code, headers=headers)
+
+
+def _age(ts: int, now: float) -> int:
+    return max(0, int(now) - ts)
+
+
+def _with_age(row: PriceRow, now: float) -> dict[str, Any]:
+    return {**row._asdict(), "age_seconds": _age(row.ts, now)}
 
 
 async def _page(
@@ -82,7 +99,7 @@ async def list_prices(
 
 @router.get(
     "/prices/latest",
-    response_model=PriceOut,
+    response_model=LatestOut,
     responses={
         404: {"model": ErrorOut, "description": "No price stored for this ticker yet."},
         **_INVALID,
@@ -93,15 +110,14 @@ async def list_prices(
 async def latest_price(
     query: Annotated[TickerQuery, Query()], database: ReadDatabaseDep, cache: LatestCacheDep
 ) -> JSONBytes:
-    body = cache.get(query.ticker)
-    if body is None:
+    row = cache.get(query.ticker)
+    if row is None:
         async with database.reader() as reader:
             row = await reader.latest(query.ticker)
         if row is None:
             raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
-        body = exact_json.dumps(row._asdict())
-        cache.put(query.ticker, body)
-    return JSONBytes(body)
+        cache.put(query.ticker, row)
+    return _json(_with_age(row, time.time()))
 
 
 @router.get(
@@ -125,26 +141,89 @@ async def price_range(
 
 
 @router.get(
+    "/coverage",
+    response_model=CoverageOut,
+    responses={
+        200: {**_PAGED, "description": "Slot coverage; gaps oldest first, paged by Link."},
+        404: {"model": ErrorOut, "description": "The ticker is neither configured nor tracked."},
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
+    summary="Expected, stored and missing slots of a ticker, with the gaps and why",
+)
+async def coverage(
+    request: Request,
+    query: Annotated[CoverageQuery, Query()],
+    database: ReadDatabaseDep,
+    settings: SettingsDep,
+) -> JSONBytes:
+    start_slot = decode_cursor(query.cursor) if query.cursor is not None else None
+    async with database.reader() as reader:
+        if query.ticker not in settings.tickers and await reader.tracked_since(query.ticker) is None:
+            raise HTTPException(
+                status_code=404,
+                detail=f"ticker {query.ticker!r} is neither configured nor tracked: see /tickers",
+            )
+        result = await measure(
+            reader,
+            query.ticker,
+            settings.ingest_interval_seconds,
+            from_ts=query.from_ts,
+            to_ts=query.to_ts,
+            start_slot=start_slot,
+            limit=query.limit,
+        )
+    body = {
+        "ticker": result.ticker,
+        "interval_seconds": result.interval_seconds,
+        "from_ts": result.from_ts,
+        "to_ts": result.to_ts,
+        "expected_slots": result.expected_slots,
+        "stored_slots": result.stored_slots,
+        "missing_slots": result.missing_slots,
+        "coverage": round(result.ratio, 6),
+        "gaps": [
+            {"from_ts": g.from_ts, "to_ts": g.to_ts, "slots": g.slots, "reason": g.reason, "detail": g.detail}
+            for g in result.gaps
+        ],
+    }
+    headers = (
+        next_page_link(request, query.ticker, result.next_slot) if result.next_slot is not None else None
+    )
+    return _json(body, headers=headers)
+
+
+@router.get(
     "/tickers",
     response_model=list[TickerOut],
     responses={**_INVALID, **_UNAVAILABLE},
     summary="Configured and stored tickers with their row counts and time spans",
 )
 async def list_tickers(database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
+    now = time.time()
+    body = []
     async with database.reader() as reader:
         stats = {row.ticker: row for row in await reader.ticker_stats()}
-    body = []
-    for ticker in sorted(set(stats) | set(settings.tickers)):
-        row = stats.get(ticker)
-        body.append(
-            {
-                "ticker": ticker,
-                "configured": ticker in settings.tickers,
-                "rows": row.rows if row else 0,
-                "first_ts": row.first_ts if row else None,
-                "last_ts": row.last_ts if row else None,
-            }
-        )
+        for ticker in sorted(set(stats) | set(settings.tickers)):
+            row = stats.get(ticker)
+            recent = await measure(
+                reader,
+                ticker,
+                settings.ingest_interval_seconds,
+                from_ts=int(now) - COVERAGE_WINDOW_SECONDS,
+                now=now,
+            )
+            body.append(
+                {
+                    "ticker": ticker,
+                    "configured": ticker in settings.tickers,
+                    "rows": row.rows if row else 0,
+                    "first_ts": row.first_ts if row else None,
+                    "last_ts": row.last_ts if row else None,
+                    "age_seconds": _age(row.last_ts, now) if row else None,
+                    "coverage_24h": round(recent.ratio, 6) if recent.from_ts is not None else None,
+                }
+            )
     return _json(body)
 
 
@@ -173,6 +252,37 @@ async def health(database: ReadDatabaseDep) -> JSONBytes:
                         break
     except TimeoutError:
         problem = f"no answer within {HEALTH_TIMEOUT_SECONDS:g}s"
-    response = _json({"status": "unavailable", "database": problem})
-    response.status_code = 503
-    return response
+    return _json({"status": "unavailable", "database": problem}, status_code=503)
+
+
+@router.get("/livez", response_model=HealthOut, summary="200 while the process runs (no I/O)")
+async def livez() -> JSONBytes:
+    return _json({"status": "ok", "database": "not checked"})
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadinessOut,
+    responses={503: {"model": ReadinessOut, "description": "The database or a ticker's freshness fails."}},
+    summary="200 when the database answers and every configured ticker has a fresh price",
+)
+async def readyz(database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
+    now = time.time()
+    stale: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), database.reader(queued=False) as reader:
+            for ticker in settings.tickers:
+                row = await reader.latest(ticker)
+                if row is None:
+                    stale[ticker] = "no price stored yet"
+                elif _age(row.ts, now) > settings.stale_after:
+                    stale[ticker] = (
+                        f"newest price is {_age(row.ts, now)} s old (more than {settings.stale_after} s)"
+                    )
+    except Exception as exc:  # any failure to read is what this reports
+        problem = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
+        return _json({"status": "unavailable", "database": problem, "stale": {}}, status_code=503)
+    status = 503 if stale else 200
+    return _json(
+        {"status": "unavailable" if stale else "ok", "database": "ok", "stale": stale}, status_code=status
+    )

@@ -1,11 +1,19 @@
 """What the API accepts and answers, as the OpenAPI document describes it."""
 
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from crypto_client.domain import MAX_TS, TICKER_INPUT_PATTERN, TICKER_MAX_LENGTH, TICKER_PATTERN, parse_ticker
+from crypto_client.domain import (
+    MAX_TS,
+    TICKER_INPUT_PATTERN,
+    TICKER_MAX_LENGTH,
+    TICKER_PATTERN,
+    GapReason,
+    Source,
+    parse_ticker,
+)
 
 MAX_LIMIT = 10_000
 MAX_OFFSET = 100_000_000
@@ -55,17 +63,25 @@ class PageQuery(TickerQuery):
     cursor: Cursor = None
 
 
-class RangeQuery(TickerQuery):
+class TimeBoundsQuery(TickerQuery):
     from_ts: Timestamp | None = Field(default=None, description="Inclusive lower bound, UNIX seconds.")
     to_ts: Timestamp | None = Field(default=None, description="Inclusive upper bound, UNIX seconds.")
-    limit: Limit = 1000
-    cursor: Cursor = None
 
     @model_validator(mode="after")
-    def _check_bounds(self) -> "RangeQuery":
+    def _check_bounds(self) -> Self:
         if self.from_ts is not None and self.to_ts is not None and self.from_ts > self.to_ts:
             raise ValueError(f"from_ts ({self.from_ts}) must not be after to_ts ({self.to_ts})")
         return self
+
+
+class RangeQuery(TimeBoundsQuery):
+    limit: Limit = 1000
+    cursor: Cursor = None
+
+
+class CoverageQuery(TimeBoundsQuery):
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Runs of missing slots per page.")] = 1000
+    cursor: Cursor = None
 
 
 class PriceOut(BaseModel):
@@ -74,6 +90,40 @@ class PriceOut(BaseModel):
     ticker: str = Field(pattern=TICKER_PATTERN)
     price: ExactPrice
     ts: Timestamp
+    source: Source = Field(
+        description="poll: observed by get_index_price; backfill: from Deribit's history, "
+        "possibly coarser; stream: from the WebSocket stream."
+    )
+
+
+class LatestOut(PriceOut):
+    age_seconds: int = Field(description="Now minus ts, in seconds.")
+
+
+class GapOut(BaseModel):
+    from_ts: int = Field(description="Start of the first missing slot.")
+    to_ts: int = Field(description="Last second of the last missing slot.")
+    slots: int
+    reason: GapReason
+    detail: str
+
+
+class CoverageOut(BaseModel):
+    ticker: str
+    interval_seconds: int
+    from_ts: int | None = Field(description="Start of the first expected slot (null: none yet).")
+    to_ts: int | None = Field(description="Last second of the last expected slot.")
+    expected_slots: int
+    stored_slots: dict[Source, int]
+    missing_slots: int
+    coverage: float = Field(description="Stored slots over expected slots (1.0 when none expected).")
+    gaps: list[GapOut]
+
+
+class ReadinessOut(BaseModel):
+    status: str = Field(examples=["ok"])
+    database: str = Field(examples=["ok"])
+    stale: dict[str, str] = Field(description="Configured tickers without a fresh price, and why.")
 
 
 class TickerOut(BaseModel):
@@ -82,6 +132,8 @@ class TickerOut(BaseModel):
     rows: int
     first_ts: int | None
     last_ts: int | None
+    age_seconds: int | None = Field(description="Now minus last_ts.")
+    coverage_24h: float | None = Field(description="Coverage of the last 24 hours (null: not tracked).")
 
 
 class HealthOut(BaseModel):

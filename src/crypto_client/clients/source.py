@@ -4,7 +4,7 @@ A new source (a WebSocket stream, another exchange) implements `PriceSource`; in
 never imports a concrete client.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
@@ -34,6 +34,26 @@ class FetchResult:
     observation: Observation | None = None
     error: Exception | None = None
     attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPoint:
+    """A point of the source's own history: its time (milliseconds) and price."""
+
+    ts_ms: int
+    price: Decimal
+
+
+class HistorySource(Protocol):
+    @property
+    def history_ranges(self) -> Mapping[str, int | None]:
+        """The source's history ranges, finest first, with how far back each reaches
+        (seconds; None: everything)."""
+        ...
+
+    async def fetch_history(self, ticker: str, range_name: str) -> list[HistoryPoint]:
+        """The source's history of `ticker` over one of its ranges, oldest first."""
+        ...
 
 
 class PriceSource(Protocol):

@@ -1,4 +1,4 @@
-"""The schema: one table of price observations."""
+"""The schema: price observations, the tickers being tracked, and the ledger of missing slots."""
 
 from decimal import Decimal
 from typing import Any
@@ -62,4 +62,27 @@ class PriceTick(Base):
     price: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
     slot_ts: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
+    source: Mapped[str] = mapped_column(String(16), nullable=False, server_default="poll")
+
     __table_args__ = (Index(None, "ticker", "slot_ts", unique=True),)
+
+
+class TrackedTicker(Base):
+    """Since which slot a ticker has been ingested: where its expected slots begin."""
+
+    __tablename__ = "tracked_tickers"
+
+    ticker: Mapped[str] = mapped_column(String(TICKER_MAX_LENGTH), primary_key=True)
+    since_slot_ts: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class SlotFailureRecord(Base):
+    """The ledger: why a slot has no row, as recorded when it happened (or when back-fill
+    found nothing to fill it with). A later row for the slot makes the entry moot."""
+
+    __tablename__ = "slot_failures"
+
+    ticker: Mapped[str] = mapped_column(String(TICKER_MAX_LENGTH), primary_key=True)
+    slot_ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32), nullable=False)
+    detail: Mapped[str] = mapped_column(Text, nullable=False, server_default="")

@@ -1,19 +1,29 @@
-"""All SQL of the service. The API reads through `PriceReader`, ingestion writes through
-`PriceWriter`; neither builds a query of its own."""
+"""All SQL of the service. The API reads through `PriceReader`, ingestion and back-fill
+write through `PriceWriter`; neither builds a query of its own."""
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, cast
 
 from sqlalchemy import BigInteger, Integer, String, Table, bindparam, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Executable
 
-from crypto_client.db.models import PriceTick
-from crypto_client.domain import MAX_TS, NewPrice, PriceRow
+from crypto_client.db.models import PriceTick, SlotFailureRecord, TrackedTicker
+from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
 
 _table: Table = PriceTick.__table__  # type: ignore[assignment]
 _c = _table.c
+_tracked: Table = TrackedTicker.__table__  # type: ignore[assignment]
+_failures: Table = SlotFailureRecord.__table__  # type: ignore[assignment]
+
+
+class SlotSpan(NamedTuple):
+    """Consecutive missing slots: the first and the last missing slot's start."""
+
+    first_slot: int
+    last_slot: int
 
 
 class JsonPage(NamedTuple):
@@ -72,6 +82,49 @@ class PriceReader:
         cut = objects.rfind(_ROW_SEPARATOR)
         return JsonPage(f"[{objects[:cut]}]", limit, last_ts)
 
+    async def tracked_since(self, ticker: str) -> int | None:
+        since = await self._connection.scalar(
+            select(_tracked.c.since_slot_ts).where(_tracked.c.ticker == bindparam("ticker", type_=String)),
+            {"ticker": ticker},
+        )
+        return None if since is None else int(since)
+
+    async def stored_slots_by_source(self, ticker: str, first_slot: int, last_slot: int) -> dict[str, int]:
+        """How many slots in `first_slot..last_slot` have a row, per source."""
+        result = await self._connection.execute(
+            _SLOTS_BY_SOURCE, {"ticker": ticker, "lower": first_slot, "upper": last_slot}
+        )
+        return {str(source): int(count) for source, count in result}
+
+    async def missing_spans(
+        self, ticker: str, first_slot: int, last_slot: int, interval: int, *, limit: int
+    ) -> tuple[list[SlotSpan], int | None]:
+        """Up to `limit` runs of slots without a row in `first_slot..last_slot`, oldest first,
+        and the first slot of the next run when there are more. One walk of the
+        `(ticker, slot_ts)` index: each run is a step between consecutive stored slots."""
+        bounds = {"ticker": ticker, "lower": first_slot, "upper": last_slot}
+        low, high = (await self._connection.execute(_SLOT_BOUNDS, bounds)).one()
+        if low is None:
+            return [SlotSpan(first_slot, last_slot)], None
+        spans = []
+        if low > first_slot:
+            spans.append(SlotSpan(first_slot, low - interval))
+        steps = await self._connection.execute(
+            _SLOT_STEPS, {**bounds, "interval": interval, "limit": limit + 1}
+        )
+        spans.extend(SlotSpan(previous + interval, current - interval) for previous, current in steps)
+        if high < last_slot:
+            spans.append(SlotSpan(high + interval, last_slot))
+        if len(spans) > limit:
+            return spans[:limit], spans[limit].first_slot
+        return spans, None
+
+    async def slot_failures(self, ticker: str, first_slot: int, last_slot: int) -> list[SlotFailure]:
+        result = await self._connection.execute(
+            _FAILURES_IN, {"ticker": ticker, "lower": first_slot, "upper": last_slot}
+        )
+        return [SlotFailure(ticker, slot, cast(GapReason, reason), detail) for slot, reason, detail in result]
+
     async def ticker_stats(self) -> list[TickerStats]:
         query = (
             select(_c.ticker, func.count(), func.min(_c.ts), func.max(_c.ts))
@@ -98,6 +151,22 @@ class PriceWriter:
         result = await self._connection.execute(statement, [price._asdict() for price in prices])
         return [(ticker, ts) for ticker, ts in result]
 
+    async def track(self, tickers: Sequence[str], since_slot_ts: int) -> None:
+        """Start tracking `tickers` at `since_slot_ts`, unless they are tracked already."""
+        if tickers:
+            await self._connection.execute(
+                _TRACK[self._connection.dialect.name],
+                [{"ticker": ticker, "since_slot_ts": since_slot_ts} for ticker in tickers],
+            )
+
+    async def record_failures(self, failures: Sequence[SlotFailure]) -> None:
+        """Write ledger entries; a slot's newer entry replaces its older one."""
+        if failures:
+            await self._connection.execute(
+                _RECORD_FAILURE[self._connection.dialect.name],
+                [failure._asdict() for failure in failures],
+            )
+
 
 # Built once: every request reuses the compiled statement (and, on PostgreSQL, the prepared one).
 _ROW_COLUMNS = [_c[name] for name in PriceRow._fields]
@@ -118,11 +187,12 @@ _PAGE_ROWS = (
     .offset(bindparam("offset", type_=Integer))
     .subquery("page")
 )
-# A price object per row, keys in PriceRow's order; the ticker is the only string and, being
-# an index name, has nothing to escape.
+# A price object per row, keys in PriceRow's order; its strings (an index name, a source)
+# have nothing to escape.
+_STRING_FIELDS = {"ticker", "source"}
 _ROW_FORMAT = (
     "{"
-    + ",".join(f'"{name}":"%s"' if name == "ticker" else f'"{name}":%s' for name in PriceRow._fields)
+    + ",".join(f'"{name}":"%s"' if name in _STRING_FIELDS else f'"{name}":%s' for name in PriceRow._fields)
     + "}"
 )
 _ROW_SEPARATOR = ',{"' + PriceRow._fields[0] + '":'
@@ -146,4 +216,48 @@ _PAGE_JSON = {
 _INSERT = {
     "postgresql": postgresql.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
     "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
+}
+
+_IN_SLOTS = (
+    _c.ticker == bindparam("ticker", type_=String),
+    _c.slot_ts.between(bindparam("lower", type_=BigInteger), bindparam("upper", type_=BigInteger)),
+)
+_SLOTS_BY_SOURCE = select(_c.source, func.count()).where(*_IN_SLOTS).group_by(_c.source)
+_SLOT_BOUNDS = select(func.min(_c.slot_ts), func.max(_c.slot_ts)).where(*_IN_SLOTS)
+_STEPS = select(_c.slot_ts, func.lag(_c.slot_ts).over(order_by=_c.slot_ts).label("previous")).where(
+    *_IN_SLOTS
+)
+_steps = _STEPS.subquery("steps")
+_SLOT_STEPS = (
+    select(_steps.c.previous, _steps.c.slot_ts)
+    .where(_steps.c.slot_ts - _steps.c.previous > bindparam("interval", type_=BigInteger))
+    .order_by(_steps.c.slot_ts)
+    .limit(bindparam("limit", type_=Integer))
+)
+_FAILURES_IN = (
+    select(_failures.c.slot_ts, _failures.c.reason, _failures.c.detail)
+    .where(
+        _failures.c.ticker == bindparam("ticker", type_=String),
+        _failures.c.slot_ts.between(
+            bindparam("lower", type_=BigInteger), bindparam("upper", type_=BigInteger)
+        ),
+    )
+    .order_by(_failures.c.slot_ts)
+)
+_TRACK = {
+    "postgresql": postgresql.insert(_tracked).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(_tracked).on_conflict_do_nothing(),
+}
+
+
+def _upsert_failure(insert: postgresql.Insert | sqlite.Insert) -> Executable:
+    return insert.on_conflict_do_update(
+        index_elements=[_failures.c.ticker, _failures.c.slot_ts],
+        set_={"reason": insert.excluded.reason, "detail": insert.excluded.detail},
+    )
+
+
+_RECORD_FAILURE: Mapping[str, Executable] = {
+    "postgresql": _upsert_failure(postgresql.insert(_failures)),
+    "sqlite": _upsert_failure(sqlite.insert(_failures)),
 }

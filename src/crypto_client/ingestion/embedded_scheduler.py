@@ -67,17 +67,28 @@ class IntervalScheduler:
 
 @asynccontextmanager
 async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalScheduler]:
-    """Ingest every interval until the context exits (the database must be migrated)."""
+    """Ingest every interval, and repair recent gaps every `BACKFILL_INTERVAL_SECONDS`, until
+    the context exits (the database must be migrated)."""
     async with open_runtime(settings) as runtime:
         scheduler = IntervalScheduler(settings.ingest_interval_seconds, runtime.run_tick)
-        scheduler.start()
+        schedulers = [scheduler]
+        if settings.backfill_interval_seconds:
+
+            async def repair(_slot: int) -> object:
+                return await runtime.repair_recent()
+
+            schedulers.append(IntervalScheduler(settings.backfill_interval_seconds, repair))
+        for each in schedulers:
+            each.start()
         log.info(
             "embedded scheduler started",
             interval_seconds=settings.ingest_interval_seconds,
+            backfill_interval_seconds=settings.backfill_interval_seconds,
             tickers=settings.tickers,
         )
         try:
             yield scheduler
         finally:
-            await scheduler.stop()
+            for each in schedulers:
+                await each.stop()
             log.info("embedded scheduler stopped")

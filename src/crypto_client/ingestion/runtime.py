@@ -4,6 +4,7 @@ The embedded scheduler, the Celery task, `crypto-client ingest` and the benchmar
 `IngestionRuntime`, so pool sizes, clients and shutdown are decided here once.
 """
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,15 +12,21 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.clients.deribit.http import DeribitHttpClient
-from crypto_client.clients.source import PriceSource
+from crypto_client.clients.source import HistorySource, PriceSource
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine
+from crypto_client.domain import SlotFailure
+from crypto_client.ingestion.backfill import BackfillReport, backfill
 from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
 
 # A tick writes in one transaction; a second connection lets the next tick start while a
 # slow one still holds the first.
 WRITE_POOL_SIZE = 2
+# The automatic repair looks this far back, and leaves the newest slots to ingestion (a tick
+# may still be writing them).
+RECENT_REPAIR_SECONDS = 86_400
+RECENT_REPAIR_SKIPS_SLOTS = 2
 
 
 def deribit_http_client(settings: Settings) -> DeribitHttpClient:
@@ -37,8 +44,11 @@ class IngestionRuntime:
     settings: Settings
     engine: AsyncEngine
     source: PriceSource
+    history: HistorySource
     # The source's clock offset is measured across the ticks of this process.
     clock: SourceClock = field(default_factory=SourceClock)
+    # Ledger entries waiting for the database.
+    unrecorded: list[SlotFailure] = field(default_factory=list)
 
     async def run_tick(self, slot_ts: int | None) -> TickSummary:
         return await ingest_tick(
@@ -49,7 +59,32 @@ class IngestionRuntime:
             interval_seconds=self.settings.ingest_interval_seconds,
             max_write_delay_seconds=self.settings.ingest_max_write_delay_seconds,
             clock=self.clock,
+            unrecorded=self.unrecorded,
         )
+
+    async def backfill(
+        self,
+        tickers: tuple[str, ...] | None = None,
+        *,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        dry_run: bool = False,
+    ) -> list[BackfillReport]:
+        return await backfill(
+            self.engine,
+            self.history,
+            tickers or self.settings.tickers,
+            interval_seconds=self.settings.ingest_interval_seconds,
+            from_ts=from_ts,
+            to_ts=to_ts,
+            dry_run=dry_run,
+        )
+
+    async def repair_recent(self) -> list[BackfillReport]:
+        """The automatic repair: the recent gaps of every configured ticker."""
+        now = int(time.time())
+        newest = now - RECENT_REPAIR_SKIPS_SLOTS * self.settings.ingest_interval_seconds
+        return await self.backfill(from_ts=now - RECENT_REPAIR_SECONDS, to_ts=newest)
 
 
 @asynccontextmanager
@@ -58,7 +93,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[IngestionRuntime]:
     engine = create_engine(settings.database_url_value, pool_size=WRITE_POOL_SIZE)
     source = deribit_http_client(settings)
     try:
-        yield IngestionRuntime(settings, engine, source)
+        yield IngestionRuntime(settings, engine, source, source)
     finally:
         await source.aclose()
         await engine.dispose()

@@ -23,20 +23,15 @@ from tenacity import (
 from crypto_client.clients.source import Observation, PriceSource
 from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import PriceWriter
-from crypto_client.domain import NewPrice, canonical_price
+from crypto_client.domain import GapReason, NewPrice, SlotFailure, canonical_price
 from crypto_client.ingestion.clock import SourceClock
 
 log = structlog.get_logger(__name__)
 
 Status = Literal["stored", "duplicate", "failed"]
-# Why a ticker's slot has no row from this tick.
-FailureReason = Literal[
-    "deribit_failed",  # the source gave no price (after retries)
-    "late",  # the price was observed after its slot had ended
-    "clock_skew",  # observed before its slot began: the scheduler's clock is ahead of this one
-    "invalid_value",  # a price this service cannot store exactly (or the database refused it)
-    "database_unavailable",  # the database stayed out of reach past the write bound
-]
+# Ledger entries kept in memory while the database cannot take them; beyond this many the
+# oldest are dropped (with a warning): their slots then show as `no_tick_ran`.
+MAX_UNRECORDED_FAILURES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +41,7 @@ class TickerOutcome:
     price: Decimal | None = None
     ts: int | None = None
     error: str | None = None
-    reason: FailureReason | None = None
+    reason: GapReason | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +67,7 @@ async def ingest_tick(
     interval_seconds: int,
     max_write_delay_seconds: float,
     clock: SourceClock,
+    unrecorded: list[SlotFailure],
 ) -> TickSummary:
     """Fetch every ticker concurrently and store the tick, at most one row per ticker per slot.
 
@@ -80,6 +76,9 @@ async def ingest_tick(
     reported `late`, never stored under the slot. Each value is checked before the write, so a
     bad one fails alone. When the database is unreachable, the prices are kept and the write
     retried with backoff for `max_write_delay_seconds`.
+
+    The slot's failures go to the ledger (`slot_failures`) and the tickers are marked tracked;
+    failures the database cannot take now wait in `unrecorded` for a later tick.
     """
     started = time.monotonic()
     summary = TickSummary(slot_ts=slot_ts)
@@ -102,10 +101,12 @@ async def ingest_tick(
         else:
             rows.append(placed)
 
+    database_lost = False
     if rows:
         try:
             inserted, rejected = await _store(engine, rows, max_write_delay_seconds, bound)
         except Exception as exc:
+            database_lost = True
             # The prices go into the log line: it is the last place they exist.
             lost = [{"ticker": row.ticker, "price": str(row.price), "ts": row.ts} for row in rows]
             bound.error("tick lost: database write failed", error=repr(exc), rows=lost)
@@ -134,6 +135,20 @@ async def ingest_tick(
                     status: Status = "stored" if (row.ticker, row.ts) in inserted else "duplicate"
                     summary.outcomes.append(TickerOutcome(row.ticker, status, row.price, row.ts))
 
+    if slot_ts is not None:
+        unrecorded.extend(
+            SlotFailure(o.ticker, slot_ts, o.reason, o.error or "")
+            for o in summary.outcomes
+            if o.status == "failed" and o.reason is not None
+        )
+        if not database_lost:
+            await _record(engine, tickers, slot_ts, unrecorded, bound)
+        if len(unrecorded) > MAX_UNRECORDED_FAILURES:
+            bound.warning(
+                "dropping the oldest unrecorded failures", dropped=len(unrecorded) - MAX_UNRECORDED_FAILURES
+            )
+            del unrecorded[: len(unrecorded) - MAX_UNRECORDED_FAILURES]
+
     summary.duration_seconds = time.monotonic() - started
     bound.info(
         "tick finished",
@@ -143,6 +158,26 @@ async def ingest_tick(
         duration_ms=round(summary.duration_seconds * 1000, 1),
     )
     return summary
+
+
+async def _record(
+    engine: AsyncEngine,
+    tickers: Sequence[str],
+    slot_ts: int,
+    unrecorded: list[SlotFailure],
+    bound: structlog.stdlib.BoundLogger,
+) -> None:
+    """Mark `tickers` tracked and write the waiting ledger entries: one short transaction,
+    tried once (the prices are already safe; the entries can wait for the next tick)."""
+    try:
+        async with engine.begin() as connection:
+            writer = PriceWriter(connection)
+            await writer.track(tickers, slot_ts)
+            await writer.record_failures(unrecorded)
+    except Exception as exc:
+        bound.warning("ledger not written yet, keeping its entries", entries=len(unrecorded), error=repr(exc))
+        return
+    unrecorded.clear()
 
 
 def _place(

@@ -1,8 +1,9 @@
 """The simulator's HTTP app: Deribit's `/api/v2` in both request forms, plus `/_sim/` admin."""
 
 import asyncio
+import bisect
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -22,6 +23,16 @@ from crypto_client.sim.prices import PriceWalk
 log = structlog.get_logger(__name__)
 
 TIMEOUT_HOLD_SECONDS = 120.0
+# get_index_chart_data: how far back each range reaches and how far apart its points are (ms).
+CHART_RANGES: dict[str, tuple[int, int]] = {
+    "1h": (3_600_000, 6_000),
+    "1d": (86_400_000, 60_000),
+    "2d": (172_800_000, 120_000),
+    "1m": (30 * 86_400_000, 1_800_000),
+    "1y": (365 * 86_400_000, 86_400_000),
+    "all": (730 * 86_400_000, 86_400_000),
+}
+_SERVED_KEPT = 100_000  # served prices remembered per index, for the chart
 
 
 class JsonRpcError(Exception):
@@ -52,8 +63,11 @@ class _DroppedResponse(Response):
 
 
 class Simulator:
-    def __init__(self, seed: int = 0, faults: Faults | None = None) -> None:
+    def __init__(self, seed: int = 0, faults: Faults | None = None, chart_step_scale: float = 1.0) -> None:
         self.walk = PriceWalk(seed)
+        self.chart_step_scale = chart_step_scale
+        # What get_index_price served, per index: (time ms, price), oldest first.
+        self.served: dict[str, deque[tuple[int, Decimal | orjson.Fragment]]] = {}
         self.faults = FaultPlan(seed=seed, default=faults or Faults())
         self.requests: Counter[str] = Counter()
         self._frozen_us: dict[str | None, int] = {}
@@ -64,6 +78,7 @@ class Simulator:
             "public/get_index_price_names": lambda _params: self.walk.names,
             "public/get_supported_index_names": lambda _params: self.walk.names,
             "public/get_time": lambda _params: time.time_ns() // 1_000_000,
+            "public/get_index_chart_data": self._get_index_chart_data,
             "public/test": lambda _params: {"version": "1.2.26"},
         }
 
@@ -79,7 +94,38 @@ class Simulator:
             )
         pinned = self.walk.pinned.get(name)
         price = orjson.Fragment(pinned.encode()) if pinned is not None else self.walk.next_price(name)
+        self.served.setdefault(name, deque(maxlen=_SERVED_KEPT)).append((time.time_ns() // 1_000_000, price))
         return {"estimated_delivery_price": price, "index_price": price}
+
+    def _get_index_chart_data(self, params: Mapping[str, Any]) -> list[tuple[int, Any]]:
+        """One point per step of the range, oldest first: the first price served within the
+        step (so the chart agrees with what get_index_price said), else a synthetic one."""
+        name = params.get("index_name")
+        if not isinstance(name, str) or name not in self.walk:
+            raise JsonRpcError(
+                -32602, "Invalid params", data={"param": "index_name", "reason": "wrong format"}
+            )
+        reach_and_step = CHART_RANGES.get(str(params.get("range")))
+        if reach_and_step is None:
+            raise JsonRpcError(
+                -32602,
+                "Invalid params",
+                data={"param": "range", "reason": "must be one of " + ", ".join(CHART_RANGES)},
+            )
+        reach, step = reach_and_step
+        step = max(1, round(step * self.chart_step_scale))
+        now = time.time_ns() // 1_000_000
+        served = list(self.served.get(name, ()))
+        times = [served_ms for served_ms, _ in served]
+        points: list[tuple[int, Any]] = []
+        start = (now - reach) // step * step + step
+        for bucket in range(start, now + 1, step):
+            first = bisect.bisect_left(times, bucket)
+            if first < len(times) and times[first] < bucket + step:
+                points.append(served[first])
+            else:
+                points.append((bucket, self.walk.price_at(name, bucket)))
+        return points
 
     async def answer(self, method: str, params: Mapping[str, Any], request_id: object = None) -> Response:
         index = params.get("index_name") if isinstance(params.get("index_name"), str) else None

@@ -85,6 +85,14 @@ class PriceWalk:
     def __contains__(self, name: str) -> bool:
         return name in self._indexes
 
+    def price_at(self, name: str, ts_ms: int) -> Decimal:
+        """A deterministic price of `name` at a time nothing was served (history before the
+        simulator ran, or between requests)."""
+        base, decimals = self._indexes[name]
+        phase = random.Random(f"{self._seed}:{name}").random() * 2 * math.pi
+        value = float(base) * (1 + 0.01 * math.sin(ts_ms / 3_600_000 + phase))
+        return Decimal(value).quantize(Decimal(1).scaleb(-decimals))
+
     def next_price(self, name: str) -> Decimal:
         """The next step of the walk (pinned indexes are answered by the app as their text)."""
         base, decimals = self._indexes[name]

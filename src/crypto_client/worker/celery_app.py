@@ -16,6 +16,7 @@ from crypto_client.domain import current_slot
 from crypto_client.logging import setup_logging
 
 INGEST_TASK = "crypto_client.ingest_tick"
+BACKFILL_TASK = "crypto_client.repair_recent"
 SLOT_HEADER = "slot_ts"
 # A running tick refreshes its Redis claim every CLAIM_REFRESH_SECONDS; a claim not refreshed
 # for CLAIM_TTL_SECONDS belongs to a dead worker and may be taken over.
@@ -100,7 +101,19 @@ celery_app.conf.update(
             "schedule": SlotSchedule(settings.ingest_interval_seconds),
             # A tick not started within its own slot is dropped, not piled up behind others.
             "options": {"expires": settings.ingest_interval_seconds},
-        }
+        },
+        **(
+            {
+                "repair-recent": {
+                    "task": BACKFILL_TASK,
+                    "schedule": SlotSchedule(settings.backfill_interval_seconds),
+                    # A repair that waited a whole period is superseded by the next one.
+                    "options": {"expires": settings.backfill_interval_seconds},
+                }
+            }
+            if settings.backfill_interval_seconds
+            else {}
+        ),
     },
 )
 

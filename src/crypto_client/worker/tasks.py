@@ -22,6 +22,7 @@ from crypto_client.domain import current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
 from crypto_client.ingestion.tick import TickSummary
 from crypto_client.worker.celery_app import (
+    BACKFILL_TASK,
     CLAIM_REFRESH_SECONDS,
     CLAIM_TTL_SECONDS,
     INGEST_TASK,
@@ -96,6 +97,37 @@ def ingest_tick_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | 
             "task finished", task=INGEST_TASK, duration_ms=round(summary.duration_seconds * 1000, 1), **counts
         )
         return counts
+
+
+@celery_app.task(name=BACKFILL_TASK, bind=True)
+def repair_recent_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
+    runtime = _process_runtime()
+    with structlog.contextvars.bound_contextvars(task_id=str(self.request.id)):
+        return runtime.runner.run(_repair_locked(runtime, str(self.request.id)), context=copy_context())
+
+
+async def _repair_locked(runtime: _ProcessRuntime, task_id: str) -> dict[str, int] | None:
+    """Repair unless another repair runs: a non-blocking lock, which lapses by itself if its
+    holder dies."""
+    key = "crypto-client:repair-recent"
+    try:
+        if not await runtime.redis.set(key, task_id, nx=True, ex=max(60, settings.backfill_interval_seconds)):
+            log.info("repair already running elsewhere, skipping")
+            return None
+    except RedisError as exc:
+        log.warning("repair lock unavailable, skipping this run", error=repr(exc))
+        return None
+    try:
+        reports = await runtime.ingestion.repair_recent()
+    finally:
+        with suppress(RedisError):
+            if await runtime.redis.get(key) == task_id:
+                await runtime.redis.delete(key)
+    return {
+        "filled": sum(report.filled for report in reports),
+        "not_repairable": sum(report.not_repairable for report in reports),
+        "failed_tickers": sum(1 for report in reports if not report.ok),
+    }
 
 
 async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> TickSummary | None:

@@ -24,13 +24,15 @@ from crypto_client.clients.deribit.errors import (
     TransientDeribitError,
 )
 from crypto_client.clients.deribit.rpc import (
+    CHART_RANGES,
     RpcEnvelope,
     decode_envelope,
     error_for,
+    parse_chart_data,
     parse_index_price,
     server_time_us,
 )
-from crypto_client.clients.source import FetchResult, Observation
+from crypto_client.clients.source import FetchResult, HistoryPoint, Observation
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +51,8 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 class DeribitHttpClient:
     """One per process: it holds the HTTP connection pool. Use as an async context manager."""
+
+    history_ranges = CHART_RANGES
 
     def __init__(
         self,
@@ -94,6 +98,15 @@ class DeribitHttpClient:
             )
 
         return await self.call("public/get_index_price", {"index_name": index_name}, parse)
+
+    async def fetch_history(self, ticker: str, range_name: str) -> list[HistoryPoint]:
+        """Deribit's own history of `ticker` over `range_name` (`get_index_chart_data`)."""
+
+        def parse(envelope: RpcEnvelope) -> list[HistoryPoint]:
+            return [HistoryPoint(ts_ms, price) for ts_ms, price in parse_chart_data(envelope.result)]
+
+        params = {"index_name": ticker, "range": range_name}
+        return await self.call("public/get_index_chart_data", params, parse)
 
     async def fetch_prices(self, tickers: Sequence[str]) -> list[FetchResult]:
         """The index price of every ticker, concurrently; one ticker's failure is its own."""

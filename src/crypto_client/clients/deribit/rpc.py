@@ -99,6 +99,40 @@ def parse_index_price(result: object) -> Decimal:
         raise TransientDeribitError(f"malformed get_index_price result: {first_problem(exc)}") from None
 
 
+# get_index_chart_data's ranges, finest first, with how far back each reaches (seconds).
+CHART_RANGES: dict[str, int | None] = {
+    "1h": 3_600,
+    "1d": 86_400,
+    "2d": 172_800,
+    "1m": 30 * 86_400,
+    "1y": 365 * 86_400,
+    "all": None,
+}
+
+
+def parse_chart_data(result: object) -> list[tuple[int, Decimal]]:
+    """`get_index_chart_data`'s `[[timestamp_ms, price], ...]`, checked point by point."""
+    if not isinstance(result, list):
+        raise TransientDeribitError("malformed get_index_chart_data result: expected a list of points")
+    points = []
+    for point in result:
+        if (
+            not isinstance(point, list)
+            or len(point) != 2
+            or isinstance(point[0], bool)
+            or not isinstance(point[0], int)
+        ):
+            raise TransientDeribitError(f"malformed get_index_chart_data point: {point!r}")
+        try:
+            price = IndexPriceResult.model_validate({"index_price": point[1]}).index_price
+        except ValidationError as exc:
+            raise TransientDeribitError(
+                f"malformed get_index_chart_data price: {first_problem(exc)}"
+            ) from None
+        points.append((point[0], price))
+    return points
+
+
 def server_time_us(value: object) -> int | None:
     """`usOut` as an integer when it is one (Deribit sends it as a number or a digit string);
     None for anything else. Whether the time is plausible is for ingestion to judge."""

@@ -1,0 +1,219 @@
+"""Coverage and repair: every missing slot visible with its reason, back-filled from the
+simulator's own history over HTTP, on PostgreSQL and SQLite."""
+
+import asyncio
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from crypto_client.clients.deribit.http import DeribitHttpClient
+from crypto_client.coverage import explain
+from crypto_client.db.repository import PriceWriter, SlotSpan
+from crypto_client.domain import NewPrice, SlotFailure, current_slot
+from crypto_client.ingestion.runtime import IngestionRuntime
+from tests.conftest import api_client, ingestion_settings, make_settings
+from tests.support.services import ApiServer, SimServer
+from tests.support.waiting import wait_until, wait_until_async
+
+TICKER = "btc_usd"
+
+
+def test_a_missing_run_is_split_by_the_recorded_reasons() -> None:
+    failures = [
+        SlotFailure(TICKER, 20, "deribit_failed", "503"),
+        SlotFailure(TICKER, 30, "deribit_failed", "503"),
+        SlotFailure(TICKER, 50, "late", "slow"),
+    ]
+    gaps = explain(SlotSpan(10, 60), failures, 10)
+    assert [(g.from_ts, g.to_ts, g.slots, g.reason) for g in gaps] == [
+        (10, 19, 1, "no_tick_ran"),
+        (20, 39, 2, "deribit_failed"),
+        (40, 49, 1, "no_tick_ran"),
+        (50, 59, 1, "late"),
+        (60, 69, 1, "no_tick_ran"),
+    ]
+
+
+async def tick_at_next_slot(runtime: IngestionRuntime) -> int:
+    slot = current_slot(1) + 1
+    await asyncio.sleep(max(0.0, slot - time.time()))
+    await runtime.run_tick(slot)
+    return slot
+
+
+async def polled_rows(engine: AsyncEngine) -> list[tuple[int, int, str, str]]:
+    async with engine.connect() as connection:
+        result = await connection.execute(
+            text("SELECT slot_ts, ts, price, source FROM price_ticks WHERE ticker = 'btc_usd' ORDER BY ts")
+        )
+        return [(slot, ts, str(price), source) for slot, ts, price, source in result]
+
+
+async def test_failed_slots_are_listed_then_back_filled_exactly(
+    sim: SimServer, engine: AsyncEngine, db_url: str
+) -> None:
+    settings = ingestion_settings(
+        sim, db_url, tickers=TICKER, ingest_interval_seconds=1, deribit_max_retries=0
+    )
+    async with DeribitHttpClient(sim.rpc_url, timeout=2, max_retries=0) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        await tick_at_next_slot(runtime)
+        sim.faults(TICKER, outage=True)
+        failed = [await tick_at_next_slot(runtime) for _ in range(3)]
+        sim.reset()
+        await tick_at_next_slot(runtime)
+        await asyncio.sleep(max(0.0, current_slot(1) + 1.05 - time.time()))  # the last slot is complete
+    before = await polled_rows(engine)
+
+    async with api_client(settings) as api:
+        response = await api.get("/coverage", params={"ticker": TICKER})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["missing_slots"] == 3
+        assert [(g["from_ts"], g["slots"], g["reason"]) for g in body["gaps"]] == [
+            (failed[0], 3, "deribit_failed")
+        ]
+        assert "503" in body["gaps"][0]["detail"]
+        assert body["stored_slots"]["poll"] == body["expected_slots"] - 3
+
+        backfill = subprocess.run(
+            [sys.executable, "-m", "crypto_client", "backfill", "--ticker", TICKER],
+            env={
+                "DATABASE_URL": db_url,
+                "DERIBIT_RPC_URL": sim.rpc_url,
+                "INGEST_INTERVAL_SECONDS": "1",
+                "PATH": "/usr/bin:/bin",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert backfill.returncode == 0, backfill.stderr
+        assert "filled       3" in backfill.stdout, backfill.stdout
+
+        after = (await api.get("/coverage", params={"ticker": TICKER})).json()
+        assert (after["missing_slots"], after["coverage"], after["gaps"]) == (0, 1.0, [])
+        assert after["stored_slots"]["backfill"] == 3
+        prices = (await api.get("/prices", params={"ticker": TICKER})).json()
+    chart = dict(sim.chart(TICKER, "1h"))
+    filled = [row for row in prices if row["source"] == "backfill"]
+    assert len(filled) == 3
+    for row in filled:
+        slot = row["ts"] // 1 * 1
+        assert slot in failed
+        first_point = min(ts for ts in chart if ts // 1000 == slot)
+        assert (row["ts"], Decimal(str(row["price"]))) == (
+            first_point // 1000,
+            Decimal(str(chart[first_point])),
+        )
+    # No polled row changed.
+    assert [r for r in await polled_rows(engine) if r[3] == "poll"] == before
+
+
+async def test_an_old_gap_is_filled_only_where_a_coarser_point_falls_in_a_slot(
+    sim: SimServer, engine: AsyncEngine, db_url: str
+) -> None:
+    now = int(time.time())
+    since = now - 7200  # tracked two hours ago; nothing ran until now
+    async with engine.begin() as connection:
+        await PriceWriter(connection).track([TICKER], since)
+    settings = ingestion_settings(sim, db_url, tickers=TICKER, ingest_interval_seconds=1)
+    old_end = now - 3700  # older than the 1h range reaches
+    async with DeribitHttpClient(sim.rpc_url, timeout=5) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        (report,) = await runtime.backfill(from_ts=since, to_ts=old_end)
+    assert report.ok
+    assert report.ranges == ["1d"]
+    chart = sim.chart(TICKER, "1d")
+    expected = {}
+    for ts_ms, price in chart:
+        slot = ts_ms // 1000
+        if since <= slot <= old_end and slot not in expected:
+            expected[slot] = (ts_ms // 1000, Decimal(str(price)))
+    assert 400 < report.filled == len(expected)  # 6 s apart over ~3500 one-second slots
+    assert report.not_repairable == report.missing - report.filled
+    stored = {slot: (ts, Decimal(price)) for slot, ts, price, _ in await polled_rows(engine)}
+    assert stored == expected
+    async with api_client(settings) as api:
+        body = (
+            await api.get("/coverage", params={"ticker": TICKER, "from_ts": since, "to_ts": old_end})
+        ).json()
+    reasons = {gap["reason"] for gap in body["gaps"]}
+    assert reasons == {"not_repairable"}
+    assert "1d" in body["gaps"][0]["detail"]
+    assert body["stored_slots"]["backfill"] == report.filled
+
+
+async def test_readyz_follows_freshness_and_livez_does_no_io(engine: AsyncEngine, db_url: str) -> None:
+    settings = make_settings(db_url, tickers="btc_usd,eth_usd", stale_after_seconds=3)
+    async with api_client(settings) as api:
+        assert (await api.get("/livez")).status_code == 200
+        not_ready = await api.get("/readyz")
+        assert not_ready.status_code == 503
+        assert set(not_ready.json()["stale"]) == {"btc_usd", "eth_usd"}
+        now = int(time.time())
+        async with engine.begin() as connection:
+            await PriceWriter(connection).insert_many(
+                [NewPrice("btc_usd", Decimal("1"), now), NewPrice("eth_usd", Decimal("2"), now)]
+            )
+        ready = await api.get("/readyz")
+        assert (ready.status_code, ready.json()["stale"]) == (200, {})
+
+        async def stale() -> dict[str, Any] | None:
+            response = await api.get("/readyz")
+            body: dict[str, Any] = response.json()
+            return body if response.status_code == 503 else None
+
+        went_stale = await wait_until_async(stale, 10, interval=0.2, what="/readyz to go stale")
+        assert went_stale is not None
+        assert "old" in went_stale["stale"]["btc_usd"]
+        async with engine.begin() as connection:
+            await PriceWriter(connection).insert_many(
+                [NewPrice(t, Decimal("3"), int(time.time()) + 1) for t in ("btc_usd", "eth_usd")]
+            )
+        assert (await api.get("/readyz")).status_code == 200
+        latest = (await api.get("/prices/latest", params={"ticker": "btc_usd"})).json()
+        assert latest["source"] == "poll"
+        assert 0 <= latest["age_seconds"] <= 5
+        tickers = {t["ticker"]: t for t in (await api.get("/tickers")).json()}
+        assert tickers["btc_usd"]["age_seconds"] is not None
+        assert tickers["btc_usd"]["coverage_24h"] is None  # never tracked by a tick
+
+
+def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'repair.db'}",
+        "DERIBIT_RPC_URL": sim.rpc_url,
+        "TICKERS": TICKER,
+        "INGEST_INTERVAL_SECONDS": "1",
+        "BACKFILL_INTERVAL_SECONDS": "2",
+        "DERIBIT_MAX_RETRIES": "0",
+        "LOG_FORMAT": "json",
+    }
+    with ApiServer.command("serve", env, tmp_path, ready_path="/health") as server:
+
+        def coverage() -> dict[str, Any]:
+            body: dict[str, Any] = server.get("/coverage", ticker=TICKER).json()
+            return body
+
+        wait_until(lambda: coverage()["stored_slots"]["poll"] >= 2, 15, what="first polls")
+        sim.faults(TICKER, outage=True)
+        wait_until(lambda: any(g["reason"] == "deribit_failed" for g in coverage()["gaps"]), 15, what="a gap")
+        time.sleep(2.5)  # an outage of a few slots
+        httpx.delete(f"{sim.url}/_sim/faults").raise_for_status()
+        repaired = wait_until(
+            lambda: (
+                (body := coverage())["stored_slots"]["backfill"] >= 2 and body["missing_slots"] == 0 and body
+            ),
+            30,
+            what="the automatic repair",
+        )
+    assert repaired["coverage"] == 1.0
+    assert '"backfill finished"' in server.output
