@@ -5,6 +5,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -18,33 +19,54 @@ class Load:
     rps: float
     p50_ms: float
     p99_ms: float
+    p999_ms: float
     non_2xx: int
     errors: int
 
 
-def _duration_ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not match:
-        raise ValueError(f"unexpected wrk duration {text!r}")
-    value, unit = float(match.group(1)), match.group(2)
-    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+# wrk's --latency table stops at p99; its Lua hook can print any percentile (microseconds).
+_PERCENTILES_LUA = """
+done = function(summary, latency, requests)
+  for _, p in pairs({50, 99, 99.9}) do
+    io.write(string.format("percentile %g %d\\n", p, latency:percentile(p)))
+  end
+end
+"""
 
 
 def run_wrk(url: str, seconds: float, connections: int) -> Load:
     threads = min(2, connections)
     duration = f"-d{max(1, round(seconds))}s"
-    command = ["wrk", f"-t{threads}", f"-c{connections}", duration, "--timeout", "60s", "--latency", url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 120).stdout
-    latency = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)\s*$", output, re.MULTILINE))
-    if set(latency) != {"50", "99"}:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_PERCENTILES_LUA)
+        script.flush()
+        command = [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            duration,
+            "--timeout",
+            "60s",
+            "-s",
+            script.name,
+            url,
+        ]
+        output = subprocess.run(
+            command, capture_output=True, text=True, check=True, timeout=seconds + 120
+        ).stdout
+    latency = {
+        p: int(us) / 1000 for p, us in re.findall(r"^percentile ([\d.]+) (\d+)$", output, re.MULTILINE)
+    }
+    if set(latency) != {"50", "99", "99.9"}:
         raise RuntimeError(f"could not read wrk's latency distribution:\n{output}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return Load(
         rps=rps,
-        p50_ms=_duration_ms(latency["50"]),
-        p99_ms=_duration_ms(latency["99"]),
+        p50_ms=latency["50"],
+        p99_ms=latency["99"],
+        p999_ms=latency["99.9"],
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         errors=sum(int(n) for n in socket.groups()) if socket else 0,
     )
@@ -70,8 +92,8 @@ def run_python_load(url: str, seconds: float, connections: int) -> Load:
             began = time.monotonic()
             await asyncio.gather(*(loop() for _ in range(connections)))
             elapsed = time.monotonic() - began
-        quantiles = statistics.quantiles(latencies, n=100)
-        return Load(len(latencies) / elapsed, quantiles[49], quantiles[98], failures, 0)
+        quantiles = statistics.quantiles(latencies, n=1000)
+        return Load(len(latencies) / elapsed, quantiles[499], quantiles[989], quantiles[998], failures, 0)
 
     return asyncio.run(main())
 

@@ -1,5 +1,8 @@
 """The service's API app as `crypto-client api` runs it, plus one endpoint that touches no
-database: the framework's ceiling, measured on the same server."""
+database: the framework's ceiling, measured on the same server.
+
+    python -m bench.server PORT [uvicorn|granian]
+"""
 
 import sys
 
@@ -12,7 +15,9 @@ from crypto_client.logging import setup_logging
 
 
 def bench_app() -> FastAPI:
-    app = create_app()
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
 
     @app.get("/bench/ping", include_in_schema=False)
     async def ping() -> dict[str, bool]:
@@ -22,6 +27,19 @@ def bench_app() -> FastAPI:
 
 
 if __name__ == "__main__":
-    settings = get_settings()
-    setup_logging(settings.log_level, settings.log_format)
-    uvicorn.run(bench_app(), host="127.0.0.1", port=int(sys.argv[1]), log_config=None, access_log=False)
+    port = int(sys.argv[1])
+    server = sys.argv[2] if len(sys.argv) > 2 else "uvicorn"
+    if server == "granian":
+        from granian import Granian
+        from granian.constants import Interfaces
+
+        Granian(
+            "bench.server:bench_app",
+            address="127.0.0.1",
+            port=port,
+            interface=Interfaces.ASGI,
+            factory=True,
+            log_enabled=False,
+        ).serve()
+    else:
+        uvicorn.run(bench_app(), host="127.0.0.1", port=port, log_config=None, access_log=False)

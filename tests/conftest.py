@@ -1,3 +1,5 @@
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +14,7 @@ from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
+from crypto_client.domain import current_slot
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import SimServer, ThrowawayPostgres, ThrowawayRedis
 
@@ -34,6 +37,16 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
 
 
 INGEST_TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
+
+
+async def roomy_slot(interval: int = 60, room: float = 10) -> int:
+    """The current slot, or the next one when fewer than `room` seconds of this one are
+    left: a tick started in it is never `late` merely because the test ran at a slot's end."""
+    slot = current_slot(interval)
+    if slot + interval - time.time() < room:
+        await asyncio.sleep(slot + interval - time.time())
+        slot = current_slot(interval)
+    return slot
 
 
 def ingestion_settings(sim: SimServer, db_url: str, **overrides: object) -> Settings:

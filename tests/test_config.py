@@ -50,7 +50,14 @@ def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("TICKERS", "btc usd"), ("HTTP_TIMEOUT_SECONDS", "-1"), ("INGEST_INTERVAL_SECONDS", "soon")],
+    [
+        ("TICKERS", "btc usd"),
+        ("HTTP_TIMEOUT_SECONDS", "-1"),
+        ("INGEST_INTERVAL_SECONDS", "soon"),
+        ("DATABASE_URL", "garbage"),
+        ("DATABASE_URL", "mysql://x@y/z"),
+        ("DATABASE_URL", "postgresql://u@h:notaport/d"),
+    ],
 )
 def test_cli_exits_with_one_readable_line(variable: str, value: str) -> None:
     result = subprocess.run(

@@ -72,8 +72,10 @@ async def test_failed_slots_are_listed_then_back_filled_exactly(
         await asyncio.sleep(max(0.0, current_slot(1) + 1.05 - time.time()))  # the last slot is complete
     before = await polled_rows(engine)
 
+    last = failed[-1] + 1  # the last tick's slot; later slots are not this test's
+    window: dict[str, str | int] = {"ticker": TICKER, "to_ts": last}
     async with api_client(settings) as api:
-        response = await api.get("/coverage", params={"ticker": TICKER})
+        response = await api.get("/coverage", params=window)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["missing_slots"] == 3
@@ -98,7 +100,7 @@ async def test_failed_slots_are_listed_then_back_filled_exactly(
         assert backfill.returncode == 0, backfill.stderr
         assert "filled       3" in backfill.stdout, backfill.stdout
 
-        after = (await api.get("/coverage", params={"ticker": TICKER})).json()
+        after = (await api.get("/coverage", params=window)).json()
         assert (after["missing_slots"], after["coverage"], after["gaps"]) == (0, 1.0, [])
         assert after["stored_slots"]["backfill"] == 3
         prices = (await api.get("/prices", params={"ticker": TICKER})).json()

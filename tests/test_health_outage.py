@@ -6,6 +6,7 @@ import time
 import httpx
 
 from tests.conftest import api_client, make_settings
+from tests.support.databases import create_pg_database
 from tests.support.services import ThrowawayPostgres, free_port
 
 
@@ -42,9 +43,15 @@ async def test_unresponsive_database_still_answers_within_a_second() -> None:
 
 
 async def test_stopped_database_then_back_without_restarting_the_api(throwaway_pg: ThrowawayPostgres) -> None:
-    async with api_client(make_settings(throwaway_pg.url)) as client:
+    url = await create_pg_database(throwaway_pg.url)
+    async with api_client(make_settings(url)) as client:
         assert (await client.get("/health")).status_code == 200
         throwaway_pg.stop()
         await unhealthy_within_a_second(client)
         throwaway_pg.start()
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_database_without_the_schema_is_unhealthy(throwaway_pg: ThrowawayPostgres) -> None:
+    async with api_client(make_settings(throwaway_pg.url)) as client:  # never migrated
+        assert "price_ticks" in await unhealthy_within_a_second(client)

@@ -18,7 +18,7 @@ from crypto_client.db.engine import create_engine
 from crypto_client.domain import PriceRow, current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import INGEST_TICKERS, ingestion_settings
+from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
 from tests.support.databases import create_pg_database, stored_rows
 from tests.support.services import SimServer, ThrowawayPostgres
 from tests.support.waiting import wait_until_async
@@ -41,7 +41,7 @@ async def test_every_ticker_is_stored_with_deribits_time(
 ) -> None:
     sim.pin(btc_usd="43521.37")
     before = int(time.time())
-    summary = await ingest_tick(deribit, engine, ingestion_settings(sim, db_url), slot_ts=current_slot(60))
+    summary = await ingest_tick(deribit, engine, ingestion_settings(sim, db_url), slot_ts=await roomy_slot())
     assert summary.ok
     assert [o.status for o in summary.outcomes] == ["stored"] * 3
     for ticker in TICKERS.split(","):
@@ -56,7 +56,7 @@ async def test_one_failing_ticker_does_not_block_the_others(
 ) -> None:
     sim.faults("eth_usd", outage=True)
     settings = ingestion_settings(sim, db_url, tickers=TICKERS + ",no_such_index")
-    summary = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(60))
+    summary = await ingest_tick(deribit, engine, settings, slot_ts=await roomy_slot())
     status = {o.ticker: o.status for o in summary.outcomes}
     assert status == {
         "btc_usd": "stored",
@@ -75,7 +75,7 @@ async def test_the_same_slot_is_stored_once(
     sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
 ) -> None:
     settings = ingestion_settings(sim, db_url)
-    slot = current_slot(60)
+    slot = await roomy_slot()
     first = await ingest_tick(deribit, engine, settings, slot_ts=slot)
     await asyncio.sleep(1.1)  # a new observation time: only the slot can make it a duplicate
     second = await ingest_tick(deribit, engine, settings, slot_ts=slot)
@@ -123,7 +123,7 @@ async def test_prices_wait_for_the_database_and_keep_their_time(
     stoppable.server.stop()
     fetched_at = int(time.time())
     with capture_logs() as logs:
-        tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=current_slot(60)))
+        tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=await roomy_slot()))
 
         async def retrying_the_write() -> bool:
             return any(line["event"].startswith("database unavailable") for line in logs)

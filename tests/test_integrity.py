@@ -19,7 +19,7 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.embedded_scheduler import IntervalScheduler
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import INGEST_TICKERS, api_client, ingestion_settings, make_settings
+from tests.conftest import INGEST_TICKERS, api_client, ingestion_settings, make_settings, roomy_slot
 from tests.support.services import SimServer
 from tests.support.waiting import wait_until_async
 
@@ -136,7 +136,7 @@ async def test_bad_values_fail_alone(
 ) -> None:
     sim.pin(eth_usd="1E-20000", sol_usdc="1E+131072", btc_usd="43521.37")
     summary = await IngestionRuntime(ingestion_settings(sim, db_url), engine, deribit, deribit).run_tick(
-        current_slot(60)
+        await roomy_slot()
     )
     outcome = {o.ticker: o for o in summary.outcomes}
     assert outcome["btc_usd"].status == "stored"
@@ -169,7 +169,7 @@ async def test_a_row_the_database_refuses_does_not_cost_the_others(engine: Async
     settings = make_settings(db_url).model_copy(update={"tickers": ("btc_usd", "BAD", "eth_usd")})
     with capture_logs() as logs:
         summary = await IngestionRuntime(settings, engine, OneRefusedRow(), OneRefusedRow()).run_tick(
-            current_slot(60)
+            await roomy_slot()
         )
     outcome = {o.ticker: o for o in summary.outcomes}
     assert (outcome["BAD"].status, outcome["BAD"].reason) == ("failed", "invalid_value")
@@ -201,7 +201,7 @@ async def test_every_endpoint_writes_one_plain_decimal_form(
 ) -> None:
     sim.pin(btc_usd=sent)
     settings = ingestion_settings(sim, db_url, tickers="btc_usd")
-    summary = await IngestionRuntime(settings, engine, deribit, deribit).run_tick(current_slot(60))
+    summary = await IngestionRuntime(settings, engine, deribit, deribit).run_tick(await roomy_slot())
     assert summary.count("stored") == 1
     async with api_client(settings) as api:
         bodies = [

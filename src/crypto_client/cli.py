@@ -1,12 +1,17 @@
 """The `crypto-client` command."""
 
 import asyncio
+import errno
+import os
+import socket
 import sys
 from typing import Annotated
 
+import structlog
 import typer
 
-from crypto_client.config import Settings, SettingsError, get_settings
+from crypto_client import __version__
+from crypto_client.config import Settings, SettingsError, database_origin, get_settings
 from crypto_client.logging import setup_logging
 
 app = typer.Typer(
@@ -14,7 +19,74 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 80, "terminal_width": 80},
 )
+log = structlog.get_logger("crypto_client.cli")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"crypto-client {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Keeps a complete, exact history of Deribit index prices and serves it over HTTP."""
+
+
+def _fail(message: str, hint: str | None = None) -> typer.Exit:
+    typer.echo(f"crypto-client: {message}" + (f"\n  hint: {hint}" if hint else ""), err=True)
+    return typer.Exit(1)
+
+
+def _require_database(settings: Settings) -> None:
+    """Stop with one line (and a hint) when the configured database cannot be reached."""
+    from crypto_client.db.engine import database_problem, describe_database
+
+    url = settings.database_url_value
+    problem = asyncio.run(database_problem(url))
+    if problem is None:
+        return
+    origin = database_origin(settings)
+    hint = "check the setting, or run `crypto-client serve` without it for a local SQLite file"
+    if "(in .env)" in origin:
+        hint = "the .env file sets it (docker compose's values?); change or remove it for a local run"
+    raise _fail(f"cannot use the database {describe_database(url)} ({origin}): {problem}", hint)
+
+
+def _require_free_port(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _fail(f"port {port} on {host} is in use", "pass --port, or set API_PORT") from None
+            raise _fail(
+                f"cannot listen on {host}:{port}: {exc.strerror}", "check --host / API_HOST"
+            ) from None
+
+
+def _log_start(command: str, settings: Settings, host: str, port: int) -> None:
+    from crypto_client.db.engine import describe_database
+
+    log.info(
+        f"crypto-client {command} starting",
+        version=__version__,
+        database=describe_database(settings.database_url_value),
+        deribit=settings.deribit_rpc_url,
+        tickers=",".join(settings.tickers),
+        interval_seconds=settings.ingest_interval_seconds,
+        listen=f"http://{host}:{port}",
+    )
+
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -40,6 +112,7 @@ def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = 
     from crypto_client.db import migrations
 
     settings = _settings()
+    _require_database(settings)
     migrations.upgrade(settings.database_url_value, revision)
     typer.echo(f"database migrated to {revision}")
 
@@ -47,36 +120,44 @@ def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = 
 @app.command()
 def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Option(min=1)] = 1) -> None:
     """Run the read-only HTTP API alone (production: ingestion runs in Celery)."""
-    import uvicorn
+    from crypto_client import http_server
 
     settings = _settings()
-    uvicorn.run(
-        "crypto_client.api.app:create_app",
-        factory=True,
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
+    host, port = host or settings.api_host, port or settings.api_port
+    _require_free_port(host, port)
+    _require_database(settings)
+    _log_start("api", settings, host, port)
+    http_server.serve(
+        "crypto_client.api.app:create_app_from_environment", host=host, port=port, workers=workers
     )
 
 
 @app.command()
-def serve(host: Host = None, port: Port = None) -> None:
+def serve(
+    host: Host = None,
+    port: Port = None,
+    simulate: Annotated[
+        bool,
+        typer.Option("--simulate", help="Ingest from a built-in Deribit simulator (no internet needed)."),
+    ] = False,
+) -> None:
     """Run everything in one process: the API plus an in-process scheduler (default SQLite)."""
-    import uvicorn
-
-    from crypto_client.serve import create_embedded_app
+    from crypto_client import http_server
+    from crypto_client.serve import start_simulator
 
     settings = _settings()
-    uvicorn.run(
-        create_embedded_app(settings),
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=2,
-    )
+    host, port = host or settings.api_host, port or settings.api_port
+    _require_free_port(host, port)
+    _require_database(settings)
+    if simulate:
+        # The server's worker process reads its settings anew: hand it the simulator's URL.
+        os.environ["DERIBIT_RPC_URL"] = start_simulator()
+        settings = settings.model_copy(update={"deribit_rpc_url": os.environ["DERIBIT_RPC_URL"]})
+        log.warning(
+            "ingesting from the built-in simulator: the prices are made up", deribit=settings.deribit_rpc_url
+        )
+    _log_start("serve", settings, host, port)
+    http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)
 
 
 @app.command()
@@ -189,19 +270,28 @@ def sim(
 
 @app.command(context_settings=_PASS_THROUGH)
 def worker(ctx: typer.Context) -> None:
-    """Run a Celery worker (extra arguments go to `celery worker`)."""
+    """Run a Celery worker. Celery's own options follow, e.g. `--concurrency 4`; list them
+    with `crypto-client worker -- --help`."""
     _celery(["worker", *ctx.args])
 
 
 @app.command(context_settings=_PASS_THROUGH)
 def beat(ctx: typer.Context) -> None:
-    """Run Celery beat, the scheduler; run exactly one (extra arguments go to `celery beat`)."""
+    """Run Celery beat, the scheduler; run exactly one. Celery's own options follow; list them
+    with `crypto-client beat -- --help`."""
     _celery(["beat", *ctx.args])
 
 
 def _celery(argv: list[str]) -> None:
+    import click
+
     _settings()
     from crypto_client.worker.celery_app import celery_app
 
-    celery_app.start(argv)
+    try:
+        celery_app.start(argv)
+    except click.ClickException as exc:
+        raise _fail(
+            f"{argv[0]}: {exc.format_message()}", f"crypto-client {argv[0]} -- --help lists the options"
+        ) from None
     sys.exit(0)

@@ -10,6 +10,7 @@ from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from crypto_client.db.engine import check_database_url
 from crypto_client.domain import parse_ticker
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
@@ -63,6 +64,7 @@ class Settings(BaseSettings):
     celery_visibility_timeout_seconds: int | None = Field(default=None, ge=2, le=86400)
 
     api_latest_cache_seconds: float = Field(default=1.0, ge=0, le=60)
+    api_statement_timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
@@ -92,6 +94,13 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `VAR=` in a .env file means "not set", not "the empty URL".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_database_url(value.get_secret_value())
+        return value
 
     @field_validator("tickers", mode="before")
     @classmethod
@@ -157,6 +166,16 @@ def _where(name: str, env_file: Path) -> str:
         if candidate in from_file:
             return f"{candidate.upper()} (in {env_file})"
     return names[0].upper()
+
+
+def database_origin(settings: Settings) -> str:
+    """Which setting chose the database, and from where: for start-up error messages."""
+    env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+    if settings.database_url is not None:
+        return _where("database_url", env_file)
+    if settings.postgres_host:
+        return _where("postgres_host", env_file)
+    return "the default (neither DATABASE_URL nor POSTGRES_HOST is set)"
 
 
 def load_settings() -> Settings:

@@ -6,6 +6,7 @@ process looks alike: human text by default, one JSON object per line with `LOG_F
 """
 
 import logging
+import re
 import sys
 from typing import Literal
 
@@ -27,12 +28,29 @@ def _drop_color_message(_logger: object, _name: str, event: EventDict) -> EventD
     return event
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def _escape_control_characters(_logger: object, _name: str, event: EventDict) -> EventDict:
+    # A request path or a Deribit message may carry terminal escapes; in a text log they would
+    # reach whoever tails it. (JSON escapes them by itself.)
+    return {
+        key: _escape(value) if isinstance(value, str) and key != "exception" else value
+        for key, value in event.items()
+    }
+
+
 def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> None:
     renderer: Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    escape: list[Processor] = [_escape_control_characters] if fmt == "text" else []
 
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_SHARED_PROCESSORS,
@@ -40,6 +58,7 @@ def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") ->
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _drop_color_message,
             structlog.processors.format_exc_info,
+            *escape,
             renderer,
         ],
     )
@@ -57,7 +76,7 @@ def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") ->
     # The API writes its own request line; uvicorn's access log would say it twice.
     logging.getLogger("uvicorn.access").disabled = True
     # A DEBUG level should show our debugging, not every HTTP frame.
-    for noisy in ("httpx", "httpcore", "hpack", "asyncio", "aiosqlite"):
+    for noisy in ("httpx", "httpcore", "hpack", "asyncio", "aiosqlite", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
     structlog.configure(

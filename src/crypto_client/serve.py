@@ -2,15 +2,18 @@
 scheduler together in one process."""
 
 import asyncio
+import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from crypto_client.api.app import create_app
-from crypto_client.config import Settings
+from crypto_client.config import Settings, load_settings
 from crypto_client.db import migrations
 from crypto_client.ingestion.embedded_scheduler import embedded_ingestion
+from crypto_client.logging import setup_logging
 
 
 def create_embedded_app(settings: Settings) -> FastAPI:
@@ -23,3 +26,35 @@ def create_embedded_app(settings: Settings) -> FastAPI:
             yield
 
     return create_app(settings, lifespans=[migrated_and_ingesting])
+
+
+def create_embedded_app_from_environment() -> FastAPI:
+    """The embedded service as `crypto-client serve` runs it in its server worker process."""
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    return create_embedded_app(settings)
+
+
+def start_simulator() -> str:
+    """Start the Deribit simulator on a free local port, in a thread of this process (it
+    stops with the process); returns its JSON-RPC base URL."""
+    import uvicorn
+
+    from crypto_client.sim.app import Simulator, create_sim_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    config = uvicorn.Config(
+        create_sim_app(Simulator()),
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, name="deribit-simulator", daemon=True).start()
+    while not server.started:
+        threading.Event().wait(0.02)
+    return f"http://127.0.0.1:{port}/api/v2"

@@ -107,7 +107,9 @@ class SimServer:
         httpx.put(f"{self.url}/_sim/prices", json=prices).raise_for_status()
 
     def reset(self) -> None:
-        httpx.delete(f"{self.url}/_sim/faults").raise_for_status()
+        """No faults, no pinned prices, fresh counters."""
+        for what in ("faults", "prices", "stats"):
+            httpx.delete(f"{self.url}/_sim/{what}").raise_for_status()
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = httpx.get(f"{self.url}/_sim/stats").json()

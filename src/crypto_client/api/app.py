@@ -1,13 +1,18 @@
 """The FastAPI application. Its engine lives in the lifespan; whoever runs the API may add
 lifespan contexts of their own (`crypto-client serve` adds migration and ingestion)."""
 
+import gc
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,14 +21,22 @@ from starlette.responses import JSONResponse
 from crypto_client import __version__
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
-from crypto_client.api.middleware import RequestLogMiddleware
+from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
 from crypto_client.api.routes import router
-from crypto_client.config import Settings, get_settings
-from crypto_client.db.engine import DatabaseUnavailableError, create_engine, is_database_unavailable
+from crypto_client.config import Settings, get_settings, load_settings
+from crypto_client.db.engine import (
+    DatabaseUnavailableError,
+    QueryTimeoutError,
+    create_engine,
+    is_database_unavailable,
+    is_query_timeout,
+)
+from crypto_client.logging import setup_logging
 
 log = structlog.get_logger(__name__)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[object]]
+_STATIC = Path(__file__).parent / "static"
 
 
 @asynccontextmanager
@@ -33,14 +46,32 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for extra in app.state.extra_lifespans:
             await stack.enter_async_context(extra(app))
         engine = create_engine(
-            settings.database_url_value, pool_size=settings.database_pool_size, read_only=True
+            settings.database_url_value,
+            pool_size=settings.database_pool_size,
+            read_only=True,
+            statement_timeout_seconds=settings.api_statement_timeout_seconds,
         )
         stack.push_async_callback(engine.dispose)
-        # As many request slots as the pool has connections (pool_size plus as many overflow).
-        app.state.read_database = ReadDatabase(engine, connections=2 * settings.database_pool_size)
+        # As many request slots as the pool has connections.
+        app.state.read_database = ReadDatabase(
+            engine, settings.database_pool_size, settings.api_statement_timeout_seconds
+        )
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
+        _tune_gc()
         log.info("api started", version=__version__)
         yield
+
+
+def _tune_gc() -> None:
+    """A long-running server keeps its start-up objects forever: move them out of the
+    collector's sight, and collect young objects less often (each full collection of a big
+    heap is a pause every request in flight waits for)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, 20, 100)
+
+
+_GC_YOUNG_THRESHOLD = 20_000
 
 
 def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -64,6 +95,15 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_query_timeout(exc):
+        settings: Settings = request.app.state.settings
+        log.warning("query timed out", path=request.url.path, error=str(exc).splitlines()[0])
+        detail = (
+            f"the query took longer than API_STATEMENT_TIMEOUT_SECONDS "
+            f"({settings.api_statement_timeout_seconds:g} s): narrow it (a smaller limit or range)"
+            " or try again shortly"
+        )
+        return JSONResponse({"detail": detail}, status_code=503)
     if isinstance(exc, PoolTimeoutError):
         log.warning("no database connection free in time", path=request.url.path)
         return JSONResponse({"detail": "the service is busy, try again shortly"}, status_code=503)
@@ -74,6 +114,13 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
+def create_app_from_environment() -> FastAPI:
+    """The API as `crypto-client api` runs it in each server worker process."""
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
 def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan] = ()) -> FastAPI:
     """The read-only API. `lifespans` are entered, in order, before the API's own engine and
     exited after it."""
@@ -82,17 +129,35 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
         version=__version__,
         description="Exact history of Deribit index prices. Read-only.",
         lifespan=_lifespan,
+        # No redirect from /path/ to /path: it would echo the request's Host header.
+        redirect_slashes=False,
+        # /docs is served below from vendored assets: the default loads them from a CDN.
+        docs_url=None,
     )
     app.state.settings = settings or get_settings()
     app.state.extra_lifespans = tuple(lifespans)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=_STATIC), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="crypto-client API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
+
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for error in (DBAPIError, PoolTimeoutError, DatabaseUnavailableError):
+    for error in (DBAPIError, PoolTimeoutError, DatabaseUnavailableError, QueryTimeoutError):
         app.add_exception_handler(error, _database_error)
     if app.state.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(app.state.settings.cors_origins), allow_methods=["GET"]
         )
+    app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(RequestLogMiddleware)
     return app

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.config import Settings
-from crypto_client.db.engine import DatabaseUnavailableError
+from crypto_client.db.engine import DatabaseUnavailableError, QueryTimeoutError
 from crypto_client.db.repository import PriceReader
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a thread pool,
@@ -26,24 +26,33 @@ class ReadDatabase:
     pool timeout; waiting on a (fair) asyncio semaphore first keeps every wait short.
     """
 
-    def __init__(self, engine: AsyncEngine, connections: int) -> None:
+    def __init__(self, engine: AsyncEngine, connections: int, statement_timeout_seconds: float) -> None:
         self.engine = engine
         self._slots = asyncio.Semaphore(connections)
+        # PostgreSQL ends a longer statement itself; this also bounds SQLite and the wait for
+        # a connection, a little later so that PostgreSQL's own message wins there.
+        self._deadline = statement_timeout_seconds + 0.5
 
     @asynccontextmanager
     async def reader(self, *, queued: bool = True) -> AsyncIterator[PriceReader]:
         """A reader on one pooled connection; `queued=False` skips the queue (health checks
         ask whether the database answers, not how busy the API is)."""
-        async with AsyncExitStack() as stack:
-            if queued:
-                await stack.enter_async_context(self._slots)
-            try:
-                connection = await stack.enter_async_context(self.engine.connect())
-            except (OSError, TimeoutError) as exc:
-                # Connecting fails with the driver's raw socket errors, which SQLAlchemy does
-                # not wrap; name them here so that only these become "unavailable".
-                raise DatabaseUnavailableError(f"cannot connect: {exc!r}") from exc
-            yield PriceReader(connection)
+        deadline = asyncio.timeout(self._deadline)
+        try:
+            async with deadline, AsyncExitStack() as stack:
+                if queued:
+                    await stack.enter_async_context(self._slots)
+                try:
+                    connection = await stack.enter_async_context(self.engine.connect())
+                except (OSError, TimeoutError) as exc:
+                    # Connecting fails with the driver's raw socket errors, which SQLAlchemy
+                    # does not wrap; name them here so that only these become "unavailable".
+                    raise DatabaseUnavailableError(f"cannot connect: {exc!r}") from exc
+                yield PriceReader(connection)
+        except TimeoutError:
+            if deadline.expired():
+                raise QueryTimeoutError(f"no answer within {self._deadline:g} s") from None
+            raise
 
 
 async def get_read_database(request: Request) -> ReadDatabase:

@@ -1,5 +1,7 @@
-"""One log line per request, with a request id that is echoed back to the client."""
+"""ASGI middleware: one log line per request (with a request id echoed back), HEAD on every
+GET route, and cancelling the work of a client that left."""
 
+import asyncio
 import re
 import time
 import uuid
@@ -13,8 +15,9 @@ log = structlog.get_logger("crypto_client.api.access")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class RequestLogMiddleware:
-    """Plain ASGI (no BaseHTTPMiddleware) so it adds no task or copy per request."""
+class _HttpMiddleware:
+    """Plain ASGI (no BaseHTTPMiddleware, which adds a task and a copy per request) that acts
+    on HTTP requests only."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -22,12 +25,20 @@ class RequestLogMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.handle(scope, receive, send)
 
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestLogMiddleware(_HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         supplied = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = supplied if _REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex
-        status = 500
+        status: int | None = None
+        failed = True
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -39,11 +50,71 @@ class RequestLogMiddleware:
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
+                failed = False
             finally:
                 log.info(
                     "request",
                     method=scope["method"],
                     path=scope["path"],
-                    status=status,
+                    # 499: the client left before an answer (nginx's code for it).
+                    status=status or (500 if failed else 499),
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 )
+
+
+class HeadAsGet(_HttpMiddleware):
+    """Answers `HEAD` on every `GET` route: the request runs as `GET` and the body is dropped
+    (monitors and load balancers send HEAD)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
+class CancelOnDisconnect(_HttpMiddleware):
+    """Cancels a request's work (its database query included) as soon as its client leaves,
+    so abandoned requests do not keep connections and queries busy for the ones still here.
+
+    The app sees the request's messages through a queue; the real `receive` is watched for
+    `http.disconnect` meanwhile."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        messages: asyncio.Queue[Message] = asyncio.Queue()
+        handler = asyncio.current_task()
+        assert handler is not None
+        responding = False
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                await messages.put(message)
+                if message["type"] == "http.disconnect":
+                    if not responding:
+                        handler.cancel()
+                    return
+
+        async def send_marking(message: Message) -> None:
+            nonlocal responding
+            responding = True  # a response under way finishes; only waiting is cancelled
+            await send(message)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.app(scope, messages.get, send_marking)
+        except asyncio.CancelledError:
+            if not watcher.done() or responding:
+                raise
+            handler.uncancel()
+            log.info("client left, request cancelled", method=scope["method"], path=scope["path"])
+        finally:
+            watcher.cancel()

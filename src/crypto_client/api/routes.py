@@ -37,6 +37,9 @@ _INVALID: dict[int | str, dict[str, Any]] = {
 _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorOut, "description": "The database cannot be reached."}
 }
+_UNKNOWN: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "The ticker is neither configured nor stored."}
+}
 _PAGED: dict[str, Any] = {
     "description": 'Rows oldest first. A `Link: <...>; rel="next"` header is present when more rows follow.',
     "headers": {"Link": {"description": "RFC 8288 link to the next page.", "schema": {"type": "string"}}},
@@ -64,6 +67,7 @@ def _with_age(row: PriceRow, now: float) -> dict[str, Any]:
 async def _page(
     request: Request,
     database: ReadDatabaseDep,
+    settings: SettingsDep,
     ticker: str,
     *,
     limit: int,
@@ -79,6 +83,12 @@ async def _page(
         page = await reader.page_json(
             ticker, limit=limit, offset=offset, start_ts=start_ts, from_ts=from_ts, to_ts=to_ts
         )
+        if page.rows == 0 and ticker not in settings.tickers and await reader.latest(ticker) is None:
+            # A typo must not look like "no data yet".
+            raise HTTPException(
+                status_code=404,
+                detail=f"unknown ticker {ticker!r}: it is neither configured nor stored; /tickers lists them",
+            )
     headers = next_page_link(request, ticker, page.next_ts) if page.next_ts is not None else None
     return JSONBytes(page.json.encode(), headers=headers)
 
@@ -86,14 +96,14 @@ async def _page(
 @router.get(
     "/prices",
     response_model=list[PriceOut],
-    responses={200: _PAGED, **_INVALID, **_UNAVAILABLE},
+    responses={200: _PAGED, **_UNKNOWN, **_INVALID, **_UNAVAILABLE},
     summary="Stored prices of a ticker, oldest first, paged",
 )
 async def list_prices(
-    request: Request, query: Annotated[PageQuery, Query()], database: ReadDatabaseDep
+    request: Request, query: Annotated[PageQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
 ) -> JSONBytes:
     return await _page(
-        request, database, query.ticker, limit=query.limit, offset=query.offset, cursor=query.cursor
+        request, database, settings, query.ticker, limit=query.limit, offset=query.offset, cursor=query.cursor
     )
 
 
@@ -110,28 +120,29 @@ async def list_prices(
 async def latest_price(
     query: Annotated[TickerQuery, Query()], database: ReadDatabaseDep, cache: LatestCacheDep
 ) -> JSONBytes:
-    row = cache.get(query.ticker)
-    if row is None:
+    async def load() -> PriceRow | None:
         async with database.reader() as reader:
-            row = await reader.latest(query.ticker)
-        if row is None:
-            raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
-        cache.put(query.ticker, row)
+            return await reader.latest(query.ticker)
+
+    row = await cache.get(query.ticker, load)
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
     return _json(_with_age(row, time.time()))
 
 
 @router.get(
     "/prices/range",
     response_model=list[PriceOut],
-    responses={200: _PAGED, **_INVALID, **_UNAVAILABLE},
+    responses={200: _PAGED, **_UNKNOWN, **_INVALID, **_UNAVAILABLE},
     summary="Prices of a ticker with from_ts <= ts <= to_ts, oldest first, paged",
 )
 async def price_range(
-    request: Request, query: Annotated[RangeQuery, Query()], database: ReadDatabaseDep
+    request: Request, query: Annotated[RangeQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
 ) -> JSONBytes:
     return await _page(
         request,
         database,
+        settings,
         query.ticker,
         limit=query.limit,
         cursor=query.cursor,
@@ -231,7 +242,7 @@ async def list_tickers(database: ReadDatabaseDep, settings: SettingsDep) -> JSON
     "/health",
     response_model=HealthOut,
     responses={**_INVALID, 503: {"model": HealthOut, "description": "The database did not answer."}},
-    summary="200 when the database answers a SELECT 1 within a second, else 503",
+    summary="200 when the API can read price_ticks within a second, else 503",
 )
 async def health(database: ReadDatabaseDep) -> JSONBytes:
     problem = "unreachable"

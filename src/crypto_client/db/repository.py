@@ -47,7 +47,8 @@ class PriceReader:
         self._connection = connection
 
     async def ping(self) -> None:
-        await self._connection.execute(select(literal(1)))
+        """Fails unless this connection can read `price_ticks` (reachable, migrated, allowed)."""
+        await self._connection.execute(_PING)
 
     async def latest(self, ticker: str) -> PriceRow | None:
         row = (await self._connection.execute(_LATEST, {"ticker": ticker})).first()
@@ -169,6 +170,7 @@ class PriceWriter:
 
 
 # Built once: every request reuses the compiled statement (and, on PostgreSQL, the prepared one).
+_PING = select(literal(1)).select_from(_table).limit(1)
 _ROW_COLUMNS = [_c[name] for name in PriceRow._fields]
 _LATEST = (
     select(*_ROW_COLUMNS)

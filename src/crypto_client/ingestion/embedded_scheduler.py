@@ -10,11 +10,13 @@ import structlog
 from crypto_client.config import Settings
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.runtime import open_runtime
+from crypto_client.ingestion.tick import WRITING
 
 log = structlog.get_logger(__name__)
 
-# On shutdown a tick in progress gets this long to commit before it is cancelled (and its
-# transaction rolled back), so Ctrl-C never waits long and never leaves half a tick.
+# On shutdown a tick that is writing gets this long to commit before it is cancelled (and its
+# transaction rolled back), so Ctrl-C never waits long and never leaves half a tick; a tick
+# still fetching is cancelled at once.
 SHUTDOWN_GRACE_SECONDS = 1.0
 
 
@@ -37,6 +39,8 @@ class IntervalScheduler:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in self._ticks - set(WRITING):
+            task.cancel()
         if self._ticks:
             _, pending = await asyncio.wait(self._ticks, timeout=SHUTDOWN_GRACE_SECONDS)
             for task in pending:

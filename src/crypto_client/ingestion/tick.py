@@ -4,7 +4,9 @@ This is the only ingestion logic; the Celery task, the embedded scheduler and
 `crypto-client ingest` all call `ingest_tick` (through `IngestionRuntime.run_tick`).
 """
 
+import asyncio
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -32,6 +34,10 @@ Status = Literal["stored", "duplicate", "failed"]
 # Ledger entries kept in memory while the database cannot take them; beyond this many the
 # oldest are dropped (with a warning): their slots then show as `no_tick_ran`.
 MAX_UNRECORDED_FAILURES = 100_000
+
+# Ticks between their first write and their commit: shutdown gives these a moment to commit
+# and cancels every other tick (one still fetching loses nothing by stopping) at once.
+WRITING: "weakref.WeakSet[asyncio.Task[object]]" = weakref.WeakSet()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,9 @@ async def ingest_tick(
             rows.append(placed)
 
     database_lost = False
+    task = asyncio.current_task()
+    if task is not None:
+        WRITING.add(task)
     if rows:
         try:
             inserted, rejected = await _store(engine, rows, max_write_delay_seconds, bound)
@@ -149,6 +158,8 @@ async def ingest_tick(
             )
             del unrecorded[: len(unrecorded) - MAX_UNRECORDED_FAILURES]
 
+    if task is not None:
+        WRITING.discard(task)
     summary.duration_seconds = time.monotonic() - started
     bound.info(
         "tick finished",

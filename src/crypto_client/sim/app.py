@@ -4,7 +4,7 @@ import asyncio
 import bisect
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -33,6 +33,16 @@ CHART_RANGES: dict[str, tuple[int, int]] = {
     "all": (730 * 86_400_000, 86_400_000),
 }
 _SERVED_KEPT = 100_000  # served prices remembered per index, for the chart
+
+
+async def _hold(seconds: float, client_left: Callable[[], Awaitable[bool]] | None) -> None:
+    """Hold a request unanswered for `seconds`, or until its client gives up: a hung request
+    of a departed client must not keep the simulator from stopping."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if client_left is not None and await client_left():
+            return
+        await asyncio.sleep(0.2)
 
 
 class JsonRpcError(Exception):
@@ -127,14 +137,20 @@ class Simulator:
                 points.append((bucket, self.walk.price_at(name, bucket)))
         return points
 
-    async def answer(self, method: str, params: Mapping[str, Any], request_id: object = None) -> Response:
+    async def answer(
+        self,
+        method: str,
+        params: Mapping[str, Any],
+        request_id: object = None,
+        client_left: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Response:
         index = params.get("index_name") if isinstance(params.get("index_name"), str) else None
         self.requests[index or method] += 1
         latency_ms, fault = self.faults.draw(index)
         if fault is FaultKind.TIMEOUT:
             # A hung request is not being served: it does not count as in flight.
             log.info("sim injecting fault", fault=str(fault), method=method, index=index)
-            await asyncio.sleep(TIMEOUT_HOLD_SECONDS)
+            await _hold(TIMEOUT_HOLD_SECONDS, client_left)
             return Response(status_code=504)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -148,7 +164,9 @@ class Simulator:
         finally:
             self.in_flight -= 1
 
-    async def answer_post(self, raw: bytes) -> Response:
+    async def answer_post(
+        self, raw: bytes, client_left: Callable[[], Awaitable[bool]] | None = None
+    ) -> Response:
         """A JSON-RPC POST: one request object with named parameters (no batches)."""
         us_in = time.time_ns() // 1000
         try:
@@ -164,7 +182,7 @@ class Simulator:
         if not isinstance(params, dict):
             error = {"code": -32602, "message": "Invalid params"}
             return self._envelope({"error": error}, us_in, payload.get("id"), status=400)
-        return await self.answer(payload["method"], params, payload.get("id"))
+        return await self.answer(payload["method"], params, payload.get("id"), client_left)
 
     def _rpc_response(
         self, method: str, params: Mapping[str, Any], request_id: object, index: str | None = None
@@ -237,11 +255,12 @@ class Simulator:
             "max_in_flight": self.max_in_flight,
         }
 
-    def reset(self) -> None:
+    def reset_faults(self) -> None:
         self.faults.reset()
-        self.walk.pinned.clear()
-        self.requests.clear()
         self._frozen_us.clear()
+
+    def reset_stats(self) -> None:
+        self.requests.clear()
         self.max_in_flight = self.in_flight
 
 
@@ -250,14 +269,14 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
 
     async def rpc_get(request: Request) -> Response:
         method = "public/" + request.path_params["method"]
-        return await sim.answer(method, dict(request.query_params))
+        return await sim.answer(method, dict(request.query_params), client_left=request.is_disconnected)
 
     async def rpc_post(request: Request) -> Response:
-        return await sim.answer_post(await request.body())
+        return await sim.answer_post(await request.body(), request.is_disconnected)
 
     async def admin_faults(request: Request) -> Response:
         if request.method == "DELETE":
-            sim.reset()
+            sim.reset_faults()
         elif request.method in ("PUT", "POST"):
             try:
                 changes = orjson.loads(await request.body())
@@ -270,7 +289,11 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
         return JSONResponse(sim.faults.as_dict())
 
     async def admin_prices(request: Request) -> Response:
-        """Pin indexes to exact prices (a JSON object of name to decimal string)."""
+        """Pin indexes to exact prices (a JSON object of name to decimal string); DELETE
+        unpins them all."""
+        if request.method == "DELETE":
+            sim.walk.pinned.clear()
+            return JSONResponse({})
         try:
             pins = orjson.loads(await request.body())
             if not isinstance(pins, dict):
@@ -282,15 +305,17 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             return JSONResponse({"detail": str(exc)}, status_code=422)
         return JSONResponse(sim.walk.pinned)
 
-    async def admin_stats(_request: Request) -> Response:
+    async def admin_stats(request: Request) -> Response:
+        if request.method == "DELETE":
+            sim.reset_stats()
         return JSONResponse(sim.stats())
 
     routes = [
         Route("/api/v2", rpc_post, methods=["POST"]),
         Route("/api/v2/public/{method:str}", rpc_get, methods=["GET"]),
         Route("/_sim/faults", admin_faults, methods=["GET", "PUT", "POST", "DELETE"]),
-        Route("/_sim/prices", admin_prices, methods=["PUT"]),
-        Route("/_sim/stats", admin_stats, methods=["GET"]),
+        Route("/_sim/prices", admin_prices, methods=["PUT", "DELETE"]),
+        Route("/_sim/stats", admin_stats, methods=["GET", "DELETE"]),
     ]
     app = Starlette(routes=routes)
     app.state.simulator = sim

@@ -37,6 +37,7 @@ from crypto_client.clients.source import FetchResult, HistoryPoint, Observation
 log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF_SECONDS = 30.0
+_KEEPALIVE_SECONDS = 3.0
 
 T = TypeVar("T")
 
@@ -71,7 +72,13 @@ class DeribitHttpClient:
         self._concurrency = asyncio.Semaphore(max_concurrency)
         self._http = httpx.AsyncClient(
             timeout=timeout,
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            # Idle connections are dropped before a server would close them (uvicorn, and so the
+            # simulator, after 5 s): reusing one the server is closing fails the request.
+            limits=httpx.Limits(
+                max_connections=max_concurrency,
+                max_keepalive_connections=max_concurrency,
+                keepalive_expiry=_KEEPALIVE_SECONDS,
+            ),
             headers={"User-Agent": f"crypto-client/{__version__}", "Accept": "application/json"},
             transport=transport,
         )
