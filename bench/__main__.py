@@ -264,6 +264,27 @@ def http_scenarios(plan: Plan, url: str, results: Results) -> None:
             )
         )
         abandoned_requests(plan, url, ours_port, f"/prices?{q}&limit=1000&offset={plan.depth}", results)
+        query_power(plan, ours, ours_port, q, results)
+
+    # As-of lookups against the latest price with its cache off, one request at a time (under
+    # concurrency the latest price's single flight would merge requests, /prices/at's not).
+    uncached_port = free_port()
+    uncached_cmd = [sys.executable, "-m", "bench.server", str(uncached_port), "granian"]
+    with server(uncached_cmd, {**ours_env, "API_LATEST_CACHE_SECONDS": "0"}, uncached_port, "uncached.log"):
+        middle_ts = BASE_TS + (plan.rows_per_ticker // 2) * STEP + 17
+        base = f"http://127.0.0.1:{uncached_port}"
+        latest_ms = one_at_a_time_ms(f"{base}/prices/latest?{q}", times=200)
+        at_ms = one_at_a_time_ms(f"{base}/prices/at?{q}&ts={middle_ts}", times=200)
+        results.extra["/prices/at (middle of the history) and /prices/latest (cache off), one at a time"] = (
+            f"median {at_ms:.2f} ms and {latest_ms:.2f} ms over 200 each"
+        )
+        results.targets.append(
+            (
+                "/prices/at within 1.2x of uncached /prices/latest",
+                at_ms <= 1.2 * latest_ms,
+                f"{at_ms / latest_ms:.2f}x",
+            )
+        )
 
     # The other server candidate, side by side on the two scenarios that measure the stack.
     candidate_port = free_port()
@@ -277,6 +298,45 @@ def http_scenarios(plan: Plan, url: str, results: Results) -> None:
             candidate = load(f"http://127.0.0.1:{candidate_port}{path}", plan.seconds, plan.connections)
             results.rows.append((f"{label} [uvicorn]", candidate, None))
             print(f"{label} [uvicorn]: {candidate.rps:,.0f} req/s, p99 {candidate.p99_ms:.1f} ms")
+
+
+def one_at_a_time_ms(url: str, times: int = 5) -> float:
+    timings = []
+    for _ in range(times):
+        started = time.perf_counter()
+        httpx.get(url, timeout=120).raise_for_status()
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def query_power(plan: Plan, process: psutil.Process, port: int, q: str, results: Results) -> None:
+    """Candles over a ticker's whole history, the first page of hourly ones, and a whole
+    history exported as CSV (rows/s and the server's memory meanwhile)."""
+    base = f"http://127.0.0.1:{port}"
+    daily = one_at_a_time_ms(f"{base}/prices/candles?{q}&interval=1d&limit=10000")
+    hourly = one_at_a_time_ms(f"{base}/prices/candles?{q}&interval=1h&limit=1000")
+    results.extra[
+        f"1d candles of one ticker's whole history ({plan.rows_per_ticker:,} rows), one at a time"
+    ] = f"median {daily:.0f} ms"
+    results.extra["1h candles, first page (1,000 candles), one at a time"] = f"median {hourly:.0f} ms"
+    results.targets.append(("1d candles of the whole history < 300 ms", daily < 300, f"{daily:.0f} ms"))
+    results.targets.append(("1h candles, first page < 100 ms", hourly < 100, f"{hourly:.0f} ms"))
+    with peak_rss(process) as peak, httpx.Client(timeout=300) as client:
+        started = time.perf_counter()
+        lines = 0
+        with client.stream("GET", f"{base}/prices/export?{q}&format=csv") as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                lines += chunk.count(b"\n")
+        elapsed = time.perf_counter() - started
+    rows = lines - 1  # the header
+    assert rows == plan.rows_per_ticker, rows
+    rate = rows / elapsed
+    results.extra[f"CSV export of one ticker's whole history ({rows:,} rows)"] = (
+        f"{rate:,.0f} rows/s, {elapsed:.2f} s; server RSS at most {peak[0]:.0f} MB"
+    )
+    results.targets.append(("CSV export >= 300,000 rows/s", rate >= 300_000, f"{rate:,.0f} rows/s"))
+    results.targets.append(("API RSS < 200 MB during the export", peak[0] < 200, f"{peak[0]:.0f} MB"))
 
 
 def abandoned_requests(plan: Plan, url: str, port: int, heavy_path: str, results: Results) -> None:

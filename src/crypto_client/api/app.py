@@ -22,7 +22,7 @@ from crypto_client import __version__
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
-from crypto_client.api.routes import router
+from crypto_client.api.routes import repeatable_router, router
 from crypto_client.config import Settings, get_settings, load_settings
 from crypto_client.db.engine import (
     DatabaseUnavailableError,
@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     app.state.settings = settings or get_settings()
     app.state.extra_lifespans = tuple(lifespans)
     app.include_router(router)
+    app.include_router(repeatable_router)
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
     @app.get("/docs", include_in_schema=False)

@@ -2,30 +2,44 @@
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from crypto_client import exact_json
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
 from crypto_client.api.schemas import (
+    CANDLE_SECONDS,
+    WEEK_ORIGIN,
+    AtQuery,
+    CandleOut,
+    CandleQuery,
     CoverageOut,
     CoverageQuery,
     ErrorOut,
+    ExportQuery,
     HealthOut,
     LatestOut,
     PageQuery,
     PriceOut,
     RangeQuery,
     ReadinessOut,
+    SnapshotOut,
+    SnapshotQuery,
     TickerOut,
     TickerQuery,
     ValidationErrorOut,
 )
+from crypto_client.config import Settings
 from crypto_client.coverage import measure
 from crypto_client.db.engine import is_database_unavailable
-from crypto_client.domain import PriceRow
+from crypto_client.db.repository import CSV_HEADER, PriceReader
+from crypto_client.domain import MAX_TS, PriceRow
+
+EXPORT_BATCH_ROWS = 10_000
 
 COVERAGE_WINDOW_SECONDS = 86_400
 
@@ -46,6 +60,8 @@ _PAGED: dict[str, Any] = {
 }
 
 router = APIRouter(dependencies=[Depends(reject_repeated_parameters)])
+# Routes whose parameters may repeat by design (`/prices/snapshot?ticker=a&ticker=b`).
+repeatable_router = APIRouter()
 
 
 class JSONBytes(Response):
@@ -62,6 +78,15 @@ def _age(ts: int, now: float) -> int:
 
 def _with_age(row: PriceRow, now: float) -> dict[str, Any]:
     return {**row._asdict(), "age_seconds": _age(row.ts, now)}
+
+
+async def _require_known(reader: PriceReader, settings: Settings, ticker: str) -> None:
+    """A 404 for a ticker neither configured nor stored: a typo must not look like "no data yet"."""
+    if ticker not in settings.tickers and await reader.latest(ticker) is None:
+        raise HTTPException(
+            status_code=404,
+            detail=f"unknown ticker {ticker!r}: it is neither configured nor stored; /tickers lists them",
+        )
 
 
 async def _page(
@@ -83,12 +108,8 @@ async def _page(
         page = await reader.page_json(
             ticker, limit=limit, offset=offset, start_ts=start_ts, from_ts=from_ts, to_ts=to_ts
         )
-        if page.rows == 0 and ticker not in settings.tickers and await reader.latest(ticker) is None:
-            # A typo must not look like "no data yet".
-            raise HTTPException(
-                status_code=404,
-                detail=f"unknown ticker {ticker!r}: it is neither configured nor stored; /tickers lists them",
-            )
+        if page.rows == 0:
+            await _require_known(reader, settings, ticker)
     headers = next_page_link(request, ticker, page.next_ts) if page.next_ts is not None else None
     return JSONBytes(page.json.encode(), headers=headers)
 
@@ -148,6 +169,137 @@ async def price_range(
         cursor=query.cursor,
         from_ts=query.from_ts,
         to_ts=query.to_ts,
+    )
+
+
+@router.get(
+    "/prices/candles",
+    response_model=list[CandleOut],
+    responses={200: _PAGED, **_UNKNOWN, **_INVALID, **_UNAVAILABLE},
+    summary="OHLC candles of a ticker's stored prices, oldest first, paged",
+)
+async def candles(
+    request: Request, query: Annotated[CandleQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
+) -> JSONBytes:
+    size = CANDLE_SECONDS[query.interval]
+    origin = WEEK_ORIGIN if query.interval == "1w" else 0
+    lower = max(query.from_ts or 0, decode_cursor(query.cursor) if query.cursor is not None else 0)
+    upper = MAX_TS if query.to_ts is None else query.to_ts
+    async with database.reader() as reader:
+        first = await reader.first_ts(query.ticker, lower, upper)
+        if first is None:
+            await _require_known(reader, settings, query.ticker)
+            return _json([])
+        # A page is the time of `limit` buckets from the first row on: it reads only those rows.
+        window_end = min(upper, first - (first - origin) % size + query.limit * size - 1)
+        found = await reader.candles(query.ticker, size, origin, first, window_end)
+        following = await reader.first_ts(query.ticker, window_end + 1, upper) if window_end < upper else None
+    body = [
+        {
+            "ts": c.ts,
+            "open": c.open,
+            "high": c.high,
+            "low": c.low,
+            "close": c.close,
+            "count": c.rows,
+            "backfilled": c.backfilled,
+        }
+        for c in found
+    ]
+    headers = next_page_link(request, query.ticker, following) if following is not None else None
+    return _json(body, headers=headers)
+
+
+@router.get(
+    "/prices/at",
+    response_model=LatestOut,
+    responses={
+        404: {
+            "model": ErrorOut,
+            "description": "No row at or before ts, or only one older than max_age_seconds.",
+        },
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
+    summary="The last price at or before a moment (as-of lookup)",
+)
+async def price_at(query: Annotated[AtQuery, Query()], database: ReadDatabaseDep) -> JSONBytes:
+    async with database.reader() as reader:
+        row = await reader.at(query.ticker, query.ts)
+    if row is None:
+        raise HTTPException(
+            status_code=404, detail=f"no price of {query.ticker!r} at or before ts={query.ts}"
+        )
+    age = query.ts - row.ts
+    if query.max_age_seconds is not None and age > query.max_age_seconds:
+        raise HTTPException(
+            status_code=404,
+            detail=f"the last price of {query.ticker!r} at or before ts={query.ts} is {age} s old"
+            f" (ts={row.ts}), more than max_age_seconds={query.max_age_seconds}",
+        )
+    return _json({**row._asdict(), "age_seconds": age})
+
+
+@repeatable_router.get(
+    "/prices/snapshot",
+    response_model=list[SnapshotOut],
+    responses={**_INVALID, **_UNAVAILABLE},
+    summary="The latest price of several tickers in one call (nulls for a ticker without data)",
+)
+async def snapshot(
+    query: Annotated[SnapshotQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
+) -> JSONBytes:
+    tickers = query.ticker or list(settings.tickers)
+    async with database.reader() as reader:
+        latest = await reader.latest_of(tickers)
+    now = time.time()
+    empty = {"price": None, "ts": None, "source": None, "age_seconds": None}
+    return _json([_with_age(latest[t], now) if t in latest else {"ticker": t, **empty} for t in tickers])
+
+
+@router.get(
+    "/prices/export",
+    responses={
+        200: {
+            "description": "The whole range as a file, streamed oldest first.",
+            "content": {"text/csv": {}, "application/x-ndjson": {}},
+        },
+        **_UNKNOWN,
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
+    summary="A ticker's prices in a range as CSV or NDJSON, streamed",
+)
+async def export(
+    query: Annotated[ExportQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
+) -> StreamingResponse:
+    lower, upper = query.from_ts or 0, MAX_TS if query.to_ts is None else query.to_ts
+    async with database.reader() as reader:
+        await _require_known(reader, settings, query.ticker)
+
+    async def batches() -> AsyncIterator[str]:
+        # Keyset batches, each on a connection of its own: memory stays bounded whatever the
+        # range, and a client that leaves stops the export between two batches.
+        start: int | None = lower
+        if query.format == "csv":
+            yield CSV_HEADER + "\n"
+        while start is not None:
+            async with database.reader() as reader:
+                page = await reader.export_batch(
+                    query.ticker, query.format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
+                )
+            if page.text:
+                yield page.text + "\n"
+            start = page.next_ts
+
+    extension, media_type = (
+        ("csv", "text/csv") if query.format == "csv" else ("ndjson", "application/x-ndjson")
+    )
+    name = f"{query.ticker}_{lower}_{query.to_ts if query.to_ts is not None else 'now'}.{extension}"
+    return StreamingResponse(
+        batches(),
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 

@@ -1,7 +1,7 @@
 """What the API accepts and answers, as the OpenAPI document describes it."""
 
 from decimal import Decimal
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
@@ -82,6 +82,59 @@ class RangeQuery(TimeBoundsQuery):
 class CoverageQuery(TimeBoundsQuery):
     limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Runs of missing slots per page.")] = 1000
     cursor: Cursor = None
+
+
+# Candle buckets in seconds, aligned to the UNIX epoch (UTC), except weeks: they start on
+# Monday 00:00 UTC (ISO weeks), 4 days after the epoch's Thursday.
+CANDLE_SECONDS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14_400, "1d": 86_400, "1w": 604_800}
+WEEK_ORIGIN = 4 * 86_400
+CandleInterval = Literal["1m", "5m", "15m", "1h", "4h", "1d", "1w"]
+
+
+class CandleQuery(TimeBoundsQuery):
+    interval: CandleInterval = Field(description="Bucket size; weeks start on Monday 00:00 UTC.")
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Candles per page.")] = 1000
+    cursor: Cursor = None
+
+
+class AtQuery(TickerQuery):
+    ts: Timestamp = Field(description="The moment to look up, UNIX seconds.")
+    max_age_seconds: Annotated[int, Field(ge=0, le=MAX_TS)] | None = Field(
+        default=None, description="Refuse (404) a row older than this, relative to ts."
+    )
+
+
+class SnapshotQuery(_Query):
+    ticker: list[Ticker] = Field(
+        default_factory=list, max_length=100, description="Repeatable; default: every configured ticker."
+    )
+
+    @field_validator("ticker")
+    @classmethod
+    def _normalize_tickers(cls, values: list[str]) -> list[str]:
+        return list(dict.fromkeys(parse_ticker(value) for value in values))
+
+
+class ExportQuery(TimeBoundsQuery):
+    format: Literal["csv", "ndjson"] = Field(default="csv", description="csv (with a header line) or ndjson.")
+
+
+class CandleOut(BaseModel):
+    ts: int = Field(description="The bucket's start, UNIX seconds.")
+    open: ExactPrice = Field(description="The price of the bucket's first row by ts.")
+    high: ExactPrice
+    low: ExactPrice
+    close: ExactPrice = Field(description="The price of the bucket's last row by ts.")
+    count: int = Field(description="Rows in the bucket.")
+    backfilled: int = Field(description="How many of them were back-filled.")
+
+
+class SnapshotOut(BaseModel):
+    ticker: str
+    price: ExactPrice | None
+    ts: int | None
+    source: Source | None
+    age_seconds: int | None
 
 
 class PriceOut(BaseModel):

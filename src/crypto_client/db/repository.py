@@ -2,15 +2,29 @@
 write through `PriceWriter`; neither builds a query of its own."""
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, cast
+from decimal import Decimal
+from typing import Any, Literal, NamedTuple, cast
 
-from sqlalchemy import BigInteger, Integer, String, Table, bindparam, func, literal, literal_column, select
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Select,
+    String,
+    Table,
+    bindparam,
+    func,
+    literal,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import TextualSelect
 
-from crypto_client.db.models import PriceTick, SlotFailureRecord, TrackedTicker
+from crypto_client.db.models import ExactDecimal, PriceTick, SlotFailureRecord, TrackedTicker
 from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
 
 _table: Table = PriceTick.__table__  # type: ignore[assignment]
@@ -24,6 +38,25 @@ class SlotSpan(NamedTuple):
 
     first_slot: int
     last_slot: int
+
+
+ExportFormat = Literal["csv", "ndjson"]
+
+
+class TextPage(NamedTuple):
+    text: str  # rows rendered by the database, joined by the format's separator
+    rows: int
+    next_ts: int | None  # where the next page starts, when there is one
+
+
+class Candle(NamedTuple):
+    ts: int  # the bucket's start
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    rows: int
+    backfilled: int
 
 
 class JsonPage(NamedTuple):
@@ -74,14 +107,65 @@ class PriceReader:
         """
         lower = max(0 if from_ts is None else from_ts, 0 if start_ts is None else start_ts)
         upper = MAX_TS if to_ts is None else to_ts
-        statement = _PAGE_JSON[self._connection.dialect.name]
+        page = await self._render_page(_PAGE_JSON, ticker, lower, upper, limit, offset)
+        return JsonPage(f"[{page.text}]", page.rows, page.next_ts)
+
+    async def export_batch(
+        self, ticker: str, fmt: ExportFormat, *, lower: int, upper: int, limit: int
+    ) -> TextPage:
+        """Up to `limit` rows from `lower` on, rendered by the database as CSV lines
+        (`ticker,ts,price,source`) or NDJSON objects, newline-separated, no final newline."""
+        return await self._render_page(_EXPORT[fmt], ticker, lower, upper, limit)
+
+    async def _render_page(
+        self,
+        statements: Mapping[str, "_Rendered"],
+        ticker: str,
+        lower: int,
+        upper: int,
+        limit: int,
+        offset: int = 0,
+    ) -> TextPage:
+        rendered = statements[self._connection.dialect.name]
         parameters = {"ticker": ticker, "lower": lower, "upper": upper, "limit": limit + 1, "offset": offset}
-        objects, rows, last_ts = (await self._connection.execute(statement, parameters)).one()
+        page, rows, last_ts = (await self._connection.execute(rendered.statement, parameters)).one()
         if rows <= limit:
-            return JsonPage(f"[{objects or ''}]", rows, None)
+            return TextPage(page or "", rows, None)
         # One row more than asked says a next page exists and where it starts.
-        cut = objects.rfind(_ROW_SEPARATOR)
-        return JsonPage(f"[{objects[:cut]}]", limit, last_ts)
+        return TextPage(page[: page.rfind(rendered.row_start)], limit, last_ts)
+
+    async def at(self, ticker: str, ts: int) -> PriceRow | None:
+        """The last row at or before `ts`: one index seek."""
+        row = (await self._connection.execute(_AT, {"ticker": ticker, "ts": ts})).first()
+        return None if row is None else PriceRow._make(row)
+
+    async def latest_of(self, tickers: Sequence[str]) -> dict[str, PriceRow]:
+        """The latest row of each ticker, in one statement (an index seek per ticker)."""
+        if not tickers:
+            return {}
+        # Each part is wrapped in a subquery: SQLite allows no LIMIT on a bare UNION member.
+        newest = [
+            select(*_ROW_COLUMNS)
+            .where(_c.ticker == literal(ticker, String))
+            .order_by(_c.ts.desc())
+            .limit(1)
+            .subquery()
+            for ticker in tickers
+        ]
+        result = await self._connection.execute(union_all(*(select(*part.c) for part in newest)))
+        return {row[0]: PriceRow._make(row) for row in result}
+
+    async def first_ts(self, ticker: str, lower: int, upper: int) -> int | None:
+        """The time of the first row in `lower..upper` (one index seek)."""
+        found = await self._connection.scalar(_FIRST_TS, {"ticker": ticker, "lower": lower, "upper": upper})
+        return None if found is None else int(found)
+
+    async def candles(self, ticker: str, size: int, origin: int, lower: int, upper: int) -> list[Candle]:
+        """OHLC candles of the rows in `lower..upper`, in buckets of `size` seconds aligned
+        to `origin` (UTC), oldest first; empty buckets are absent."""
+        statement = _CANDLES[self._connection.dialect.name]
+        parameters = {"ticker": ticker, "size": size, "origin": origin, "lower": lower, "upper": upper}
+        return [Candle._make(row) for row in await self._connection.execute(statement, parameters)]
 
     async def tracked_since(self, ticker: str) -> int | None:
         since = await self._connection.scalar(
@@ -197,23 +281,103 @@ _ROW_FORMAT = (
     + ",".join(f'"{name}":"%s"' if name in _STRING_FIELDS else f'"{name}":%s' for name in PriceRow._fields)
     + "}"
 )
-_ROW_SEPARATOR = ',{"' + PriceRow._fields[0] + '":'
-_PAGE_VALUES = [_PAGE_ROWS.c[name] for name in PriceRow._fields]
-_PAGE_JSON = {
-    "postgresql": select(
-        func.string_agg(
-            func.format(_ROW_FORMAT, *_PAGE_VALUES),
-            aggregate_order_by(literal_column("','"), _PAGE_ROWS.c.ts),
+
+
+class _Rendered(NamedTuple):
+    statement: Select[Any]
+    row_start: str  # what begins every row but the first: where to cut the extra row
+
+
+def _rendered(row_format: str, columns: Sequence[str], separator: str) -> dict[str, _Rendered]:
+    values = [_PAGE_ROWS.c[name] for name in columns]
+    row_start = separator + row_format[: row_format.index("%")]
+    return {
+        "postgresql": _Rendered(
+            select(
+                func.string_agg(
+                    func.format(row_format, *values), aggregate_order_by(literal(separator), _PAGE_ROWS.c.ts)
+                ),
+                func.count(),
+                func.max(_PAGE_ROWS.c.ts),
+            ),
+            row_start,
         ),
-        func.count(),
-        func.max(_PAGE_ROWS.c.ts),
-    ),
-    # SQLite concatenates in the order the ordered subquery yields its rows.
-    "sqlite": select(
-        func.group_concat(func.printf(_ROW_FORMAT, *_PAGE_VALUES), ","),
-        func.count(),
-        func.max(_PAGE_ROWS.c.ts),
-    ),
+        # SQLite concatenates in the order the ordered subquery yields its rows.
+        "sqlite": _Rendered(
+            select(
+                func.group_concat(func.printf(row_format, *values), separator),
+                func.count(),
+                func.max(_PAGE_ROWS.c.ts),
+            ),
+            row_start,
+        ),
+    }
+
+
+_PAGE_JSON = _rendered(_ROW_FORMAT, PriceRow._fields, ",")
+CSV_HEADER = "ticker,ts,price,source"
+_EXPORT: dict[ExportFormat, dict[str, _Rendered]] = {
+    "csv": _rendered("%s,%s,%s,%s", CSV_HEADER.split(","), "\n"),
+    "ndjson": _rendered(_ROW_FORMAT, PriceRow._fields, "\n"),
+}
+_AT = (
+    select(*_ROW_COLUMNS)
+    .where(_c.ticker == bindparam("ticker", type_=String), _c.ts <= bindparam("ts", type_=BigInteger))
+    .order_by(_c.ts.desc())
+    .limit(1)
+)
+_FIRST_TS = select(func.min(_c.ts)).where(
+    _c.ticker == bindparam("ticker", type_=String),
+    _c.ts.between(bindparam("lower", type_=BigInteger), bindparam("upper", type_=BigInteger)),
+)
+_CANDLE_COLUMNS = {
+    "ts": BigInteger,
+    "open": ExactDecimal,
+    "high": ExactDecimal,
+    "low": ExactDecimal,
+    "close": ExactDecimal,
+    "rows": Integer,
+    "backfilled": Integer,
+}
+_CANDLES: dict[str, TextualSelect] = {
+    # Open and close are the rows at the bucket's first and last ts: primary-key lookups.
+    # A row's bucket is ts - ((ts - origin) mod size), with a modulo that is never negative.
+    "postgresql": text(
+        """
+        WITH agg AS (
+            SELECT ts - ((((ts - :origin) % :size) + :size) % :size) AS bucket,
+                   min(ts) AS first_ts, max(ts) AS last_ts,
+                   max(price) AS high, min(price) AS low, count(*) AS rows,
+                   count(*) FILTER (WHERE source = 'backfill') AS backfilled
+            FROM price_ticks WHERE ticker = :ticker AND ts BETWEEN :lower AND :upper
+            GROUP BY 1)
+        SELECT agg.bucket, o.price, agg.high, agg.low, c.price, agg.rows, agg.backfilled
+        FROM agg
+        JOIN price_ticks o ON o.ticker = :ticker AND o.ts = agg.first_ts
+        JOIN price_ticks c ON c.ticker = :ticker AND c.ts = agg.last_ts
+        ORDER BY agg.bucket
+        """
+    ).columns(**_CANDLE_COLUMNS),
+    # Prices are text on SQLite: compare them as numbers, return the stored text (a bare
+    # column beside a single max() or min() comes from that row).
+    "sqlite": text(
+        """
+        WITH r AS (
+            SELECT ts, price, source, ts - ((((ts - :origin) % :size) + :size) % :size) AS bucket
+            FROM price_ticks WHERE ticker = :ticker AND ts BETWEEN :lower AND :upper),
+        agg AS (
+            SELECT bucket, min(ts) AS first_ts, max(ts) AS last_ts, count(*) AS rows,
+                   sum(source = 'backfill') AS backfilled
+            FROM r GROUP BY bucket),
+        hi AS (SELECT bucket, max(CAST(price AS REAL)) AS v, price FROM r GROUP BY bucket),
+        lo AS (SELECT bucket, min(CAST(price AS REAL)) AS v, price FROM r GROUP BY bucket)
+        SELECT agg.bucket, o.price, hi.price, lo.price, c.price, agg.rows, agg.backfilled
+        FROM agg JOIN hi ON hi.bucket = agg.bucket JOIN lo ON lo.bucket = agg.bucket
+        JOIN price_ticks o ON o.ticker = :ticker AND o.ts = agg.first_ts
+        JOIN price_ticks c ON c.ticker = :ticker AND c.ts = agg.last_ts
+        ORDER BY agg.bucket
+        """
+    ).columns(**_CANDLE_COLUMNS),
 }
 _INSERT = {
     "postgresql": postgresql.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
