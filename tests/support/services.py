@@ -92,6 +92,7 @@ class SimServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.rpc_url = f"{self.url}/api/v2"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws/api/v2"
         self.process = Process(
             crypto_client("sim", "--port", str(self.port), "--seed", str(seed), *args),
             {},

@@ -13,12 +13,14 @@ import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from crypto_client import exact_json
 from crypto_client.sim.faults import FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
+from crypto_client.sim.stream import serve_stream
 
 log = structlog.get_logger(__name__)
 
@@ -102,10 +104,16 @@ class Simulator:
             raise JsonRpcError(
                 -32602, "Invalid params", data={"param": "index_name", "reason": "wrong format"}
             )
+        price = self.serve_price(name)
+        return {"estimated_delivery_price": price, "index_price": price}
+
+    def serve_price(self, name: str) -> Decimal | orjson.Fragment:
+        """The next price of `name` (its pinned text, or the walk's next step), remembered
+        for the chart: HTTP answers and stream notifications alike."""
         pinned = self.walk.pinned.get(name)
         price = orjson.Fragment(pinned.encode()) if pinned is not None else self.walk.next_price(name)
         self.served.setdefault(name, deque(maxlen=_SERVED_KEPT)).append((time.time_ns() // 1_000_000, price))
-        return {"estimated_delivery_price": price, "index_price": price}
+        return price
 
     def _get_index_chart_data(self, params: Mapping[str, Any]) -> list[tuple[int, Any]]:
         """One point per step of the range, oldest first: the first price served within the
@@ -198,6 +206,9 @@ class Simulator:
             if failure.data is not None:
                 error["data"] = dict(failure.data)
             return self._envelope({"error": error}, us_in, request_id, status=failure.status, index=index)
+
+    def clock_ms(self, index: str | None) -> int:
+        return self._clock_us(index) // 1000
 
     def _clock_us(self, index: str | None) -> int:
         """Deribit's clock for `index`, with the clock faults applied."""
@@ -310,7 +321,17 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             sim.reset_stats()
         return JSONResponse(sim.stats())
 
+    async def stream(websocket: WebSocket) -> None:
+        await serve_stream(
+            websocket,
+            faults=lambda: sim.faults.default,
+            price_of=sim.serve_price,
+            clock_ms=sim.clock_ms,
+            known=lambda name: name in sim.walk,
+        )
+
     routes = [
+        WebSocketRoute("/ws/api/v2", stream),
         Route("/api/v2", rpc_post, methods=["POST"]),
         Route("/api/v2/public/{method:str}", rpc_get, methods=["GET"]),
         Route("/_sim/faults", admin_faults, methods=["GET", "PUT", "POST", "DELETE"]),

@@ -32,6 +32,14 @@ class Faults:
     clock_offset_seconds: float = 0.0
     clock_frozen: bool = False
     us_out_literal: str | None = None
+    # The WebSocket stream: its cadence, and what can go wrong with it.
+    stream_interval_ms: float = 1000.0  # one notification per subscribed channel this often
+    heartbeat_scale: float = 1.0  # shortens heartbeat intervals for tests (Deribit's floor is 10 s)
+    ws_refuse: bool = False  # new connections are refused at the handshake
+    ws_stall: bool = False  # open connections go silent without closing
+    ws_disconnects: int = 0  # change it to drop every open connection
+    ws_drop_channels: tuple[str, ...] = ()  # channels a subscribe answer leaves out
+    ws_malformed_next: int = 0  # the next N notifications are truncated JSON
 
     def update(self, changes: dict[str, Any]) -> "Faults":
         known = {f.name for f in fields(self)}
@@ -46,6 +54,9 @@ class Faults:
                 raise ValueError(f"{name} must be between 0 and 1")
         if updated.fail_next < 0:
             raise ValueError("fail_next must be >= 0")
+        updated.ws_drop_channels = tuple(updated.ws_drop_channels)
+        if not 10 <= updated.stream_interval_ms <= 600_000 or not 0 < updated.heartbeat_scale <= 1:
+            raise ValueError("stream_interval_ms must be 10 to 600000, heartbeat_scale above 0 and at most 1")
         if abs(updated.clock_offset_seconds) > 10**9:
             raise ValueError("clock_offset_seconds must be within +-1e9")
         updated.fail_next_kind = FaultKind(updated.fail_next_kind)

@@ -133,6 +133,47 @@ def parse_chart_data(result: object) -> list[tuple[int, Decimal]]:
     return points
 
 
+PRICE_INDEX_CHANNEL = "deribit_price_index."
+
+
+class IndexNotification(BaseModel):
+    """The `data` of a `deribit_price_index.{index_name}` notification."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    index_name: str
+    price: Decimal
+    timestamp: int  # milliseconds, Deribit's clock
+
+    @field_validator("price", mode="plain")
+    @classmethod
+    def _check_price(cls, value: object) -> Decimal:
+        return IndexPriceResult.model_validate({"index_price": value}).index_price
+
+
+def decode_message(content: str | bytes) -> dict[str, Any] | None:
+    """A WebSocket frame as a JSON object, numbers exact; None when it is not one."""
+    try:
+        message = json.loads(content, parse_float=Decimal, parse_constant=_reject_constant)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def parse_index_notification(message: dict[str, Any]) -> IndexNotification | None:
+    """The price in a `subscription` message of a price-index channel; None for any other
+    message. A malformed one raises `ValueError`."""
+    if message.get("method") != "subscription":
+        return None
+    params = message.get("params")
+    if not isinstance(params, dict) or not str(params.get("channel", "")).startswith(PRICE_INDEX_CHANNEL):
+        return None
+    try:
+        return IndexNotification.model_validate(params.get("data"))
+    except ValidationError as exc:
+        raise ValueError(f"malformed price notification: {first_problem(exc)}") from None
+
+
 def server_time_us(value: object) -> int | None:
     """`usOut` as an integer when it is one (Deribit sends it as a number or a digit string);
     None for anything else. Whether the time is plausible is for ingestion to judge."""
