@@ -213,6 +213,10 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
         "/coverage",
         "/livez",
         "/readyz",
+        "/prices/candles",
+        "/prices/at",
+        "/prices/snapshot",
+        "/prices/export",
     }
     assert {"200", "404", "422", "503"} <= set(paths["/prices/latest"]["get"]["responses"])
     params = {p["name"] for p in paths["/prices/range"]["get"]["parameters"]}

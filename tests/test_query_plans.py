@@ -36,11 +36,13 @@ async def filled(postgresql_url: str) -> AsyncIterator[AsyncEngine]:
     ("statement", "parameters"),
     [
         (repository._LATEST, {}),
-        (repository._PAGE_JSON["postgresql"], {"lower": -MAX, "upper": MAX, "offset": 0}),
-        (repository._PAGE_JSON["postgresql"], {"lower": 900_000, "upper": MAX, "offset": 0}),
-        (repository._PAGE_JSON["postgresql"], {"lower": 600_000, "upper": 686_399, "offset": 0}),
+        (repository._PAGE_JSON["postgresql"].statement, {"lower": -MAX, "upper": MAX, "offset": 0}),
+        (repository._PAGE_JSON["postgresql"].statement, {"lower": 900_000, "upper": MAX, "offset": 0}),
+        (repository._PAGE_JSON["postgresql"].statement, {"lower": 600_000, "upper": 686_399, "offset": 0}),
+        (repository._AT, {"ts": 650_000}),
+        (repository._EXPORT["csv"]["postgresql"].statement, {"lower": 900_000, "upper": MAX, "offset": 0}),
     ],
-    ids=["latest", "first page", "deep cursor page", "one-day range"],
+    ids=["latest", "first page", "deep cursor page", "one-day range", "as-of", "export batch"],
 )
 async def test_queries_walk_the_primary_key(
     filled: AsyncEngine, statement: Any, parameters: dict[str, int]
