@@ -2,19 +2,23 @@
 heartbeats, drops, stalls, refusals and garbage."""
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import Observation
+from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.clock import SourceClock
-from tests.support.services import SimServer
+from tests.support.services import Process, SimServer, crypto_client
 from tests.support.waiting import wait_until_async
 
 
@@ -151,3 +155,45 @@ async def test_a_malformed_frame_is_skipped(fast_sim: SimServer, running: Runnin
     assert any("malformed" in line["event"] for line in logs)
     assert running.stream.reconnects == 0
     assert len(running.received.observations) > before
+
+
+async def test_the_stream_command_stores_one_row_per_ticker_per_slot(
+    sim: SimServer, postgresql_url: str, tmp_path: Path
+) -> None:
+    sim.faults(stream_interval_ms=200)
+    engine = create_engine(postgresql_url)
+    async with engine.begin() as connection:
+        await connection.execute(text("DELETE FROM price_ticks"))
+    env = {
+        "DATABASE_URL": postgresql_url,
+        "DERIBIT_WS_URL": sim.ws_url,
+        "TICKERS": "btc_usd,eth_usd",
+        "INGEST_INTERVAL_SECONDS": "1",
+        "LOG_FORMAT": "json",
+    }
+    # Two consumers at once still give one row per slot.
+    consumers = [Process(crypto_client("stream"), env, tmp_path / f"stream-{n}.log") for n in (1, 2)]
+    try:
+
+        async def rows() -> list[tuple[str, int, int, str]]:
+            async with engine.connect() as connection:
+                result = await connection.execute(text("SELECT ticker, ts, slot_ts, source FROM price_ticks"))
+                return [(t, ts, slot, source) for t, ts, slot, source in result]
+
+        async def enough() -> bool:
+            return sum(1 for row in await rows() if row[0] == "eth_usd") >= 4
+
+        await wait_until_async(enough, 30, what="streamed rows")
+        for consumer in consumers:
+            consumer.popen.send_signal(signal.SIGINT)
+            assert consumer.popen.wait(10) == 0
+    finally:
+        for consumer in consumers:
+            consumer.stop()
+    stored = await rows()
+    await engine.dispose()
+    assert {source for *_, source in stored} == {"stream"}
+    slots = [(ticker, slot) for ticker, _, slot, _ in stored]
+    assert len(slots) == len(set(slots))
+    assert all(slot <= ts < slot + 1 for _, ts, slot, _ in stored)
+    assert all("Traceback" not in consumer.output for consumer in consumers)

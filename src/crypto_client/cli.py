@@ -1,8 +1,10 @@
 """The `crypto-client` command."""
 
 import asyncio
+import contextlib
 import errno
 import os
+import signal
 import socket
 import sys
 from typing import Annotated
@@ -181,6 +183,29 @@ def ingest() -> None:
         detail = outcome.error if outcome.status == "failed" else f"{outcome.price} at ts={outcome.ts}"
         typer.echo(f"{outcome.ticker:<20} {outcome.status:<10} {detail}")
     raise typer.Exit(0 if summary.ok else 1)
+
+
+@app.command()
+def stream() -> None:
+    """Store Deribit's WebSocket price stream (DERIBIT_WS_URL) for every ticker in TICKERS.
+
+    Runs until stopped; reconnects by itself. Polling may run beside it.
+    """
+    from crypto_client.ingestion.runtime import open_runtime
+
+    settings = _settings()
+    _require_database(settings)
+
+    async def run() -> None:
+        # SIGTERM (docker stop) ends it like Ctrl-C: the batch in hand is written first.
+        current = asyncio.current_task()
+        assert current is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
+        async with open_runtime(settings) as runtime:
+            await runtime.run_stream()
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(run())
 
 
 @app.command()

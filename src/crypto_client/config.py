@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         default=20, ge=1, le=32, validation_alias=_deribit("max_concurrency")
     )
 
+    deribit_ws_url: str = "wss://www.deribit.com/ws/api/v2"
+    stream_enabled: bool = False
+    stream_stall_seconds: float = Field(default=30.0, ge=1, le=3600)
+
     ingest_interval_seconds: int = Field(default=60, ge=1, le=86400)
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
 
@@ -119,6 +123,13 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("deribit_ws_url")
+    @classmethod
+    def _check_ws_url(cls, value: str) -> str:
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("must be a ws:// or wss:// URL")
         return value
 
     @field_validator("deribit_rpc_url")

@@ -84,6 +84,11 @@ async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalSchedu
             schedulers.append(IntervalScheduler(settings.backfill_interval_seconds, repair))
         for each in schedulers:
             each.start()
+        stream = (
+            asyncio.create_task(runtime.run_stream(), name="price-stream")
+            if settings.stream_enabled
+            else None
+        )
         log.info(
             "embedded scheduler started",
             interval_seconds=settings.ingest_interval_seconds,
@@ -93,6 +98,9 @@ async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalSchedu
         try:
             yield scheduler
         finally:
+            if stream is not None:
+                stream.cancel()
+                await asyncio.gather(stream, return_exceptions=True)
             for each in schedulers:
                 await each.stop()
             log.info("embedded scheduler stopped")

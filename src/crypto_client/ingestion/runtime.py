@@ -4,6 +4,7 @@ The embedded scheduler, the Celery task, `crypto-client ingest` and the benchmar
 `IngestionRuntime`, so pool sizes, clients and shutdown are decided here once.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,12 +13,14 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.clients.deribit.http import DeribitHttpClient
+from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine
 from crypto_client.domain import SlotFailure
 from crypto_client.ingestion.backfill import BackfillReport, backfill
 from crypto_client.ingestion.clock import SourceClock
+from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
 
 # A tick writes in one transaction; a second connection lets the next tick start while a
@@ -79,6 +82,23 @@ class IngestionRuntime:
             to_ts=to_ts,
             dry_run=dry_run,
         )
+
+    async def run_stream(self) -> None:
+        """Store Deribit's WebSocket prices of every configured ticker until cancelled."""
+        stream = DeribitStream(self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds)
+        # The stream's timestamps are another clock than HTTP's usOut: measured apart.
+        writer = StreamWriter(
+            self.engine,
+            self.settings.ingest_interval_seconds,
+            self.settings.ingest_max_write_delay_seconds,
+            SourceClock(),
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(stream.run(self.settings.tickers, writer.on_observation))
+                tasks.create_task(writer.flush_forever())
+        finally:
+            await writer.flush()  # what arrived before the stop is kept
 
     async def repair_recent(self) -> list[BackfillReport]:
         """The automatic repair: the recent gaps of every configured ticker."""

@@ -25,7 +25,7 @@ from tenacity import (
 from crypto_client.clients.source import Observation, PriceSource
 from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import PriceWriter
-from crypto_client.domain import GapReason, NewPrice, SlotFailure, canonical_price
+from crypto_client.domain import GapReason, NewPrice, SlotFailure, Source, canonical_price
 from crypto_client.ingestion.clock import SourceClock
 
 log = structlog.get_logger(__name__)
@@ -101,7 +101,7 @@ async def ingest_tick(
                 TickerOutcome(result.ticker, "failed", error=str(result.error), reason="deribit_failed")
             )
             continue
-        placed = _place(result.observation, clock, slot_ts, interval_seconds, bound)
+        placed = place(result.observation, clock, slot_ts, interval_seconds, bound)
         if isinstance(placed, TickerOutcome):
             summary.outcomes.append(placed)
         else:
@@ -113,7 +113,7 @@ async def ingest_tick(
         WRITING.add(task)
     if rows:
         try:
-            inserted, rejected = await _store(engine, rows, max_write_delay_seconds, bound)
+            inserted, rejected = await store(engine, rows, max_write_delay_seconds, bound)
         except Exception as exc:
             database_lost = True
             # The prices go into the log line: it is the last place they exist.
@@ -191,14 +191,16 @@ async def _record(
     unrecorded.clear()
 
 
-def _place(
+def place(
     observation: Observation,
     clock: SourceClock,
     slot_ts: int | None,
     interval_seconds: int,
     bound: structlog.stdlib.BoundLogger,
+    source: Source = "poll",
 ) -> NewPrice | TickerOutcome:
-    """The row for `observation` inside its slot, or why there is none."""
+    """The row for `observation` inside its slot, or why there is none: the rules every
+    source's prices go through (exact value, the clock rule, a time inside the slot)."""
     ticker = observation.ticker
     try:
         price = canonical_price(observation.price)
@@ -217,7 +219,7 @@ def _place(
         )
     ts = int(timing.ts)
     if slot_ts is None:
-        return NewPrice(ticker, price, ts, None)
+        return NewPrice(ticker, price, ts, None, source)
 
     slot_end = slot_ts + interval_seconds
     received = int(observation.received_at)
@@ -231,10 +233,10 @@ def _place(
         error = f"observed at {observation.received_at:.3f}, before its slot {slot_ts} began"
         bound.warning("ticker failed", ticker=ticker, error=error, reason="clock_skew")
         return TickerOutcome(ticker, "failed", price, None, error, "clock_skew")
-    return NewPrice(ticker, price, ts, slot_ts)
+    return NewPrice(ticker, price, ts, slot_ts, source)
 
 
-async def _store(
+async def store(
     engine: AsyncEngine,
     rows: list[NewPrice],
     max_write_delay_seconds: float,
