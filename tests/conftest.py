@@ -91,7 +91,8 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
-async def _clear(url: str) -> None:
+async def empty_database(url: str) -> None:
+    """Delete every row of the service's tables (the schema stays)."""
     engine = create_engine(url)
     try:
         async with engine.begin() as connection:
@@ -104,11 +105,11 @@ async def _clear(url: str) -> None:
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     """A writable engine on an empty, migrated database; emptied again after the test."""
-    await _clear(db_url)
+    await empty_database(db_url)
     engine = create_engine(db_url)
     yield engine
     await engine.dispose()
-    await _clear(db_url)
+    await empty_database(db_url)
 
 
 @pytest.fixture(scope="session")

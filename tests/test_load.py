@@ -5,10 +5,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import text
 
 from bench.load import load
 from crypto_client.db.engine import create_engine
+from tests.conftest import empty_database
 from tests.support.databases import stored_rows
 from tests.support.services import ApiServer, SimServer
 from tests.support.waiting import wait_until
@@ -20,9 +20,8 @@ CONNECTIONS = 64
 
 
 async def test_api_under_load_while_ingesting(sim: SimServer, postgresql_url: str, tmp_path: Path) -> None:
+    await empty_database(postgresql_url)
     engine = create_engine(postgresql_url)
-    async with engine.begin() as connection:
-        await connection.execute(text("DELETE FROM price_ticks"))
     env = {
         "DATABASE_URL": postgresql_url,
         "DERIBIT_RPC_URL": sim.rpc_url,

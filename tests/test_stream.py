@@ -18,6 +18,7 @@ from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import Observation
 from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.clock import SourceClock
+from tests.conftest import empty_database
 from tests.support.services import Process, SimServer, crypto_client
 from tests.support.waiting import wait_until_async
 
@@ -161,9 +162,8 @@ async def test_the_stream_command_stores_one_row_per_ticker_per_slot(
     sim: SimServer, postgresql_url: str, tmp_path: Path
 ) -> None:
     sim.faults(stream_interval_ms=200)
+    await empty_database(postgresql_url)
     engine = create_engine(postgresql_url)
-    async with engine.begin() as connection:
-        await connection.execute(text("DELETE FROM price_ticks"))
     env = {
         "DATABASE_URL": postgresql_url,
         "DERIBIT_WS_URL": sim.ws_url,
