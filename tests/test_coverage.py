@@ -219,3 +219,24 @@ def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> 
         )
     assert repaired["coverage"] == 1.0
     assert '"backfill finished"' in server.output
+
+
+async def test_the_automatic_repair_does_not_ask_again_for_what_cannot_be_repaired(
+    sim: SimServer, engine: AsyncEngine, db_url: str
+) -> None:
+    async with engine.begin() as connection:
+        await PriceWriter(connection).track([TICKER], int(time.time()) - 7200)  # two hours untouched
+    settings = ingestion_settings(sim, db_url, tickers=TICKER, ingest_interval_seconds=1)
+    async with DeribitHttpClient(sim.rpc_url, timeout=5) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        (first,) = await runtime.repair_recent()
+        (second,) = await runtime.repair_recent()
+        (by_hand,) = await runtime.backfill(dry_run=True)
+    # The first run fills the last hour and records the coarser hour before it as mostly
+    # not repairable; the second does not fetch that coarse history again.
+    assert "1d" in first.ranges
+    assert first.not_repairable > 1000
+    assert "1d" not in second.ranges
+    assert second.missing < 100
+    # By hand, those slots are still tried.
+    assert "1d" in by_hand.ranges

@@ -60,16 +60,29 @@ async def backfill(
     from_ts: int | None = None,
     to_ts: int | None = None,
     dry_run: bool = False,
+    retry_unrepairable: bool = True,
     now: float | None = None,
 ) -> list[BackfillReport]:
-    """Repair the missing slots of `tickers` within the bounds (default: their tracked span)."""
+    """Repair the missing slots of `tickers` within the bounds (default: their tracked span).
+
+    `retry_unrepairable=False` skips slots already recorded `not_repairable`: Deribit's
+    history of a slot only coarsens with time, so asking again finds nothing new.
+    """
     moment = time.time() if now is None else now
     reports = []
     for ticker in tickers:
         report = BackfillReport(ticker)
         try:
             await _backfill_ticker(
-                engine, history, report, interval_seconds, from_ts, to_ts, dry_run=dry_run, now=moment
+                engine,
+                history,
+                report,
+                interval_seconds,
+                from_ts,
+                to_ts,
+                dry_run=dry_run,
+                retry_unrepairable=retry_unrepairable,
+                now=moment,
             )
         except Exception as exc:
             # One ticker's failure is its own; the history fetch was retried already.
@@ -97,6 +110,7 @@ async def _backfill_ticker(
     to_ts: int | None,
     *,
     dry_run: bool,
+    retry_unrepairable: bool,
     now: float,
 ) -> None:
     ticker = report.ticker
@@ -109,6 +123,8 @@ async def _backfill_ticker(
             return
         missing = await _missing_slots(reader, ticker, *window, interval)
         known = {f.slot_ts: f for f in await reader.slot_failures(ticker, *window)}
+    if not retry_unrepairable:
+        missing = [slot for slot in missing if slot not in known or known[slot].reason != "not_repairable"]
     report.missing = len(missing)
     by_range: dict[str, list[int]] = {}
     for slot in missing:

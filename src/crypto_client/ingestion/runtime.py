@@ -72,6 +72,7 @@ class IngestionRuntime:
         from_ts: int | None = None,
         to_ts: int | None = None,
         dry_run: bool = False,
+        retry_unrepairable: bool = True,
     ) -> list[BackfillReport]:
         return await backfill(
             self.engine,
@@ -81,6 +82,7 @@ class IngestionRuntime:
             from_ts=from_ts,
             to_ts=to_ts,
             dry_run=dry_run,
+            retry_unrepairable=retry_unrepairable,
         )
 
     async def run_stream(self) -> None:
@@ -104,7 +106,9 @@ class IngestionRuntime:
         """The automatic repair: the recent gaps of every configured ticker."""
         now = int(time.time())
         newest = now - RECENT_REPAIR_SKIPS_SLOTS * self.settings.ingest_interval_seconds
-        return await self.backfill(from_ts=now - RECENT_REPAIR_SECONDS, to_ts=newest)
+        return await self.backfill(
+            from_ts=now - RECENT_REPAIR_SECONDS, to_ts=newest, retry_unrepairable=False
+        )
 
 
 @asynccontextmanager
