@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine
-from crypto_client.domain import PriceRow, current_slot
+from crypto_client.domain import PriceRow
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
 from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
@@ -188,11 +188,11 @@ async def test_deribit_down_for_whole_ticks_then_back(
     settings = ingestion_settings(sim, db_url, ingest_interval_seconds=1)
     sim.faults(outage=True)
     for _ in range(2):
-        down = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(1))
+        down = await ingest_tick(deribit, engine, settings, slot_ts=await roomy_slot(1, room=0.7))
         assert down.count("failed") == 3
         await asyncio.sleep(1)
     sim.reset()
-    back = await ingest_tick(deribit, engine, settings, slot_ts=current_slot(1))
+    back = await ingest_tick(deribit, engine, settings, slot_ts=await roomy_slot(1, room=0.7))
     assert back.count("stored") == 3
     for ticker in TICKERS.split(","):
         assert len(await stored(engine, ticker)) == 1
