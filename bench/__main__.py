@@ -30,6 +30,7 @@ import psutil
 from sqlalchemy.engine import make_url
 
 from bench.load import WRK_INSTALL, Load, load
+from bench.stream import stream_scenarios
 from crypto_client.api.pagination import encode_cursor
 from crypto_client.config import Settings
 from crypto_client.db.repository import PriceWriter
@@ -614,6 +615,16 @@ def main() -> None:
         http_scenarios(plan, url, results)
         pgbench_ceiling(plan, url, results)
         asyncio.run(ingestion_scenarios(plan, url, results))
+        stream_scenarios(
+            url,
+            WORK,
+            tickers=3 if plan.smoke else 20,
+            clients=5 if plan.smoke else 100,
+            wide_tickers=20 if plan.smoke else 200,
+            seconds=3 if plan.smoke else 30,
+            extra=results.extra,
+            targets=results.targets,
+        )
     finally:
         if not args.keep:
             asyncio.run(drop_pg_database(url, ADMIN_URL))

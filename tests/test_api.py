@@ -208,6 +208,7 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
         "/prices",
         "/prices/latest",
         "/prices/range",
+        "/prices/stream",
         "/tickers",
         "/health",
         "/coverage",

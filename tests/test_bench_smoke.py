@@ -27,6 +27,13 @@ def test_bench_smoke_run_writes_a_complete_report(postgresql_url: str) -> None:
     report = (ROOT / "bench" / ".work" / "RESULTS-smoke.md").read_text()
     for scenario in ("/prices/latest", "first page", "cursor at", "/prices/range", "framework ceiling"):
         assert scenario in report
-    for measure in ("Ingestion tick", "Naive sequential", "Bulk insert", "full-history walk"):
+    for measure in (
+        "Ingestion tick",
+        "Naive sequential",
+        "Bulk insert",
+        "full-history walk",
+        "Freshness",
+        "Stream consumer",
+    ):
         assert measure in report
     assert "all scenarios: 0." in report

@@ -17,7 +17,7 @@ from crypto_client.config import Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
-APP_SERVICES = ("migrate", "api", "worker", "beat")
+APP_SERVICES = ("migrate", "api", "worker", "beat", "stream")
 
 
 def env_example_variables() -> dict[str, str]:
@@ -47,7 +47,7 @@ def dockerfile_stages() -> dict[str, list[str]]:
 
 
 def test_every_service_exists_with_one_beat() -> None:
-    assert set(SERVICES) == {"db", "redis", "migrate", "api", "worker", "beat"}
+    assert set(SERVICES) == {"db", "redis", "migrate", "api", "worker", "beat", "stream"}
     assert SERVICES["db"]["image"].startswith("postgres:16")
     assert SERVICES["redis"]["image"].startswith("redis:7")
     beats = [name for name, service in SERVICES.items() if "beat" in " ".join(service.get("command", []))]

@@ -3,6 +3,7 @@ heartbeats, drops, stalls, refusals and garbage."""
 
 import asyncio
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,8 +20,8 @@ from crypto_client.clients.source import Observation
 from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.clock import SourceClock
 from tests.conftest import empty_database
-from tests.support.services import Process, SimServer, crypto_client
-from tests.support.waiting import wait_until_async
+from tests.support.services import ApiServer, Process, SimServer, crypto_client
+from tests.support.waiting import wait_until, wait_until_async
 
 
 @dataclass
@@ -197,3 +198,51 @@ async def test_the_stream_command_stores_one_row_per_ticker_per_slot(
     assert len(slots) == len(set(slots))
     assert all(slot <= ts < slot + 1 for _, ts, slot, _ in stored)
     assert all("Traceback" not in consumer.output for consumer in consumers)
+
+
+def test_polling_fills_the_slots_while_the_stream_is_out_and_the_reverse(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """`serve` with the stream on: each source covers the other's outage, one row per slot."""
+    database = tmp_path / "both.db"
+    env = {
+        "DATABASE_URL": f"sqlite:///{database}",
+        "DERIBIT_RPC_URL": sim.rpc_url,
+        "DERIBIT_WS_URL": sim.ws_url,
+        "STREAM_ENABLED": "true",
+        "TICKERS": "btc_usd,eth_usd",
+        "INGEST_INTERVAL_SECONDS": "1",
+        "BACKFILL_INTERVAL_SECONDS": "0",  # no third source: the gaps are the two sources' own
+        "LOG_FORMAT": "json",
+    }
+    sim.faults(outage=True, stream_interval_ms=100)  # polling fails: the stream alone stores
+    server = ApiServer.command("serve", env, tmp_path, ready_path="/health")
+    try:
+
+        def count(source: str) -> int:
+            rows = server.get("/prices", ticker="eth_usd", limit=1000).json()
+            return sum(1 for row in rows if row["source"] == source)
+
+        wait_until(lambda: count("stream") >= 3, 20, what="streamed rows while polling fails")
+        sim.faults(outage=False)
+        wait_until(lambda: count("poll") >= 2, 20, what="polled rows beside the stream")
+        sim.faults(ws_refuse=True, ws_disconnects=1)  # the stream is out: polling alone stores
+        polled = count("poll")
+        wait_until(lambda: count("poll") >= polled + 3, 20, what="polled rows during the stream outage")
+        sim.faults(ws_refuse=False)
+        wait_until(lambda: server.output.count("price stream subscribed") >= 2, 20, what="the stream back")
+        server.process.popen.send_signal(signal.SIGINT)
+        assert server.process.popen.wait(10) == 0
+    finally:
+        server.stop()
+
+    with sqlite3.connect(database) as connection:
+        stored = connection.execute(
+            "SELECT ticker, slot_ts, source FROM price_ticks ORDER BY slot_ts"
+        ).fetchall()
+    for ticker in ("btc_usd", "eth_usd"):
+        slots = [slot for each, slot, _ in stored if each == ticker]
+        assert len(slots) == len(set(slots))
+        assert slots == list(range(slots[0], slots[-1] + 1)), "a slot has no row"
+    assert {source for *_, source in stored} == {"poll", "stream"}
+    assert "Traceback" not in server.output

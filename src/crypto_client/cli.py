@@ -152,11 +152,19 @@ def serve(
     _require_free_port(host, port)
     _require_database(settings)
     if simulate:
-        # The server's worker process reads its settings anew: hand it the simulator's URL.
-        os.environ["DERIBIT_RPC_URL"] = start_simulator()
-        settings = settings.model_copy(update={"deribit_rpc_url": os.environ["DERIBIT_RPC_URL"]})
+        # The server's worker process reads its settings anew: hand it the simulator's URLs.
+        simulator = start_simulator()
+        os.environ.update(simulator)
+        settings = settings.model_copy(
+            update={
+                "deribit_rpc_url": simulator["DERIBIT_RPC_URL"],
+                "deribit_ws_url": simulator["DERIBIT_WS_URL"],
+            }
+        )
         log.warning(
-            "ingesting from the built-in simulator: the prices are made up", deribit=settings.deribit_rpc_url
+            "ingesting from the built-in simulator: the prices are made up",
+            deribit=settings.deribit_rpc_url,
+            stream=settings.deribit_ws_url,
         )
     _log_start("serve", settings, host, port)
     http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)

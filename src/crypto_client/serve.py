@@ -35,9 +35,9 @@ def create_embedded_app_from_environment() -> FastAPI:
     return create_embedded_app(settings)
 
 
-def start_simulator() -> str:
+def start_simulator() -> dict[str, str]:
     """Start the Deribit simulator on a free local port, in a thread of this process (it
-    stops with the process); returns its JSON-RPC base URL."""
+    stops with the process); returns the settings that point at it (JSON-RPC and WebSocket)."""
     import uvicorn
 
     from crypto_client.sim.app import Simulator, create_sim_app
@@ -57,4 +57,7 @@ def start_simulator() -> str:
     threading.Thread(target=server.run, name="deribit-simulator", daemon=True).start()
     while not server.started:
         threading.Event().wait(0.02)
-    return f"http://127.0.0.1:{port}/api/v2"
+    return {
+        "DERIBIT_RPC_URL": f"http://127.0.0.1:{port}/api/v2",
+        "DERIBIT_WS_URL": f"ws://127.0.0.1:{port}/ws/api/v2",
+    }

@@ -1,10 +1,13 @@
 """The FastAPI application. Its engine lives in the lifespan; whoever runs the API may add
 lifespan contexts of their own (`crypto-client serve` adds migration and ingestion)."""
 
+import asyncio
 import gc
+import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from types import FrameType
 
 import structlog
 from fastapi import FastAPI, Request
@@ -21,6 +24,7 @@ from starlette.responses import JSONResponse
 from crypto_client import __version__
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
+from crypto_client.api.live import PriceFeed
 from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
 from crypto_client.api.routes import repeatable_router, router
 from crypto_client.config import Settings, get_settings, load_settings
@@ -57,9 +61,35 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             engine, settings.database_pool_size, settings.api_statement_timeout_seconds
         )
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
+        app.state.price_feed = await stack.enter_async_context(PriceFeed(app.state.read_database).running())
+        _before_stop_signals(app.state.price_feed.close)
         _tune_gc()
         log.info("api started", version=__version__)
         yield
+    log.info("api stopped")
+
+
+def _before_stop_signals(callback: Callable[[], None]) -> None:
+    """Run `callback` on the loop when the process is told to stop.
+
+    The server (granian) stops gracefully: it waits for open responses before the lifespan
+    ends, and a live stream never ends by itself. Its event loop learns of signals through the
+    wakeup fd, which a Python-level handler does not disturb; the one it replaces is a no-op
+    that is still called. Outside the main thread (an in-process test server) nothing changes.
+    """
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+
+        def handler(signo: int, frame: FrameType | None, previous: object = previous) -> None:
+            loop.call_soon_threadsafe(callback)
+            if callable(previous):
+                previous(signo, frame)
+
+        try:
+            signal.signal(signum, handler)
+        except ValueError:
+            return
 
 
 def _tune_gc() -> None:

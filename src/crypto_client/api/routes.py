@@ -5,10 +5,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from crypto_client import exact_json
+from crypto_client.api import live
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
 from crypto_client.api.schemas import (
@@ -44,6 +46,11 @@ EXPORT_BATCH_ROWS = 10_000
 COVERAGE_WINDOW_SECONDS = 86_400
 
 HEALTH_TIMEOUT_SECONDS = 1.0
+
+# A comment line this often keeps proxies from closing a quiet stream.
+STREAM_PING_SECONDS = 15
+# A client whose connection accepts nothing for this long is gone.
+STREAM_SEND_TIMEOUT_SECONDS = 30
 
 _INVALID: dict[int | str, dict[str, Any]] = {
     422: {"model": ValidationErrorOut, "description": "A parameter is missing, unknown or invalid."}
@@ -255,6 +262,47 @@ async def snapshot(
     now = time.time()
     empty = {"price": None, "ts": None, "source": None, "age_seconds": None}
     return _json([_with_age(latest[t], now) if t in latest else {"ticker": t, **empty} for t in tickers])
+
+
+@repeatable_router.get(
+    "/prices/stream",
+    responses={
+        200: {
+            "description": "Server-Sent Events: one `price` event per stored row, its `id` the row's "
+            "place in the order rows were stored.",
+            "content": {"text/event-stream": {}},
+        },
+        **_UNKNOWN,
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
+    summary="New prices as they are stored, as Server-Sent Events; resumable with Last-Event-ID",
+)
+async def stream(
+    query: Annotated[SnapshotQuery, Query()],
+    database: ReadDatabaseDep,
+    settings: SettingsDep,
+    feed: live.PriceFeedDep,
+    last_event_id: Annotated[
+        int | None,
+        Header(ge=0, le=2**63 - 1, description="The last event's `id` a client received: resume after it."),
+    ] = None,
+) -> EventSourceResponse:
+    tickers = query.ticker or list(settings.tickers)
+    async with database.reader() as reader:
+        for ticker in tickers:
+            await _require_known(reader, settings, ticker)
+    await feed.wait_ready()
+
+    async def price_events() -> AsyncIterator[ServerSentEvent]:
+        async for stored in live.events(feed, database, tickers, last_event_id):
+            yield ServerSentEvent(
+                exact_json.dumps(stored.row._asdict()).decode(), event="price", id=str(stored.seq)
+            )
+
+    return EventSourceResponse(
+        price_events(), ping=STREAM_PING_SECONDS, send_timeout=STREAM_SEND_TIMEOUT_SECONDS
+    )
 
 
 @router.get(

@@ -53,6 +53,10 @@ class PriceTick(Base):
 
     Revision 0002 adds database checks from `domain`: the ticker rule, `0 <= ts <= MAX_TS`
     and `slot_ts <= ts`.
+
+    `seq` numbers rows in the order their transactions committed (revision 0004: a sequence on
+    PostgreSQL, whose writers take a lock so that numbers and commits agree; a trigger on
+    SQLite). Live readers follow it and resume from it; rows older than 0004 have none.
     """
 
     __tablename__ = "price_ticks"
@@ -63,6 +67,7 @@ class PriceTick(Base):
     slot_ts: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     source: Mapped[str] = mapped_column(String(16), nullable=False, server_default="poll")
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
     __table_args__ = (Index(None, "ticker", "slot_ts", unique=True),)
 

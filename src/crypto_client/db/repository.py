@@ -1,7 +1,8 @@
 """All SQL of the service. The API reads through `PriceReader`, ingestion and back-fill
 write through `PriceWriter`; neither builds a query of its own."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple, cast
 
@@ -20,10 +21,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import TextualSelect
 
+from crypto_client.db.changes import CHANNEL, announce_stored
 from crypto_client.db.models import ExactDecimal, PriceTick, SlotFailureRecord, TrackedTicker
 from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
 
@@ -63,6 +65,13 @@ class JsonPage(NamedTuple):
     json: str  # a JSON array of price objects (the fields of PriceRow), oldest first
     rows: int
     next_ts: int | None  # where the next page starts, when there is one
+
+
+class StoredRow(NamedTuple):
+    """A row with its place in the order rows were stored (`seq`)."""
+
+    seq: int
+    row: PriceRow
 
 
 class TickerStats(NamedTuple):
@@ -210,6 +219,19 @@ class PriceReader:
         )
         return [SlotFailure(ticker, slot, cast(GapReason, reason), detail) for slot, reason, detail in result]
 
+    async def newest_seq(self) -> int:
+        """The `seq` of the row stored last (0 when none has one)."""
+        return int((await self._connection.execute(_NEWEST_SEQ)).scalar_one())
+
+    async def stored_after(self, seq: int, tickers: Sequence[str] | None, *, limit: int) -> list[StoredRow]:
+        """Up to `limit` rows stored after `seq`, of `tickers` (every ticker when None), in
+        the order they were stored."""
+        query = _STORED_AFTER if tickers is None else _STORED_AFTER.where(_c.ticker.in_(tickers))
+        result = await self._connection.execute(query, {"seq": seq, "limit": limit})
+        return [
+            StoredRow(seq, PriceRow(ticker, price, ts, source)) for seq, ticker, price, ts, source in result
+        ]
+
     async def ticker_stats(self) -> list[TickerStats]:
         query = (
             select(_c.ticker, func.count(), func.min(_c.ts), func.max(_c.ts))
@@ -220,9 +242,20 @@ class PriceReader:
         return [TickerStats._make(row) for row in result]
 
 
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator["PriceWriter"]:
+    """One write transaction; once it has committed rows, live readers are woken."""
+    async with engine.begin() as connection:
+        writer = PriceWriter(connection)
+        yield writer
+    if writer.stored_rows:
+        announce_stored()
+
+
 class PriceWriter:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
+        self.stored_rows = False
 
     async def insert_many(self, prices: Sequence[NewPrice]) -> list[tuple[str, int]]:
         """Insert `prices`, skipping any whose `(ticker, ts)` or `(ticker, slot_ts)` is taken.
@@ -231,10 +264,18 @@ class PriceWriter:
         """
         if not prices:
             return []
-        statement = _INSERT[self._connection.dialect.name]
+        dialect = self._connection.dialect.name
+        if dialect == "postgresql" and not self.stored_rows:
+            # Writers take `seq` numbers and commit one at a time, so a number is visible only
+            # after every smaller one: a live reader that resumes after `seq` misses nothing.
+            await self._connection.execute(_SERIALIZE_WRITERS)
         # One compiled statement, sent as multi-row VALUES batches (SQLAlchemy's insertmanyvalues).
-        result = await self._connection.execute(statement, [price._asdict() for price in prices])
-        return [(ticker, ts) for ticker, ts in result]
+        result = await self._connection.execute(_INSERT[dialect], [price._asdict() for price in prices])
+        inserted = [(ticker, ts) for ticker, ts in result]
+        if inserted and not self.stored_rows and dialect == "postgresql":
+            await self._connection.execute(_NOTIFY_STORED)  # delivered when the transaction commits
+        self.stored_rows = self.stored_rows or bool(inserted)
+        return inserted
 
     async def track(self, tickers: Sequence[str], since_slot_ts: int) -> None:
         """Start tracking `tickers` at `since_slot_ts`, unless they are tracked already."""
@@ -383,6 +424,18 @@ _INSERT = {
     "postgresql": postgresql.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
     "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
 }
+
+# pg_advisory_xact_lock's key: any constant no other lock of this database uses.
+_WRITERS_LOCK_KEY = 0x70726963  # "pric"
+_SERIALIZE_WRITERS = select(func.pg_advisory_xact_lock(_WRITERS_LOCK_KEY))
+_NOTIFY_STORED = select(func.pg_notify(CHANNEL, ""))
+_NEWEST_SEQ = select(func.coalesce(func.max(_c.seq), 0))
+_STORED_AFTER = (
+    select(_c.seq, *_ROW_COLUMNS)
+    .where(_c.seq > bindparam("seq", type_=BigInteger))
+    .order_by(_c.seq)
+    .limit(bindparam("limit", type_=Integer))
+)
 
 _IN_SLOTS = (
     _c.ticker == bindparam("ticker", type_=String),

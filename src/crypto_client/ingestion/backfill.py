@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.clients.source import HistoryPoint, HistorySource
 from crypto_client.coverage import expected_window
-from crypto_client.db.repository import PriceReader, PriceWriter
+from crypto_client.db.repository import PriceReader, write_transaction
 from crypto_client.domain import NewPrice, SlotFailure, canonical_price
 
 log = structlog.get_logger(__name__)
@@ -161,8 +161,7 @@ async def _backfill_ticker(
     if dry_run:
         report.filled = len(rows)
         return
-    async with engine.begin() as connection:
-        writer = PriceWriter(connection)
+    async with write_transaction(engine) as writer:
         report.filled = len(await writer.insert_many(rows))
         await writer.record_failures(unfilled)
 

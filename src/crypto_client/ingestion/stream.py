@@ -1,7 +1,8 @@
 """Prices from a stream, stored like polled ones: the first observation inside each slot,
 per ticker, tagged `source = 'stream'`, written in batches rather than a transaction per
-message. Polling may run beside it: whichever stores a slot first wins, the other's row for
-that slot is a duplicate the database refuses."""
+message (a batch is what arrives within `COALESCE_SECONDS` of its first row: Deribit
+publishes its indexes in bursts). Polling may run beside it: whichever stores a slot first
+wins, the other's row for that slot is a duplicate the database refuses."""
 
 import asyncio
 
@@ -15,7 +16,7 @@ from crypto_client.ingestion.tick import TickerOutcome, place, store
 
 log = structlog.get_logger(__name__)
 
-FLUSH_SECONDS = 0.5
+COALESCE_SECONDS = 0.05
 _SLOTS_REMEMBERED = 4  # slots per ticker whose first observation is known (older ones are done)
 
 
@@ -29,6 +30,7 @@ class StreamWriter:
         self._clock = clock
         self._taken: dict[str, list[int]] = {}
         self._pending: list[NewPrice] = []
+        self._arrived = asyncio.Event()
         self.stored = 0
 
     async def on_observation(self, observation: Observation) -> None:
@@ -42,10 +44,13 @@ class StreamWriter:
         taken.append(slot)
         del taken[:-_SLOTS_REMEMBERED]
         self._pending.append(row)
+        self._arrived.set()
 
     async def flush_forever(self) -> None:
         while True:
-            await asyncio.sleep(FLUSH_SECONDS)
+            await self._arrived.wait()
+            await asyncio.sleep(COALESCE_SECONDS)
+            self._arrived.clear()
             await self.flush()
 
     async def flush(self) -> None:

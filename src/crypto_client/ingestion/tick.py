@@ -24,7 +24,7 @@ from tenacity import (
 
 from crypto_client.clients.source import Observation, PriceSource
 from crypto_client.db.engine import is_database_unavailable
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.repository import write_transaction
 from crypto_client.domain import GapReason, NewPrice, SlotFailure, Source, canonical_price
 from crypto_client.ingestion.clock import SourceClock
 
@@ -181,8 +181,7 @@ async def _record(
     """Mark `tickers` tracked and write the waiting ledger entries: one short transaction,
     tried once (the prices are already safe; the entries can wait for the next tick)."""
     try:
-        async with engine.begin() as connection:
-            writer = PriceWriter(connection)
+        async with write_transaction(engine) as writer:
             await writer.track(tickers, slot_ts)
             await writer.record_failures(unrecorded)
     except Exception as exc:
@@ -262,8 +261,8 @@ async def store(
         )
 
     async def write(batch: list[NewPrice]) -> None:
-        async with engine.begin() as connection:
-            inserted.update(await PriceWriter(connection).insert_many(batch))
+        async with write_transaction(engine) as writer:
+            inserted.update(await writer.insert_many(batch))
 
     async def write_all() -> None:
         pending = [row for row in rows if (row.ticker, row.ts) not in inserted and row.ticker not in rejected]

@@ -97,7 +97,10 @@ class StreamSession:
         next_heartbeat = time.monotonic()
         while True:
             faults = self._faults()
-            await asyncio.sleep(faults.stream_interval_ms / 1000)
+            # On the clock's whole multiples of the interval, like an index recomputed on a
+            # schedule: a notification's send time is then known from its timestamp.
+            interval = faults.stream_interval_ms / 1000
+            await asyncio.sleep(interval - time.time() % interval)
             if faults.ws_disconnects != self._disconnects:
                 await self.websocket.close(code=1011)  # the connection drops, as on a restart
                 return
