@@ -6,7 +6,6 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.app import create_app
@@ -14,6 +13,7 @@ from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
+from crypto_client.db.models import Base
 from crypto_client.domain import current_slot
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import SimServer, ThrowawayPostgres, ThrowawayRedis
@@ -96,8 +96,8 @@ async def empty_database(url: str) -> None:
     engine = create_engine(url)
     try:
         async with engine.begin() as connection:
-            for table in ("price_ticks", "tracked_tickers", "slot_failures"):
-                await connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608 - fixed names
+            for table in Base.metadata.sorted_tables:
+                await connection.execute(table.delete())
     finally:
         await engine.dispose()
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.models import Base
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.repository import PriceReader, PriceWriter
 from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database, drop_pg_database
 
@@ -108,7 +108,13 @@ async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
         finally:
             await engine.dispose()
         assert len(versions) == 1
-        assert await _tables(url) == {"alembic_version", "price_ticks", "tracked_tickers", "slot_failures"}
+        assert await _tables(url) == {
+            "alembic_version",
+            "price_ticks",
+            "tracked_tickers",
+            "slot_failures",
+            "price_candles_1h",
+        }
     finally:
         await drop_pg_database(url)
 
@@ -129,3 +135,40 @@ async def test_the_table_refuses_rows_outside_the_rules(
     with pytest.raises(IntegrityError):
         async with engine.begin() as connection:
             await PriceWriter(connection).insert_many([NewPrice(ticker, Decimal("1"), ts, slot_ts)])
+
+
+_OLD_WRITER_INSERT = text(
+    "INSERT INTO price_ticks (ticker, ts, price, source) VALUES ('btc_usd', :ts, :p, :s)"
+)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+async def test_the_candle_roll_up_is_built_from_existing_rows(backend: str, tmp_path: Path) -> None:
+    """Rows stored before revision 0005 (here: by plain SQL, as any old writer did) are
+    rolled up by it: hour-based candles then equal candles computed from the rows."""
+    url = (
+        await create_pg_database(migrate=False) if backend == "postgresql" else f"sqlite:///{tmp_path}/old.db"
+    )
+    try:
+        await asyncio.to_thread(migrations.upgrade, url, "0004")
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as connection:
+                for n in range(500):
+                    ts = n * 601  # about six rows an hour, hours cut anywhere
+                    price = f"{43000 + (n * 37) % 101}.{n % 7}"
+                    source = "backfill" if n % 5 == 0 else "poll"
+                    await connection.execute(_OLD_WRITER_INSERT, {"ts": ts, "p": price, "s": source})
+            await asyncio.to_thread(migrations.upgrade, url)
+            async with engine.connect() as connection:
+                reader = PriceReader(connection)
+                for size in (3600, 4 * 3600, 86_400):
+                    rolled = await reader.candles("btc_usd", size, 0, 0, 500 * 601)
+                    from_rows = await reader._row_candles("btc_usd", size, 0, 0, 500 * 601)
+                    assert rolled == from_rows
+                    assert sum(candle.rows for candle in rolled) == 500
+        finally:
+            await engine.dispose()
+    finally:
+        if backend == "postgresql":
+            await drop_pg_database(url)

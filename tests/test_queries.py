@@ -7,6 +7,7 @@ import json
 import time
 from decimal import Decimal
 from pathlib import Path
+from random import Random
 from typing import Any
 
 import asyncpg
@@ -14,14 +15,13 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.schemas import CANDLE_SECONDS, WEEK_ORIGIN
 from crypto_client.db.engine import create_engine
 from crypto_client.db.repository import PriceWriter
 from crypto_client.domain import NewPrice, Source
-from tests.conftest import api_client, make_settings
+from tests.conftest import api_client, empty_database, make_settings
 from tests.support.databases import plain_dsn
 from tests.support.services import ApiServer
 from tests.support.waiting import wait_until_async
@@ -68,6 +68,8 @@ async def all_pages(api: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:
 
 
 def normalized(candles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # JSON numbers (parsed as Decimal), never strings, on both backends.
+    assert all(isinstance(c[k], Decimal) for c in candles for k in ("open", "high", "low", "close"))
     return [
         {k: Decimal(str(v)) if k in ("open", "high", "low", "close") else v for k, v in c.items()}
         for c in candles
@@ -88,31 +90,47 @@ times = st.one_of(
 datasets = st.dictionaries(times, st.tuples(prices, st.sampled_from(["poll", "backfill"])), max_size=40)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=datasets, interval=st.sampled_from(list(CANDLE_SECONDS)), limit=st.integers(1, 5))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    data=datasets,
+    interval=st.sampled_from(list(CANDLE_SECONDS)),
+    limit=st.integers(1, 5),
+    batches=st.integers(1, 3),
+    shuffle=st.randoms(use_true_random=False),
+    bounds=st.tuples(st.integers(0, 31 * 86_400), st.integers(0, 31 * 86_400)).map(sorted),
+)
 def test_candles_equal_a_straightforward_computation(
-    db_url: str, data: dict[int, tuple[Decimal, Source]], interval: str, limit: int
+    db_url: str,
+    data: dict[int, tuple[Decimal, Source]],
+    interval: str,
+    limit: int,
+    batches: int,
+    shuffle: Random,
+    bounds: list[int],
 ) -> None:
+    """Rows stored in several transactions and in any order (back-fill adds older rows to
+    hours already rolled up); candles over the whole history and over arbitrary bounds."""
     rows: list[Row] = [(ts, price, source) for ts, (price, source) in data.items()]
+    shuffle.shuffle(rows)
+    lower, upper = bounds
 
     async def check() -> None:
         engine = create_engine(db_url)
         try:
-            async with engine.begin() as connection:
-                await connection.execute(text("DELETE FROM price_ticks"))
-            await store(engine, "btc_usd", rows)
+            await empty_database(db_url)
+            for batch in range(batches):
+                await store(engine, "btc_usd", rows[batch::batches])
             async with api_client(make_settings(db_url, tickers="btc_usd")) as api:
-                whole = await all_pages(
-                    api, f"/prices/candles?ticker=btc_usd&interval={interval}&limit=10000"
-                )
-                paged = await all_pages(
-                    api, f"/prices/candles?ticker=btc_usd&interval={interval}&limit={limit}"
-                )
+                base = f"/prices/candles?ticker=btc_usd&interval={interval}"
+                whole = await all_pages(api, f"{base}&limit=10000")
+                paged = await all_pages(api, f"{base}&limit={limit}")
+                bounded = await all_pages(api, f"{base}&limit={limit}&from_ts={lower}&to_ts={upper}")
         finally:
             await engine.dispose()
-        expected = reference_candles(rows, interval)
-        assert normalized(whole) == expected
-        assert normalized(paged) == expected
+        assert normalized(whole) == reference_candles(rows, interval)
+        assert normalized(paged) == reference_candles(rows, interval)
+        inside = [row for row in rows if lower <= row[0] <= upper]
+        assert normalized(bounded) == reference_candles(inside, interval)
 
     asyncio.run(check())
 

@@ -29,6 +29,7 @@ async def filled(postgresql_url: str) -> AsyncIterator[AsyncEngine]:
     yield engine
     async with engine.begin() as connection:
         await connection.execute(text("DELETE FROM price_ticks WHERE ticker LIKE 'plan%'"))
+        await connection.execute(text("DELETE FROM price_candles_1h WHERE ticker LIKE 'plan%'"))
     await engine.dispose()
 
 

@@ -91,3 +91,22 @@ class SlotFailureRecord(Base):
     slot_ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     reason: Mapped[str] = mapped_column(String(32), nullable=False)
     detail: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+
+
+class HourCandle(Base):
+    """The roll-up behind hour-aligned candles: one row per ticker per UTC hour with rows,
+    kept by the writer in the transaction that inserts them (revision 0005). Candles of an
+    hour or more read these instead of every row."""
+
+    __tablename__ = "price_candles_1h"
+
+    ticker: Mapped[str] = mapped_column(String(TICKER_MAX_LENGTH), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the hour's start
+    open_ts: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    open: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
+    high: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
+    low: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
+    close_ts: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    close: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
+    rows: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    backfilled: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -1,24 +1,28 @@
 """All SQL of the service. The API reads through `PriceReader`, ingestion and back-fill
 write through `PriceWriter`; neither builds a query of its own."""
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple, cast
 
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
+    Float,
     Integer,
     Select,
     String,
     Table,
     bindparam,
+    case,
     func,
     literal,
     select,
     text,
     union_all,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -26,13 +30,15 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import TextualSelect
 
 from crypto_client.db.changes import CHANNEL, announce_stored
-from crypto_client.db.models import ExactDecimal, PriceTick, SlotFailureRecord, TrackedTicker
+from crypto_client.db.models import ExactDecimal, HourCandle, PriceTick, SlotFailureRecord, TrackedTicker
 from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
 
 _table: Table = PriceTick.__table__  # type: ignore[assignment]
 _c = _table.c
 _tracked: Table = TrackedTicker.__table__  # type: ignore[assignment]
 _failures: Table = SlotFailureRecord.__table__  # type: ignore[assignment]
+_hours: Table = HourCandle.__table__  # type: ignore[assignment]
+HOUR = 3600
 
 
 class SlotSpan(NamedTuple):
@@ -171,7 +177,29 @@ class PriceReader:
 
     async def candles(self, ticker: str, size: int, origin: int, lower: int, upper: int) -> list[Candle]:
         """OHLC candles of the rows in `lower..upper`, in buckets of `size` seconds aligned
-        to `origin` (UTC), oldest first; empty buckets are absent."""
+        to `origin` (UTC), oldest first; empty buckets are absent.
+
+        Buckets made of whole hours are merged from the hourly roll-up (the hours cut by
+        `lower` or `upper` from the rows), so a year of 1-minute rows is 8,760 roll-up rows."""
+        if size % HOUR or origin % HOUR:
+            return await self._row_candles(ticker, size, origin, lower, upper)
+        first_whole = -(-lower // HOUR) * HOUR
+        end_whole = (upper + 1) // HOUR * HOUR  # exclusive
+        if first_whole >= end_whole:
+            hours = await self._row_candles(ticker, HOUR, 0, lower, upper)
+        else:
+            hours = []
+            if lower < first_whole:
+                hours += await self._row_candles(ticker, HOUR, 0, lower, first_whole - 1)
+            result = await self._connection.execute(
+                _HOURS, {"ticker": ticker, "lower": first_whole, "upper": end_whole - HOUR}
+            )
+            hours += [Candle._make(row) for row in result]
+            if end_whole <= upper:
+                hours += await self._row_candles(ticker, HOUR, 0, end_whole, upper)
+        return _merge_candles(hours, size, origin)
+
+    async def _row_candles(self, ticker: str, size: int, origin: int, lower: int, upper: int) -> list[Candle]:
         statement = _CANDLES[self._connection.dialect.name]
         parameters = {"ticker": ticker, "size": size, "origin": origin, "lower": lower, "upper": upper}
         return [Candle._make(row) for row in await self._connection.execute(statement, parameters)]
@@ -242,6 +270,54 @@ class PriceReader:
         return [TickerStats._make(row) for row in result]
 
 
+def _merge_candles(candles: Sequence[Candle], size: int, origin: int) -> list[Candle]:
+    """Candles of `size` seconds from shorter ones (oldest first) that divide it."""
+    merged: list[Candle] = []
+    for candle in candles:
+        bucket = candle.ts - (candle.ts - origin) % size
+        if merged and merged[-1].ts == bucket:
+            last = merged[-1]
+            merged[-1] = Candle(
+                bucket,
+                last.open,
+                max(last.high, candle.high),
+                min(last.low, candle.low),
+                candle.close,
+                last.rows + candle.rows,
+                last.backfilled + candle.backfilled,
+            )
+        else:
+            merged.append(candle._replace(ts=bucket))
+    return merged
+
+
+def _hour_rollups(rows: Sequence[tuple[str, int, Decimal, str]]) -> list[dict[str, Any]]:
+    """The roll-up rows of newly inserted `(ticker, ts, price, source)` rows."""
+    hours: dict[tuple[str, int], dict[str, Any]] = {}
+    for ticker, ts, price, source in sorted(rows, key=lambda row: (row[0], row[1])):
+        hour = hours.get((ticker, ts - ts % HOUR))
+        if hour is None:
+            hours[(ticker, ts - ts % HOUR)] = {
+                "ticker": ticker,
+                "bucket": ts - ts % HOUR,
+                "open_ts": ts,
+                "open": price,
+                "high": price,
+                "low": price,
+                "close_ts": ts,
+                "close": price,
+                "rows": 1,
+                "backfilled": int(source == "backfill"),
+            }
+            continue
+        hour["high"] = max(hour["high"], price)
+        hour["low"] = min(hour["low"], price)
+        hour["close_ts"], hour["close"] = ts, price
+        hour["rows"] += 1
+        hour["backfilled"] += source == "backfill"
+    return list(hours.values())
+
+
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator["PriceWriter"]:
     """One write transaction; once it has committed rows, live readers are woken."""
@@ -271,11 +347,14 @@ class PriceWriter:
             await self._connection.execute(_SERIALIZE_WRITERS)
         # One compiled statement, sent as multi-row VALUES batches (SQLAlchemy's insertmanyvalues).
         result = await self._connection.execute(_INSERT[dialect], [price._asdict() for price in prices])
-        inserted = [(ticker, ts) for ticker, ts in result]
-        if inserted and not self.stored_rows and dialect == "postgresql":
+        new_rows = [(ticker, ts, price, source) for ticker, ts, price, source in result]
+        if not new_rows:
+            return []
+        await self._connection.execute(_MERGE_HOURS[dialect], _hour_rollups(new_rows))
+        if not self.stored_rows and dialect == "postgresql":
             await self._connection.execute(_NOTIFY_STORED)  # delivered when the transaction commits
-        self.stored_rows = self.stored_rows or bool(inserted)
-        return inserted
+        self.stored_rows = True
+        return [(ticker, ts) for ticker, ts, _, _ in new_rows]
 
     async def track(self, tickers: Sequence[str], since_slot_ts: int) -> None:
         """Start tracking `tickers` at `since_slot_ts`, unless they are tracked already."""
@@ -380,6 +459,7 @@ _CANDLE_COLUMNS = {
     "rows": Integer,
     "backfilled": Integer,
 }
+# Typed by name: the SELECT lists below name their columns so, or prices stay SQLite's text.
 _CANDLES: dict[str, TextualSelect] = {
     # Open and close are the rows at the bucket's first and last ts: primary-key lookups.
     # A row's bucket is ts - ((ts - origin) mod size), with a modulo that is never negative.
@@ -392,7 +472,8 @@ _CANDLES: dict[str, TextualSelect] = {
                    count(*) FILTER (WHERE source = 'backfill') AS backfilled
             FROM price_ticks WHERE ticker = :ticker AND ts BETWEEN :lower AND :upper
             GROUP BY 1)
-        SELECT agg.bucket, o.price, agg.high, agg.low, c.price, agg.rows, agg.backfilled
+        SELECT agg.bucket AS ts, o.price AS open, agg.high AS high, agg.low AS low,
+               c.price AS close, agg.rows AS rows, agg.backfilled AS backfilled
         FROM agg
         JOIN price_ticks o ON o.ticker = :ticker AND o.ts = agg.first_ts
         JOIN price_ticks c ON c.ticker = :ticker AND c.ts = agg.last_ts
@@ -412,7 +493,8 @@ _CANDLES: dict[str, TextualSelect] = {
             FROM r GROUP BY bucket),
         hi AS (SELECT bucket, max(CAST(price AS REAL)) AS v, price FROM r GROUP BY bucket),
         lo AS (SELECT bucket, min(CAST(price AS REAL)) AS v, price FROM r GROUP BY bucket)
-        SELECT agg.bucket, o.price, hi.price, lo.price, c.price, agg.rows, agg.backfilled
+        SELECT agg.bucket AS ts, o.price AS open, hi.price AS high, lo.price AS low,
+               c.price AS close, agg.rows AS rows, agg.backfilled AS backfilled
         FROM agg JOIN hi ON hi.bucket = agg.bucket JOIN lo ON lo.bucket = agg.bucket
         JOIN price_ticks o ON o.ticker = :ticker AND o.ts = agg.first_ts
         JOIN price_ticks c ON c.ticker = :ticker AND c.ts = agg.last_ts
@@ -421,8 +503,52 @@ _CANDLES: dict[str, TextualSelect] = {
     ).columns(**_CANDLE_COLUMNS),
 }
 _INSERT = {
-    "postgresql": postgresql.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
-    "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
+    "postgresql": postgresql.insert(_table)
+    .on_conflict_do_nothing()
+    .returning(_c.ticker, _c.ts, _c.price, _c.source),
+    "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts, _c.price, _c.source),
+}
+_HOURS = (
+    select(
+        _hours.c.bucket,
+        _hours.c.open,
+        _hours.c.high,
+        _hours.c.low,
+        _hours.c.close,
+        _hours.c.rows,
+        _hours.c.backfilled,
+    )
+    .where(
+        _hours.c.ticker == bindparam("ticker", type_=String),
+        _hours.c.bucket.between(bindparam("lower", type_=BigInteger), bindparam("upper", type_=BigInteger)),
+    )
+    .order_by(_hours.c.bucket)
+)
+
+
+def _merge_hours(insert: Any, value: Callable[[ColumnElement[Any]], ColumnElement[Any]]) -> Executable:
+    """Fold new roll-up rows into existing ones; `value` makes a price comparable (SQLite
+    stores text)."""
+    new, old = insert.excluded, _hours.c
+    statement: Executable = insert.on_conflict_do_update(
+        index_elements=[old.ticker, old.bucket],
+        set_={
+            "open_ts": case((new.open_ts < old.open_ts, new.open_ts), else_=old.open_ts),
+            "open": case((new.open_ts < old.open_ts, new.open), else_=old.open),
+            "close_ts": case((new.close_ts > old.close_ts, new.close_ts), else_=old.close_ts),
+            "close": case((new.close_ts > old.close_ts, new.close), else_=old.close),
+            "high": case((value(new.high) > value(old.high), new.high), else_=old.high),
+            "low": case((value(new.low) < value(old.low), new.low), else_=old.low),
+            "rows": old.rows + new.rows,
+            "backfilled": old.backfilled + new.backfilled,
+        },
+    )
+    return statement
+
+
+_MERGE_HOURS = {
+    "postgresql": _merge_hours(postgresql.insert(_hours), lambda price: price),
+    "sqlite": _merge_hours(sqlite.insert(_hours), lambda price: sql_cast(price, Float)),
 }
 
 # pg_advisory_xact_lock's key: any constant no other lock of this database uses.
