@@ -48,6 +48,7 @@ COPY --from=builder-test /opt/venv /opt/venv
 COPY --chown=app:app pyproject.toml README.md Dockerfile docker-compose.yml .env.example .dockerignore .gitignore ./
 COPY --chown=app:app tests ./tests
 COPY --chown=app:app bench ./bench
+COPY --chown=app:app deploy ./deploy
 USER app
 
 FROM runtime-base AS runtime

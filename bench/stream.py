@@ -41,7 +41,9 @@ async def _sse_client(url: str, tickers: list[str], delays: list[float], ready: 
         source.response.raise_for_status()
         ready.append(1)
         async for event in source.aiter_sse():
-            delays.append(time.time() - json.loads(event.data)["ts"])
+            # httpx-sse also yields an empty event for each keep-alive comment.
+            if event.event == "price":
+                delays.append(time.time() - json.loads(event.data)["ts"])
 
 
 async def _freshness(url: str, tickers: list[str], clients: int, seconds: float) -> list[float]:
@@ -57,6 +59,9 @@ async def _freshness(url: str, tickers: list[str], clients: int, seconds: float)
     delays.clear()
     await asyncio.sleep(seconds)
     measured = list(delays)
+    for task in tasks:
+        if task.done():
+            task.result()  # a client that ended early would make the figures lie
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -47,7 +47,17 @@ def dockerfile_stages() -> dict[str, list[str]]:
 
 
 def test_every_service_exists_with_one_beat() -> None:
-    assert set(SERVICES) == {"db", "redis", "migrate", "api", "worker", "beat", "stream"}
+    assert set(SERVICES) == {
+        "db",
+        "redis",
+        "migrate",
+        "api",
+        "worker",
+        "beat",
+        "stream",
+        "prometheus",
+        "grafana",
+    }
     assert SERVICES["db"]["image"].startswith("postgres:16")
     assert SERVICES["redis"]["image"].startswith("redis:7")
     beats = [name for name, service in SERVICES.items() if "beat" in " ".join(service.get("command", []))]

@@ -72,7 +72,8 @@ async def listening(url: str, *, last_event_id: str | None = None, **params: str
             assert source.response.headers["content-type"].startswith("text/event-stream")
             listener.opened.set()
             async for event in source.aiter_sse():
-                listener.events.append(event)
+                if event.event != "message":  # httpx-sse's empty event for a keep-alive comment
+                    listener.events.append(event)
 
     task = asyncio.create_task(run())
     try:

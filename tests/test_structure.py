@@ -71,3 +71,15 @@ def test_a_bad_value_in_the_env_file_names_the_file(monkeypatch: pytest.MonkeyPa
     with pytest.raises(SettingsError) as error:
         load_settings()
     assert "DERIBIT_MAX_RETRIES (in .env)" in str(error.value)
+
+
+def test_the_command_line_imports_prometheus_client_only_after_choosing_its_mode() -> None:
+    """prometheus_client picks single- or multi-process mode when first imported: `crypto-client
+    api` and `worker` set PROMETHEUS_MULTIPROC_DIR first, so merely loading the CLI must not
+    import it."""
+    import subprocess
+    import sys
+
+    probe = "import sys, crypto_client.cli; print('prometheus_client' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

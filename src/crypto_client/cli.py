@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import structlog
@@ -122,6 +124,7 @@ def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = 
 @app.command()
 def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Option(min=1)] = 1) -> None:
     """Run the read-only HTTP API alone (production: ingestion runs in Celery)."""
+    _share_metrics_between_processes()
     from crypto_client import http_server
 
     settings = _settings()
@@ -199,10 +202,12 @@ def stream() -> None:
 
     Runs until stopped; reconnects by itself. Polling may run beside it.
     """
+    from crypto_client import metrics
     from crypto_client.ingestion.runtime import open_runtime
 
     settings = _settings()
     _require_database(settings)
+    metrics.serve_on_port(settings.metrics_port)
 
     async def run() -> None:
         # SIGTERM (docker stop) ends it like Ctrl-C: the batch in hand is written first.
@@ -315,10 +320,30 @@ def beat(ctx: typer.Context) -> None:
     _celery(["beat", *ctx.args])
 
 
+def _share_metrics_between_processes() -> None:
+    """This command's processes (API workers, Celery's pool) record their metrics as files in
+    one directory, so the process that serves them reports all. prometheus_client reads the
+    variable when it is imported: this must run first."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess directory was set")
+    directory = Path(
+        os.environ.get(MULTIPROCESS_DIR_VARIABLE) or tempfile.mkdtemp(prefix="crypto-client-metrics-")
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):  # an earlier run's
+        stale.unlink()
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = str(directory)
+
+
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def _celery(argv: list[str]) -> None:
     import click
 
     _settings()
+    if argv[0] == "worker":
+        _share_metrics_between_processes()
     from crypto_client.worker.celery_app import celery_app
 
     try:

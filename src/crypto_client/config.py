@@ -53,6 +53,8 @@ class Settings(BaseSettings):
 
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # Where the worker, beat and stream consumer serve Prometheus metrics; 0: not served.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     database_url: SecretStr | None = None
     postgres_db: str = "crypto"

@@ -21,7 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from crypto_client import __version__
+from crypto_client import __version__, metrics
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.live import PriceFeed
@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[object]]
 _STATIC = Path(__file__).parent / "static"
+_DASHBOARD = (_STATIC / "dashboard" / "index.html").read_text()
 
 
 @asynccontextmanager
@@ -61,6 +62,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             engine, settings.database_pool_size, settings.api_statement_timeout_seconds
         )
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
+        metrics.set_tickers(settings.tickers)
         app.state.price_feed = await stack.enter_async_context(PriceFeed(app.state.read_database).running())
         _before_stop_signals(app.state.price_feed.close)
         _tune_gc()
@@ -169,6 +171,10 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     app.include_router(router)
     app.include_router(repeatable_router)
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(_DASHBOARD)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -10,6 +10,8 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from crypto_client import metrics
+
 log = structlog.get_logger("crypto_client.api.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -32,6 +34,9 @@ class _HttpMiddleware:
         raise NotImplementedError
 
 
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "PATCH"})
+
+
 class RequestLogMiddleware(_HttpMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -52,14 +57,22 @@ class RequestLogMiddleware(_HttpMiddleware):
                 await self.app(scope, receive, send_with_id)
                 failed = False
             finally:
+                duration = time.perf_counter() - started
+                # 499: the client left before an answer (nginx's code for it).
+                final_status = status or (500 if failed else 499)
                 log.info(
                     "request",
                     method=scope["method"],
                     path=scope["path"],
-                    # 499: the client left before an answer (nginx's code for it).
-                    status=status or (500 if failed else 499),
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                    status=final_status,
+                    duration_ms=round(duration * 1000, 2),
                 )
+                route = scope.get("route")
+                metrics.HTTP_REQUEST_DURATION.labels(
+                    scope["method"] if scope["method"] in _KNOWN_METHODS else "other",
+                    getattr(route, "path", "unmatched"),  # the template, never the raw path
+                    str(final_status),
+                ).observe(duration)
 
 
 class HeadAsGet(_HttpMiddleware):

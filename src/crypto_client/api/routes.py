@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from crypto_client import exact_json
+from crypto_client import exact_json, metrics
 from crypto_client.api import live
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
@@ -94,6 +94,14 @@ async def _require_known(reader: PriceReader, settings: Settings, ticker: str) -
             status_code=404,
             detail=f"unknown ticker {ticker!r}: it is neither configured nor stored; /tickers lists them",
         )
+
+
+async def _recent_coverage(reader: PriceReader, settings: Settings, ticker: str, now: float) -> float | None:
+    """Stored over expected slots in the last 24 hours; None before the ticker is tracked."""
+    found = await measure(
+        reader, ticker, settings.ingest_interval_seconds, from_ts=int(now) - COVERAGE_WINDOW_SECONDS, now=now
+    )
+    return None if found.from_ts is None else found.ratio
 
 
 async def _page(
@@ -305,6 +313,22 @@ async def stream(
     )
 
 
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(database: ReadDatabaseDep, settings: SettingsDep) -> Response:
+    """Prometheus text format: this API's processes, plus figures read from the database now
+    (the newest price of each configured ticker and its coverage over the last 24 hours)."""
+    now = time.time()
+    async with database.reader() as reader:
+        newest = await reader.latest_of(settings.tickers)
+        coverage = {
+            ticker: await _recent_coverage(reader, settings, ticker, now) for ticker in settings.tickers
+        }
+    families = metrics.data_families(
+        {ticker: (float(row.price), row.ts) for ticker, row in newest.items()}, coverage
+    )
+    return Response(metrics.exposition(families), media_type=metrics.CONTENT_TYPE)
+
+
 @router.get(
     "/prices/export",
     responses={
@@ -417,13 +441,7 @@ async def list_tickers(database: ReadDatabaseDep, settings: SettingsDep) -> JSON
         stats = {row.ticker: row for row in await reader.ticker_stats()}
         for ticker in sorted(set(stats) | set(settings.tickers)):
             row = stats.get(ticker)
-            recent = await measure(
-                reader,
-                ticker,
-                settings.ingest_interval_seconds,
-                from_ts=int(now) - COVERAGE_WINDOW_SECONDS,
-                now=now,
-            )
+            recent = await _recent_coverage(reader, settings, ticker, now)
             body.append(
                 {
                     "ticker": ticker,
@@ -432,7 +450,7 @@ async def list_tickers(database: ReadDatabaseDep, settings: SettingsDep) -> JSON
                     "first_ts": row.first_ts if row else None,
                     "last_ts": row.last_ts if row else None,
                     "age_seconds": _age(row.last_ts, now) if row else None,
-                    "coverage_24h": round(recent.ratio, 6) if recent.from_ts is not None else None,
+                    "coverage_24h": None if recent is None else round(recent, 6),
                 }
             )
     return _json(body)

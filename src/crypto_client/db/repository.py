@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import TextualSelect
 
+from crypto_client import metrics
 from crypto_client.db.changes import CHANNEL, announce_stored
 from crypto_client.db.models import ExactDecimal, HourCandle, PriceTick, SlotFailureRecord, TrackedTicker
 from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
@@ -321,9 +322,10 @@ def _hour_rollups(rows: Sequence[tuple[str, int, Decimal, str]]) -> list[dict[st
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator["PriceWriter"]:
     """One write transaction; once it has committed rows, live readers are woken."""
-    async with engine.begin() as connection:
-        writer = PriceWriter(connection)
-        yield writer
+    with metrics.DATABASE_WRITE_DURATION.time():
+        async with engine.begin() as connection:
+            writer = PriceWriter(connection)
+            yield writer
     if writer.stored_rows:
         announce_stored()
 

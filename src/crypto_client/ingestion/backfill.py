@@ -17,6 +17,7 @@ from itertools import pairwise
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crypto_client import metrics
 from crypto_client.clients.source import HistoryPoint, HistorySource
 from crypto_client.coverage import expected_window
 from crypto_client.db.repository import PriceReader, write_transaction
@@ -164,6 +165,7 @@ async def _backfill_ticker(
     async with write_transaction(engine) as writer:
         report.filled = len(await writer.insert_many(rows))
         await writer.record_failures(unfilled)
+    metrics.BACKFILLED_ROWS.labels(metrics.ticker_label(ticker)).inc(report.filled)
 
 
 async def _missing_slots(reader: PriceReader, ticker: str, first: int, last: int, interval: int) -> list[int]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crypto_client import metrics
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
@@ -52,6 +53,9 @@ class IngestionRuntime:
     clock: SourceClock = field(default_factory=SourceClock)
     # Ledger entries waiting for the database.
     unrecorded: list[SlotFailure] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        metrics.set_tickers(self.settings.tickers)
 
     async def run_tick(self, slot_ts: int | None) -> TickSummary:
         return await ingest_tick(

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.clients.source import Observation
 from crypto_client.domain import NewPrice, current_slot
 from crypto_client.ingestion.clock import SourceClock
-from crypto_client.ingestion.tick import TickerOutcome, place, store
+from crypto_client.ingestion.tick import TickerOutcome, count_outcomes, place, store
 
 log = structlog.get_logger(__name__)
 
@@ -66,4 +66,13 @@ class StreamWriter:
             log.error("stream batch lost: database write failed", error=repr(exc), rows=lost)
             return
         self.stored += len(inserted)
+        count_outcomes(
+            "stream",
+            (
+                TickerOutcome(row.ticker, "failed", reason="invalid_value")
+                if row.ticker in rejected
+                else TickerOutcome(row.ticker, "stored" if (row.ticker, row.ts) in inserted else "duplicate")
+                for row in rows
+            ),
+        )
         log.debug("stream batch written", rows=len(rows), stored=len(inserted), refused=len(rejected))

@@ -7,7 +7,7 @@ This is the only ingestion logic; the Celery task, the embedded scheduler and
 import asyncio
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
@@ -22,6 +22,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from crypto_client import metrics
 from crypto_client.clients.source import Observation, PriceSource
 from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import write_transaction
@@ -161,6 +162,7 @@ async def ingest_tick(
     if task is not None:
         WRITING.discard(task)
     summary.duration_seconds = time.monotonic() - started
+    count_outcomes("poll", summary.outcomes)
     bound.info(
         "tick finished",
         stored=summary.count("stored"),
@@ -169,6 +171,13 @@ async def ingest_tick(
         duration_ms=round(summary.duration_seconds * 1000, 1),
     )
     return summary
+
+
+def count_outcomes(source: Source, outcomes: Iterable[TickerOutcome]) -> None:
+    for outcome in outcomes:
+        metrics.INGEST_OUTCOMES.labels(
+            source, metrics.ticker_label(outcome.ticker), outcome.status, outcome.reason or ""
+        ).inc()
 
 
 async def _record(

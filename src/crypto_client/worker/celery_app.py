@@ -3,6 +3,7 @@
 Every setting below is chosen for one periodic, idempotent task over Redis.
 """
 
+import os
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -11,6 +12,7 @@ import structlog
 from celery import Celery, signals
 from celery.schedules import schedstate, schedule
 
+from crypto_client import metrics
 from crypto_client.config import Settings, get_settings
 from crypto_client.domain import current_slot
 from crypto_client.logging import setup_logging
@@ -145,6 +147,19 @@ def _warn_about_unrecoverable_slots(**_kwargs: Any) -> None:
             hint="such a slot is reported late or expired; use INGEST_INTERVAL_SECONDS of 10 or more"
             " (and an unset CELERY_VISIBILITY_TIMEOUT_SECONDS) to have it rerun in time",
         )
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _serve_metrics(**_kwargs: Any) -> None:
+    # In the worker's main process: its pool processes record into PROMETHEUS_MULTIPROC_DIR
+    # (set by `crypto-client worker`), so this one serves them all.
+    metrics.serve_on_port(settings.metrics_port)
+
+
+@signals.worker_process_shutdown.connect
+def _forget_pool_process(**_kwargs: Any) -> None:
+    metrics.mark_process_dead(os.getpid())
 
 
 @signals.task_revoked.connect

@@ -15,7 +15,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from crypto_client import __version__
+from crypto_client import __version__, metrics
 from crypto_client.clients.deribit.errors import (
     DeribitError,
     PermanentDeribitError,
@@ -162,6 +162,8 @@ class DeribitHttpClient:
 
     def _log_retry(self, method: str, params: Mapping[str, str], state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, DeribitError):
+            metrics.DERIBIT_RETRIES.labels(method, _outcome(error)).inc()
         log.warning(
             "deribit call failed, retrying",
             method=method,
@@ -174,13 +176,30 @@ class DeribitHttpClient:
 
     async def _call_once(self, method: str, params: Mapping[str, str]) -> RpcEnvelope:
         async with self._concurrency:
+            started = time.perf_counter()
             try:
-                response = await self._http.get(f"{self._base_url}/{method}", params=params)
-            except httpx.TimeoutException as exc:
-                raise TransientDeribitError(f"timed out ({type(exc).__name__})") from exc
-            except httpx.TransportError as exc:
-                raise TransientDeribitError(f"connection failed: {type(exc).__name__}: {exc}") from exc
-        return _check(method, response)
+                try:
+                    response = await self._http.get(f"{self._base_url}/{method}", params=params)
+                except httpx.TimeoutException as exc:
+                    raise TransientDeribitError(f"timed out ({type(exc).__name__})") from exc
+                except httpx.TransportError as exc:
+                    raise TransientDeribitError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+                envelope = _check(method, response)
+            except DeribitError as exc:
+                _observe(method, _outcome(exc), started)
+                raise
+            _observe(method, "ok", started)
+            return envelope
+
+
+def _outcome(error: DeribitError) -> str:
+    if isinstance(error, RateLimitedError):
+        return "rate_limited"
+    return "transient" if isinstance(error, TransientDeribitError) else "permanent"
+
+
+def _observe(method: str, outcome: str, started: float) -> None:
+    metrics.DERIBIT_REQUEST_DURATION.labels(method, outcome).observe(time.perf_counter() - started)
 
 
 def _check(method: str, response: httpx.Response) -> RpcEnvelope:

@@ -20,6 +20,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
+from crypto_client import metrics
 from crypto_client.clients.deribit.rpc import (
     PRICE_INDEX_CHANNEL,
     decode_message,
@@ -70,6 +71,8 @@ class DeribitStream:
                     await self._session(websocket, tickers, on_observation)
             except (OSError, TimeoutError, StreamStalledError, WebSocketException, InvalidHandshake) as exc:
                 self.connected.clear()
+                metrics.STREAM_CONNECTED.set(0)
+                metrics.STREAM_RECONNECTS.inc()
                 wait = random.uniform(0, min(_MAX_BACKOFF_SECONDS, self._backoff * 2**failures))
                 failures = min(failures + 1, 16)
                 self.reconnects += 1
@@ -94,6 +97,7 @@ class DeribitStream:
         if refused:
             log.error("price stream channels refused", channels=refused)
         self.connected.set()
+        metrics.STREAM_CONNECTED.set(1)
         log.info("price stream subscribed", url=self.url, channels=len(wanted) - len(refused))
         while True:
             message = await self._receive(websocket)
@@ -108,6 +112,7 @@ class DeribitStream:
             raise StreamStalledError(f"nothing received for {self._stall:g} s") from None
         message = decode_message(raw)
         if message is None:
+            metrics.STREAM_MESSAGES.labels("malformed").inc()
             log.warning("price stream sent a malformed frame, skipped", frame=str(raw)[:200])
         return message
 
@@ -115,6 +120,7 @@ class DeribitStream:
         self, websocket: ClientConnection, message: dict[str, Any], on_observation: OnObservation
     ) -> None:
         if message.get("method") == "heartbeat":
+            metrics.STREAM_MESSAGES.labels("heartbeat").inc()
             if (message.get("params") or {}).get("type") == "test_request":
                 await self._send(websocket, "public/test", {})
             return
@@ -123,6 +129,7 @@ class DeribitStream:
         except ValueError as exc:
             log.warning("price stream notification skipped", error=str(exc))
             return
+        metrics.STREAM_MESSAGES.labels("answer" if notification is None else "price").inc()
         if notification is not None:
             received = time.time()
             await on_observation(

@@ -1,0 +1,361 @@
+// The dashboard: latest prices, a chart of one ticker (line or candles) with its missing
+// slots, kept live by /prices/stream. Plain script, no build step; everything it shows comes
+// from the public API. `window.dashboard` holds what is drawn (the browser test reads it).
+"use strict";
+
+(() => {
+  const LWC = window.LightweightCharts;
+  // Candle interval per span: a few hundred bars at most, whatever the span.
+  const CANDLES_FOR_SPAN = { 3600: "1m", 86400: "15m", 604800: "1h", 2592000: "4h", all: "1d" };
+  const INTERVAL_SECONDS = { "1m": 60, "15m": 900, "1h": 3600, "4h": 14400, "1d": 86400 };
+  // Spans up to a day draw every stored row as a line; longer ones draw candle closes.
+  const RAW_LINE_MAX_SPAN = 86400;
+  const MAX_GAP_ITEMS = 50;
+  const MAX_BACKFILL_MARKERS = 500;
+
+  const state = {
+    tickers: [],
+    latest: {},
+    ticker: null,
+    span: "86400",
+    mode: "line",
+    points: [],
+    gaps: [],
+    ready: false,
+    draws: 0,
+    liveRows: 0,
+  };
+  window.dashboard = state;
+
+  const $ = (id) => document.getElementById(id);
+  const color = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+  const now = () => Math.floor(Date.now() / 1000);
+  const clock = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC";
+
+  function nextLink(response, url) {
+    const match = /<([^>]+)>;\s*rel="next"/.exec(response.headers.get("link") || "");
+    return match ? new URL(match[1], new URL(url, location.href)).toString() : null;
+  }
+
+  async function getJson(url) {
+    const response = await fetch(url, { headers: { Accept: "application/json" } });
+    if (!response.ok) {
+      throw new Error(`${url}: HTTP ${response.status}`);
+    }
+    return { body: await response.json(), next: nextLink(response, url) };
+  }
+
+  async function getPages(url, maxPages = 20) {
+    let rows = [];
+    for (let next = url, page = 0; next && page < maxPages; page += 1) {
+      const answer = await getJson(next);
+      rows = rows.concat(answer.body);
+      next = answer.next;
+    }
+    return rows;
+  }
+
+  // --- latest prices -----------------------------------------------------------------------
+
+  function age(ts) {
+    if (ts === null || ts === undefined) return "no data";
+    const seconds = Math.max(0, now() - ts);
+    if (seconds < 120) return `${seconds} s`;
+    if (seconds < 7200) return `${Math.floor(seconds / 60)} min`;
+    if (seconds < 172800) return `${Math.floor(seconds / 3600)} h`;
+    return `${Math.floor(seconds / 86400)} d`;
+  }
+
+  function renderTickers() {
+    const body = $("tickers");
+    body.replaceChildren(
+      ...state.tickers.map((ticker) => {
+        const latest = state.latest[ticker] || {};
+        const row = document.createElement("tr");
+        row.dataset.ticker = ticker;
+        row.setAttribute("aria-current", String(ticker === state.ticker));
+        const name = document.createElement("td");
+        const select = document.createElement("button");
+        select.type = "button";
+        select.textContent = ticker;
+        select.setAttribute("aria-label", `Show ${ticker} on the chart`);
+        select.addEventListener("click", () => selectTicker(ticker));
+        name.append(select);
+        const price = document.createElement("td");
+        price.className = "price";
+        price.textContent = latest.price ?? "—";
+        const ageCell = document.createElement("td");
+        ageCell.className = "age";
+        ageCell.textContent = age(latest.ts);
+        row.append(name, price, ageCell);
+        return row;
+      }),
+    );
+  }
+
+  function refreshAges() {
+    for (const row of $("tickers").children) {
+      row.querySelector(".age").textContent = age((state.latest[row.dataset.ticker] || {}).ts);
+    }
+  }
+
+  // --- the chart ---------------------------------------------------------------------------
+
+  const chart = LWC.createChart($("chart"), {
+    autoSize: true,
+    layout: { background: { color: color("--bg") }, textColor: color("--fg") },
+    grid: { vertLines: { color: color("--line") }, horzLines: { color: color("--line") } },
+    timeScale: { timeVisible: true, secondsVisible: false, borderColor: color("--line") },
+    rightPriceScale: { borderColor: color("--line") },
+  });
+  let series = null;
+  let markers = null;
+
+  function candleInterval() {
+    return CANDLES_FOR_SPAN[state.span];
+  }
+
+  function rawLine() {
+    return state.mode === "line" && state.span !== "all" && Number(state.span) <= RAW_LINE_MAX_SPAN;
+  }
+
+  function bucketOf(ts) {
+    return rawLine() ? ts : ts - (ts % INTERVAL_SECONDS[candleInterval()]);
+  }
+
+  function linePoint(ts, price, backfilled) {
+    return backfilled ? { time: ts, value: price, color: color("--backfilled") } : { time: ts, value: price };
+  }
+
+  function bar(candle) {
+    // Wholly back-filled: drawn in the back-fill colour; partly: outlined in it.
+    const shown = { time: candle.ts, open: candle.open, high: candle.high, low: candle.low, close: candle.close };
+    const mark = color("--backfilled");
+    if (candle.backfilled > 0 && candle.backfilled === candle.count) {
+      Object.assign(shown, { color: mark, wickColor: mark, borderColor: mark });
+    } else if (candle.backfilled > 0) {
+      shown.borderColor = mark;
+    }
+    return shown;
+  }
+
+  async function loadPoints(ticker, from) {
+    const bounds = from === null ? "" : `&from_ts=${from}`;
+    const name = encodeURIComponent(ticker);
+    if (rawLine()) {
+      const rows = await getPages(`/prices/range?ticker=${name}${bounds}&limit=10000`);
+      return rows.map((row) => linePoint(row.ts, row.price, row.source === "backfill"));
+    }
+    const candles = await getPages(`/prices/candles?ticker=${name}&interval=${candleInterval()}${bounds}&limit=10000`);
+    if (state.mode === "line") {
+      return candles.map((candle) => linePoint(candle.ts, candle.close, candle.backfilled > 0));
+    }
+    return candles.map(bar);
+  }
+
+  async function loadGaps(ticker, from) {
+    const bounds = from === null ? "" : `&from_ts=${Math.max(0, from)}`;
+    const { body } = await getJson(`/coverage?ticker=${encodeURIComponent(ticker)}${bounds}&limit=1000`);
+    return body.gaps;
+  }
+
+  function withGaps(points, gaps) {
+    // A point without a value breaks the line where slots are missing; the marker says so.
+    const times = new Set(points.map((point) => point.time));
+    const breaks = [];
+    const gapMarkers = [];
+    for (const gap of gaps) {
+      const time = bucketOf(gap.from_ts);
+      if (!times.has(time)) {
+        times.add(time);
+        breaks.push({ time });
+      }
+      gapMarkers.push({
+        time,
+        position: "aboveBar",
+        shape: "arrowDown",
+        color: color("--gap"),
+        text: `${gap.slots} missing`,
+      });
+    }
+    // On a line, a back-filled point also gets a dot: its coloured segment may be a pixel wide.
+    const backfillMarkers =
+      state.mode === "line"
+        ? points
+            .filter((point) => point.color !== undefined)
+            .slice(-MAX_BACKFILL_MARKERS)
+            .map((point) => ({ time: point.time, position: "inBar", shape: "circle", size: 0.6, color: point.color }))
+        : [];
+    const all = points.concat(breaks).sort((a, b) => a.time - b.time);
+    const allMarkers = gapMarkers.concat(backfillMarkers).sort((a, b) => a.time - b.time);
+    return { all, gapMarkers: allMarkers };
+  }
+
+  function renderGaps() {
+    const list = $("gaps");
+    const shown = state.gaps.slice(0, MAX_GAP_ITEMS).map((gap) => {
+      const item = document.createElement("li");
+      const slots = gap.slots === 1 ? "1 slot" : `${gap.slots} slots`;
+      item.textContent = `${clock(gap.from_ts)} to ${clock(gap.to_ts)}: ${slots} missing (${gap.reason.replaceAll("_", " ")})`;
+      return item;
+    });
+    if (state.gaps.length > MAX_GAP_ITEMS) {
+      const more = document.createElement("li");
+      more.textContent = `and ${state.gaps.length - MAX_GAP_ITEMS} more (see /coverage)`;
+      shown.push(more);
+    }
+    if (shown.length === 0) {
+      const none = document.createElement("li");
+      none.textContent = "none";
+      shown.push(none);
+    }
+    list.replaceChildren(...shown);
+  }
+
+  function newSeries() {
+    if (series) chart.removeSeries(series);
+    series =
+      state.mode === "line"
+        ? chart.addSeries(LWC.LineSeries, { color: color("--observed"), lineWidth: 2, priceLineVisible: false })
+        : chart.addSeries(LWC.CandlestickSeries, {
+            upColor: color("--up"),
+            downColor: color("--down"),
+            wickUpColor: color("--up"),
+            wickDownColor: color("--down"),
+            borderUpColor: color("--up"),
+            borderDownColor: color("--down"),
+          });
+    markers = LWC.createSeriesMarkers(series, []);
+  }
+
+  let drawing = 0;
+  async function draw() {
+    const ticker = state.ticker;
+    if (ticker === null) return;
+    const mine = ++drawing;
+    const from = state.span === "all" ? null : now() - Number(state.span);
+    setStatus(`Loading ${ticker}…`);
+    try {
+      const [points, gaps] = await Promise.all([loadPoints(ticker, from), loadGaps(ticker, from)]);
+      if (mine !== drawing) return; // a newer choice was made meanwhile
+      const { all, gapMarkers } = withGaps(points, gaps);
+      newSeries();
+      series.setData(all);
+      markers.setMarkers(gapMarkers);
+      chart.timeScale().fitContent();
+      state.points = all;
+      state.gaps = gaps;
+      renderGaps();
+      $("chart-title").textContent = ticker;
+      $("chart").setAttribute("aria-label", `${ticker}: ${points.length} points, ${gaps.length} gaps`);
+      state.ready = true;
+      state.draws += 1;
+      setStatus(`${ticker}: ${points.length} points, live`);
+    } catch (error) {
+      setStatus(`Could not load ${ticker}: ${error.message}`);
+    }
+  }
+
+  function applyLive(row) {
+    if (!series || row.ticker !== state.ticker) return;
+    const time = bucketOf(row.ts);
+    const last = state.points[state.points.length - 1];
+    if (last && time < last.time) return; // an older row (back-fill): shown on the next load
+    const backfilled = row.source === "backfill";
+    let point;
+    if (state.mode === "line") {
+      point = linePoint(time, row.price, backfilled);
+    } else if (last && last.time === time && last.open !== undefined) {
+      point = { ...last, high: Math.max(last.high, row.price), low: Math.min(last.low, row.price), close: row.price };
+    } else {
+      const fresh = { ts: time, open: row.price, high: row.price, low: row.price, close: row.price };
+      point = bar({ ...fresh, count: 1, backfilled: backfilled ? 1 : 0 });
+    }
+    series.update(point);
+    if (last && last.time === time) state.points[state.points.length - 1] = point;
+    else state.points.push(point);
+  }
+
+  // --- controls and live updates -------------------------------------------------------------
+
+  function setStatus(text) {
+    $("status").textContent = text;
+  }
+
+  function press(groupId, attribute, value) {
+    for (const button of $(groupId).querySelectorAll("button")) {
+      button.setAttribute("aria-pressed", String(button.dataset[attribute] === value));
+    }
+  }
+
+  function selectTicker(ticker) {
+    state.ticker = ticker;
+    renderTickers();
+    draw();
+  }
+
+  for (const button of $("spans").querySelectorAll("button")) {
+    button.addEventListener("click", () => {
+      state.span = button.dataset.span;
+      press("spans", "span", state.span);
+      draw();
+    });
+  }
+  for (const button of $("modes").querySelectorAll("button")) {
+    button.addEventListener("click", () => {
+      state.mode = button.dataset.mode;
+      press("modes", "mode", state.mode);
+      draw();
+    });
+  }
+
+  function follow() {
+    // Every configured ticker; EventSource reconnects by itself, resuming with Last-Event-ID.
+    const stream = new EventSource("/prices/stream");
+    stream.addEventListener("price", (event) => {
+      const row = JSON.parse(event.data);
+      state.liveRows += 1;
+      const known = state.latest[row.ticker];
+      if (!known || known.ts === null || row.ts >= known.ts) {
+        state.latest[row.ticker] = row;
+        renderTickers();
+      }
+      applyLive(row);
+    });
+  }
+
+  // Light or dark follows the system, also when it changes while the page is open.
+  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
+    chart.applyOptions({
+      layout: { background: { color: color("--bg") }, textColor: color("--fg") },
+      grid: { vertLines: { color: color("--line") }, horzLines: { color: color("--line") } },
+      timeScale: { borderColor: color("--line") },
+      rightPriceScale: { borderColor: color("--line") },
+    });
+    draw();
+  });
+
+  async function start() {
+    press("spans", "span", state.span);
+    press("modes", "mode", state.mode);
+    try {
+      const snapshot = (await getJson("/prices/snapshot")).body;
+      state.tickers = snapshot.map((row) => row.ticker);
+      for (const row of snapshot) state.latest[row.ticker] = row;
+    } catch (error) {
+      setStatus(`Could not load the latest prices: ${error.message}`);
+      return;
+    }
+    state.ticker = state.tickers[0] ?? null;
+    renderTickers();
+    if (state.ticker === null) {
+      setStatus("No tickers configured.");
+      return;
+    }
+    follow();
+    setInterval(refreshAges, 1000);
+    await draw();
+  }
+
+  start();
+})();
