@@ -29,7 +29,9 @@ import httpx
 import psutil
 from sqlalchemy.engine import make_url
 
+from bench.dashboard import dashboard_load
 from bench.load import WRK_INSTALL, Load, load
+from bench.storage import drop_under_load, postgres_bytes_per_row, sqlite_bytes_per_row
 from bench.stream import stream_scenarios
 from crypto_client.api.pagination import encode_cursor
 from crypto_client.config import Settings
@@ -37,7 +39,7 @@ from crypto_client.db import migrations
 from crypto_client.db.repository import PriceWriter
 from crypto_client.domain import NewPrice
 from crypto_client.ingestion.runtime import open_runtime
-from crypto_client.sim.prices import INDEXES
+from crypto_client.sim.prices import INDEXES, SYNTHETIC_INDEXES
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, SimServer, free_port
 
@@ -72,6 +74,7 @@ class Results:
     extra: dict[str, str] = field(default_factory=dict)
     rss_mb: dict[str, float] = field(default_factory=dict)
     targets: list[tuple[str, bool, str]] = field(default_factory=list)
+    bytes_per_row: dict[str, float] = field(default_factory=dict)
 
     def load(self, name: str) -> Load:
         return next(ours for label, ours, _ in self.rows if label == name)
@@ -154,9 +157,11 @@ async def create_database(plan: Plan, results: Results) -> str:
     started = time.monotonic()
     await asyncio.to_thread(migrations.upgrade, url)
     await connection.execute("VACUUM ANALYZE price_candles_1h")
-    results.extra[f"Migration to head on {rows:,} rows (builds the candle roll-up)"] = (
+    results.extra[f"Migration to head on {rows:,} rows (candle roll-up, then partitioning)"] = (
         f"{time.monotonic() - started:.1f} s"
     )
+    results.bytes_per_row["PostgreSQL"] = await postgres_bytes_per_row(url)
+    results.bytes_per_row["SQLite"] = await sqlite_bytes_per_row()
     await connection.close()
     return url
 
@@ -276,6 +281,25 @@ def http_scenarios(plan: Plan, url: str, results: Results) -> None:
         )
         abandoned_requests(plan, url, ours_port, f"/prices?{q}&limit=1000&offset={plan.depth}", results)
         query_power(plan, ours, ours_port, q, results)
+        dashboard_load(f"http://127.0.0.1:{ours_port}", results.extra, results.targets)
+        dropped_rows = 20_000 if plan.smoke else 1_000_000
+        quiet, busy, took = drop_under_load(
+            url,
+            f"http://127.0.0.1:{ours_port}/prices/latest?{q}",
+            plan.seconds,
+            plan.connections,
+            dropped_rows,
+        )
+        results.extra[f"/prices/latest while a month's partition of {dropped_rows:,} rows is dropped"] = (
+            f"p99 {busy.p99_ms:.1f} ms (without: {quiet.p99_ms:.1f} ms); the drop took {took * 1000:.0f} ms"
+        )
+        results.targets.append(
+            (
+                "/prices/latest p99 within 2x while a partition is dropped",
+                busy.p99_ms <= 2 * quiet.p99_ms,
+                f"{busy.p99_ms / quiet.p99_ms:.2f}x",
+            )
+        )
 
     # As-of lookups against the latest price with its cache off, one request at a time (under
     # concurrency the latest price's single flight would merge requests, /prices/at's not).
@@ -462,6 +486,8 @@ async def ingestion_scenarios(plan: Plan, url: str, results: Results) -> None:
                 f"{time.monotonic() - started:.3f} s"
             )
 
+            await worker_capacity(plan, sim, url, results)
+
             count = 100_000 if not plan.smoke else 5_000
             batch = [NewPrice("bulk_usd", Decimal("43521.37"), BASE_TS + i) for i in range(count)]
             started = time.monotonic()
@@ -474,6 +500,35 @@ async def ingestion_scenarios(plan: Plan, url: str, results: Results) -> None:
             )
     finally:
         sim.stop()
+
+
+async def worker_capacity(plan: Plan, sim: SimServer, url: str, results: Results) -> None:
+    """How many tickers one ingestion process sustains: ticks of many tickers at a realistic
+    Deribit round trip, and what fits in 80% of a 1 s and a 60 s slot at that pace."""
+    tickers = list(SYNTHETIC_INDEXES)[: 40 if plan.smoke else 200]
+    sim.faults(latency_ms=50)
+    settings = Settings.model_validate(
+        {
+            "tickers": tickers,
+            "deribit_rpc_url": sim.rpc_url,
+            "database_url": url,
+            "ingest_interval_seconds": 1,
+        }
+    )
+    durations = []
+    async with open_runtime(settings) as runtime:
+        for _ in range(5):
+            summary = await runtime.run_tick(slot_ts=None)
+            assert summary.ok, summary
+            durations.append(summary.duration_seconds)
+            await asyncio.sleep(1.05)
+    median = statistics.median(durations)
+    per_second = len(tickers) / median
+    results.extra[f"Ingestion tick, {len(tickers)} tickers at 50 ms latency (one process)"] = (
+        f"median {median:.3f} s: about {per_second:,.0f} tickers/s, so one worker process sustains about"
+        f" {int(0.8 * per_second):,} tickers at 1 s slots and {int(0.8 * 60 * per_second):,} at 60 s"
+        " (Deribit's rate limits come first)"
+    )
 
 
 # --- report --------------------------------------------------------------------------------
@@ -542,6 +597,32 @@ def machine() -> str:
     )
 
 
+CAPACITY_CASES = ((20, 60), (200, 60), (20, 1), (200, 1))
+
+
+def capacity_table(bytes_per_row: dict[str, float]) -> list[str]:
+    """Disk for N tickers at interval I, from the measured bytes per row (rows, indexes, and
+    on PostgreSQL the candle roll-up; before any VACUUM FULL)."""
+    backends = sorted(bytes_per_row)
+    lines = [
+        "",
+        "Bytes per stored row: "
+        + ", ".join(f"{name} {bytes_per_row[name]:.0f}" for name in backends)
+        + ". Capacity from them (PostgreSQL: one partition a month, 12 a year):",
+        "",
+        "| Tickers | Interval | Rows a day | "
+        + " | ".join(f"{name} a day | {name} a year" for name in backends)
+        + " |",
+        "| ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in backends) + " |",
+    ]
+    for tickers, interval in CAPACITY_CASES:
+        per_day = tickers * 86_400 // interval
+        daily = {name: per_day * bytes_per_row[name] / 2**30 for name in backends}
+        cells = " | ".join(f"{daily[name]:.2f} GiB | {daily[name] * 365:.1f} GiB" for name in backends)
+        lines.append(f"| {tickers} | {interval} s | {per_day:,} | {cells} |")
+    return lines
+
+
 def report(results: Results, plan: Plan, loader: str) -> str:
     lines = [
         "# Benchmark results",
@@ -578,6 +659,7 @@ def report(results: Results, plan: Plan, loader: str) -> str:
     lines += ["| Measure | Result |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in results.extra.items()]
     lines.append(f"| API peak RSS, full-history walk | {results.rss_mb.get('full-history walk', 0):.0f} MB |")
+    lines += capacity_table(results.bytes_per_row)
     lines += ["", "| Target | Met | Measured |", "| --- | --- | --- |"]
     lines += [f"| {name} | {'yes' if met else 'NO'} | {value} |" for name, met, value in results.targets]
     ceiling = results.load("framework ceiling (no database)")

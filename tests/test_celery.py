@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.celery_stack import TICKERS, CeleryStack, kill_pool_children
 from tests.support.databases import create_pg_database, drop_pg_database
-from tests.support.services import Process, SimServer, ThrowawayRedis
+from tests.support.services import ApiServer, Process, SimServer, ThrowawayRedis
 from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.slow
@@ -175,3 +175,34 @@ async def test_beat_and_worker_repair_recent_gaps_from_deribits_history(stack: C
     await wait_until_async(repaired, 40, interval=0.5, what="the repair job to back-fill btc_usd")
     assert_one_row_per_slot(await stack.rows(), stack.interval)
     assert '"backfill finished"' in worker.output
+
+
+async def test_two_workers_and_two_api_processes_share_one_database(stack: CeleryStack) -> None:
+    """Scale-out: two workers never store a slot twice; an API reading through
+    DATABASE_READ_URL alone (a replica's place) serves what the other API serves."""
+    stack.worker("w1")
+    stack.worker("w2")
+    beat = stack.beat()
+    writer_view = ApiServer.command(
+        "api", {"DATABASE_URL": stack.db_url, "TICKERS": ",".join(TICKERS)}, stack.tmp
+    )
+    reader_view = ApiServer.command(
+        "api", {"DATABASE_READ_URL": stack.db_url, "TICKERS": ",".join(TICKERS)}, stack.tmp
+    )
+    try:
+        await wait_for_rows(stack, per_ticker=5, timeout=40)
+        beat.stop()
+        await asyncio.sleep(2)  # a tick already published finishes
+        rows = await stack.rows()
+        assert_one_row_per_slot(rows, stack.interval)
+        for ticker in TICKERS:
+            ours, theirs = (
+                view.get("/prices", ticker=ticker, limit=1000).json() for view in (writer_view, reader_view)
+            )
+            assert ours == theirs
+            assert len(ours) == sum(1 for each, _, _ in rows if each == ticker)
+        assert "DATABASE_READ_URL" not in reader_view.output  # no start-up complaint
+        assert "Traceback" not in writer_view.output + reader_view.output
+    finally:
+        writer_view.stop()
+        reader_view.stop()

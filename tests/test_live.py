@@ -158,7 +158,7 @@ async def test_writes_of_another_process_wake_listeners_through_postgres(postgre
 
     engine = create_engine(postgresql_url)
     try:
-        async with stored_signal(engine) as stored:
+        async with stored_signal(postgresql_url) as stored:
             for attempt in range(20):  # until the listener's connection is up
                 async with engine.begin() as connection:
                     await PriceWriter(connection).insert_many(

@@ -111,6 +111,8 @@ async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
         assert await _tables(url) == {
             "alembic_version",
             "price_ticks",
+            "price_ticks_history",  # its partitions (revision 0006)
+            "price_ticks_default",
             "tracked_tickers",
             "slot_failures",
             "price_candles_1h",

@@ -50,15 +50,16 @@ def _fail(message: str, hint: str | None = None) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _require_database(settings: Settings) -> None:
-    """Stop with one line (and a hint) when the configured database cannot be reached."""
+def _require_database(settings: Settings, *, reading: bool = False) -> None:
+    """Stop with one line (and a hint) when the configured database (the one the API reads,
+    when `reading`) cannot be reached."""
     from crypto_client.db.engine import database_problem, describe_database
 
-    url = settings.database_url_value
+    url = settings.database_read_url_value if reading else settings.database_url_value
     problem = asyncio.run(database_problem(url))
     if problem is None:
         return
-    origin = database_origin(settings)
+    origin = database_origin(settings, reading=reading)
     hint = "check the setting, or run `crypto-client serve` without it for a local SQLite file"
     if "(in .env)" in origin:
         hint = "the .env file sets it (docker compose's values?); change or remove it for a local run"
@@ -130,7 +131,7 @@ def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Opti
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
-    _require_database(settings)
+    _require_database(settings, reading=True)
     _log_start("api", settings, host, port)
     http_server.serve(
         "crypto_client.api.app:create_app_from_environment", host=host, port=port, workers=workers

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
 
     backfill_interval_seconds: int = Field(default=300, ge=0, le=86400)
+    # Unset: keep everything.
+    retention_days: int | None = Field(default=None, ge=1, le=36500)
     # Unset: three ingestion intervals.
     stale_after_seconds: int | None = Field(default=None, ge=1, le=86400 * 30)
 
@@ -63,6 +65,8 @@ class Settings(BaseSettings):
     postgres_host: str | None = None
     postgres_port: int = Field(default=5432, ge=1, le=65535)
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    # API processes read here (a replica) when set; writers always use DATABASE_URL.
+    database_read_url: SecretStr | None = None
 
     celery_broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     celery_result_backend: SecretStr | None = None
@@ -90,10 +94,12 @@ class Settings(BaseSettings):
 
     @field_validator(
         "database_url",
+        "database_read_url",
         "celery_result_backend",
         "postgres_host",
         "celery_visibility_timeout_seconds",
         "stale_after_seconds",
+        "retention_days",
         mode="before",
     )
     @classmethod
@@ -142,6 +148,21 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     @property
+    def database_read_url_value(self) -> str:
+        """Where the API reads: `DATABASE_READ_URL`, else the writers' database."""
+        if self.database_read_url is not None:
+            return self.database_read_url.get_secret_value()
+        return self.database_url_value
+
+    @property
+    def listen_url(self) -> str | None:
+        """Where the API listens for stored rows: the writers' database (notifications are not
+        replicated), or nowhere when only a replica is configured (then it polls)."""
+        if self.database_read_url is not None and self.database_url is None:
+            return None
+        return self.database_url_value
+
+    @property
     def database_url_value(self) -> str:
         """The SQLAlchemy URL: `DATABASE_URL`, else the `POSTGRES_*` parts, else SQLite."""
         if self.database_url is not None:
@@ -181,9 +202,12 @@ def _where(name: str, env_file: Path) -> str:
     return names[0].upper()
 
 
-def database_origin(settings: Settings) -> str:
-    """Which setting chose the database, and from where: for start-up error messages."""
+def database_origin(settings: Settings, *, reading: bool = False) -> str:
+    """Which setting chose the database (the API's, when `reading`), and from where: for
+    start-up error messages."""
     env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+    if reading and settings.database_read_url is not None:
+        return _where("database_read_url", env_file)
     if settings.database_url is not None:
         return _where("database_url", env_file)
     if settings.postgres_host:

@@ -51,7 +51,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for extra in app.state.extra_lifespans:
             await stack.enter_async_context(extra(app))
         engine = create_engine(
-            settings.database_url_value,
+            settings.database_read_url_value,
             pool_size=settings.database_pool_size,
             read_only=True,
             statement_timeout_seconds=settings.api_statement_timeout_seconds,
@@ -63,7 +63,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
         metrics.set_tickers(settings.tickers)
-        app.state.price_feed = await stack.enter_async_context(PriceFeed(app.state.read_database).running())
+        app.state.price_feed = await stack.enter_async_context(
+            PriceFeed(app.state.read_database, settings.listen_url).running()
+        )
         _before_stop_signals(app.state.price_feed.close)
         _tune_gc()
         log.info("api started", version=__version__)

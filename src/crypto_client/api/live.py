@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 
 from crypto_client.api.deps import ReadDatabase
 from crypto_client.db.changes import stored_signal
-from crypto_client.db.engine import DatabaseUnavailableError, is_database_unavailable
+from crypto_client.db.engine import is_database_unavailable, is_query_timeout
 from crypto_client.db.repository import StoredRow
 
 log = structlog.get_logger(__name__)
@@ -27,7 +27,6 @@ READ_BATCH_ROWS = 1000
 # Wake-ups come from LISTEN/NOTIFY or this process's writers; this also finds rows written
 # by a process that could not wake us (another process on SQLite, or a lost LISTEN).
 POLL_SECONDS = 1.0
-READY_TIMEOUT_SECONDS = 5.0
 
 
 class Subscription:
@@ -54,16 +53,17 @@ class Subscription:
 
 
 class PriceFeed:
-    def __init__(self, database: ReadDatabase) -> None:
+    def __init__(self, database: ReadDatabase, listen_url: str | None) -> None:
         self._database = database
+        self._listen_url = listen_url
         self._subscriptions: set[Subscription] = set()
+        # Where the rows handed out end; None while nobody listens.
         self._last_seq: int | None = None
-        self._ready = asyncio.Event()
         self._closed = False
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator["PriceFeed"]:
-        async with stored_signal(self._database.engine) as stored:
+        async with stored_signal(self._listen_url) as stored:
             task = asyncio.create_task(self._follow(stored), name="price-feed")
             try:
                 yield self
@@ -81,24 +81,26 @@ class PriceFeed:
         self._subscriptions.clear()
 
     async def wait_ready(self) -> None:
-        """Return once the feed knows where the stored rows end; until then it cannot tell
-        a client which rows are new."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), READY_TIMEOUT_SECONDS)
-        except TimeoutError:
-            raise DatabaseUnavailableError("the live feed cannot read the database yet") from None
+        """Know where the stored rows end (a database error here is the request's: a 503);
+        a client's live rows are the ones after it."""
+        if self._last_seq is None:
+            async with self._database.reader() as reader:
+                newest = await reader.newest_seq()
+            if self._last_seq is None:
+                self._last_seq = newest
 
     @contextlib.asynccontextmanager
     async def subscribe(self, tickers: Sequence[str]) -> AsyncIterator[Subscription]:
         """Rows stored from now on, for `tickers`. Every row with a `seq` above the feed's
         position at subscription time will be queued (or the client dropped)."""
-        await self.wait_ready()
         subscription = Subscription(frozenset(tickers))
         if self._closed:
             subscription.end()
         else:
+            # Listed first: the feed keeps its position while anyone is listed.
             self._subscriptions.add(subscription)
         try:
+            await self.wait_ready()
             yield subscription
         finally:
             self._subscriptions.discard(subscription)
@@ -108,20 +110,20 @@ class PriceFeed:
             try:
                 await self._catch_up()
             except Exception as exc:
-                if not is_database_unavailable(exc):
-                    log.exception("live feed failed to read new rows")
+                if is_database_unavailable(exc) or is_query_timeout(exc):
+                    log.warning("live feed cannot read new rows, retrying", error=str(exc).splitlines()[0])
                 else:
-                    log.warning("live feed cannot read new rows, retrying", error=repr(exc))
+                    log.exception("live feed failed to read new rows")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stored.wait(), POLL_SECONDS)
             stored.clear()
 
     async def _catch_up(self) -> None:
+        if not self._subscriptions or self._last_seq is None:
+            # Nobody listens: no reads; the next client starts from the newest row.
+            self._last_seq = None
+            return
         async with self._database.reader(queued=False) as reader:
-            if self._last_seq is None:
-                self._last_seq = await reader.newest_seq()
-                self._ready.set()
-                return
             while True:
                 rows = await reader.stored_after(self._last_seq, None, limit=READ_BATCH_ROWS)
                 for stored in rows:

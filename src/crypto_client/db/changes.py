@@ -10,8 +10,11 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import structlog
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
+
+from crypto_client.db.engine import async_url
 
 log = structlog.get_logger(__name__)
 
@@ -28,9 +31,9 @@ def announce_stored() -> None:
 
 
 @contextlib.asynccontextmanager
-async def stored_signal(engine: AsyncEngine) -> AsyncIterator[asyncio.Event]:
-    """An event set whenever rows may have been stored: by this process, or (on PostgreSQL)
-    by any process writing to the same database."""
+async def stored_signal(listen_url: str | None) -> AsyncIterator[asyncio.Event]:
+    """An event set whenever rows may have been stored: by this process, or (when
+    `listen_url` is a PostgreSQL database) by any process writing to it."""
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -40,8 +43,8 @@ async def stored_signal(engine: AsyncEngine) -> AsyncIterator[asyncio.Event]:
 
     _local_listeners.add(wake)
     listener: asyncio.Task[None] | None = None
-    if engine.dialect.name == "postgresql":
-        listener = asyncio.create_task(_listen(engine, event.set), name="price-ticks-listen")
+    if listen_url is not None and make_url(listen_url).get_backend_name() == "postgresql":
+        listener = asyncio.create_task(_listen(listen_url, event.set), name="price-ticks-listen")
     try:
         yield event
     finally:
@@ -52,9 +55,9 @@ async def stored_signal(engine: AsyncEngine) -> AsyncIterator[asyncio.Event]:
                 await listener
 
 
-async def _listen(engine: AsyncEngine, wake: Callable[[], None]) -> None:
+async def _listen(url: str, wake: Callable[[], None]) -> None:
     """LISTEN on a connection of its own (not the request pool's), again after every loss."""
-    listen_engine = create_async_engine(engine.url, poolclass=NullPool)
+    listen_engine = create_async_engine(async_url(url), poolclass=NullPool)
     try:
         while True:
             try:

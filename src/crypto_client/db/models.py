@@ -7,7 +7,21 @@ from sqlalchemy import BigInteger, Dialect, Index, MetaData, Numeric, String, Te
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
-from crypto_client.domain import TICKER_MAX_LENGTH, plain_decimal
+from crypto_client.domain import MAX_TS, TICKER_MAX_LENGTH, TICKER_PATTERN, plain_decimal
+
+# Revision 0002's PostgreSQL checks, which revision 0006 repeats on every time partition.
+TICKER_CHECK = f"ticker ~ '{TICKER_PATTERN}'"
+TS_CHECK = f"ts BETWEEN 0 AND {MAX_TS} AND (slot_ts IS NULL OR slot_ts BETWEEN 0 AND ts)"
+
+
+def partition_rules(table: str) -> list[str]:
+    """What PostgreSQL cannot declare on a partitioned table, declared on each partition of
+    `price_ticks`: one row per ticker per slot, and the ticker and time rules."""
+    return [
+        f'CREATE UNIQUE INDEX "ix_{table}_ticker_slot_ts" ON "{table}" (ticker, slot_ts)',
+        f'ALTER TABLE "{table}" ADD CONSTRAINT "ck_{table}_ticker" CHECK ({TICKER_CHECK})',
+        f'ALTER TABLE "{table}" ADD CONSTRAINT "ck_{table}_ts" CHECK ({TS_CHECK})',
+    ]
 
 
 class ExactDecimal(TypeDecorator[Decimal]):

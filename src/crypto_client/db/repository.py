@@ -1,6 +1,7 @@
 """All SQL of the service. The API reads through `PriceReader`, ingestion and back-fill
 write through `PriceWriter`; neither builds a query of its own."""
 
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -16,11 +17,14 @@ from sqlalchemy import (
     Table,
     bindparam,
     case,
+    delete,
     func,
     literal,
     select,
     text,
+    tuple_,
     union_all,
+    update,
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,7 +35,14 @@ from sqlalchemy.sql.selectable import TextualSelect
 
 from crypto_client import metrics
 from crypto_client.db.changes import CHANNEL, announce_stored
-from crypto_client.db.models import ExactDecimal, HourCandle, PriceTick, SlotFailureRecord, TrackedTicker
+from crypto_client.db.models import (
+    ExactDecimal,
+    HourCandle,
+    PriceTick,
+    SlotFailureRecord,
+    TrackedTicker,
+    partition_rules,
+)
 from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
 
 _table: Table = PriceTick.__table__  # type: ignore[assignment]
@@ -248,6 +259,11 @@ class PriceReader:
         )
         return [SlotFailure(ticker, slot, cast(GapReason, reason), detail) for slot, reason, detail in result]
 
+    async def stored_tickers(self) -> list[str]:
+        """Every ticker with rows, by skipping through the primary-key index (one seek per
+        ticker, not a scan)."""
+        return list(await self._connection.scalars(_STORED_TICKERS))
+
     async def newest_seq(self) -> int:
         """The `seq` of the row stored last (0 when none has one)."""
         return int((await self._connection.execute(_NEWEST_SEQ)).scalar_one())
@@ -319,6 +335,84 @@ def _hour_rollups(rows: Sequence[tuple[str, int, Decimal, str]]) -> list[dict[st
     return list(hours.values())
 
 
+class Partition(NamedTuple):
+    name: str
+    lower: int  # inclusive, UNIX seconds
+    upper: int  # exclusive
+
+
+class PartitionAdmin:
+    """Upkeep of `price_ticks`'s time partitions on PostgreSQL (revision 0006): listing,
+    creating ahead of time, dropping. DDL with names and bounds this class makes itself."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+
+    async def partitioned(self) -> bool:
+        if self._connection.dialect.name != "postgresql":
+            return False
+        kind = await self._connection.scalar(
+            text("SELECT relkind::text FROM pg_class WHERE oid = 'price_ticks'::regclass")
+        )
+        return bool(kind == "p")
+
+    async def range_partitions(self) -> list[Partition]:
+        """The partitions with bounds (not the default one), oldest first."""
+        result = await self._connection.execute(_RANGE_PARTITIONS)
+        found = []
+        for name, bound in result:
+            match = _BOUND.search(bound)
+            if match is not None:
+                found.append(Partition(name, int(match.group(1)), int(match.group(2))))
+        return sorted(found, key=lambda partition: partition.lower)
+
+    async def create(self, partition: Partition) -> int:
+        """Create `partition` and move into it the rows the default partition holds for its
+        range (they arrived before it existed); returns how many moved. The default partition
+        takes no rows meanwhile: none can slip between the copy and the delete."""
+        name, lower, upper = self._quote(partition.name), int(partition.lower), int(partition.upper)
+        primary_key, in_range = self._quote("pk_" + partition.name), self._quote(partition.name + "_range")
+        # Only names and integers this class made go into these statements.
+        for statement in (
+            "LOCK TABLE price_ticks_default IN SHARE ROW EXCLUSIVE MODE",
+            f"CREATE TABLE {name} (LIKE price_ticks INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+            f"ALTER TABLE {name} ADD CONSTRAINT {primary_key} PRIMARY KEY (ticker, ts)",
+            # Lets ATTACH skip its scan.
+            f"ALTER TABLE {name} ADD CONSTRAINT {in_range} CHECK (ts >= {lower} AND ts < {upper})",
+            *partition_rules(partition.name),
+        ):
+            await self._connection.execute(text(statement))
+        moved = await self._connection.execute(
+            text(
+                "WITH moved AS (DELETE FROM price_ticks_default"  # noqa: S608 - see above
+                f" WHERE ts >= {lower} AND ts < {upper} RETURNING *) INSERT INTO {name} SELECT * FROM moved"
+            )
+        )
+        await self._connection.execute(
+            text(f"ALTER TABLE price_ticks ATTACH PARTITION {name} FOR VALUES FROM ({lower}) TO ({upper})")
+        )
+        return int(moved.rowcount)
+
+    async def drop(self, partition: Partition) -> None:
+        """Drop `partition`. It takes the table's exclusive lock for an instant, but waits for
+        it at most `_DROP_LOCK_TIMEOUT` (queries queue behind a waiting lock); the caller
+        tries again later. (DETACH ... CONCURRENTLY would not lock, but PostgreSQL refuses it
+        beside a default partition.)"""
+        await self._connection.execute(text(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'"))
+        await self._connection.execute(text(f"DROP TABLE {self._quote(partition.name)}"))
+
+    def _quote(self, identifier: str) -> str:
+        return str(self._connection.dialect.identifier_preparer.quote(identifier))
+
+
+_DROP_LOCK_TIMEOUT = "200ms"
+_BOUND = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
+_RANGE_PARTITIONS = text(
+    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+    " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'price_ticks'::regclass"
+)
+
+
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator["PriceWriter"]:
     """One write transaction; once it has committed rows, live readers are woken."""
@@ -365,6 +459,24 @@ class PriceWriter:
                 _TRACK[self._connection.dialect.name],
                 [{"ticker": ticker, "since_slot_ts": since_slot_ts} for ticker in tickers],
             )
+
+    async def delete_older(self, ticker: str, cutoff: int, *, limit: int) -> int:
+        """Delete up to `limit` of `ticker`'s rows with `ts < cutoff`, oldest first; returns
+        how many (fewer than `limit`: none is left)."""
+        result = await self._connection.execute(
+            _DELETE_OLDER, {"ticker": ticker, "cutoff": cutoff, "limit": limit}
+        )
+        return int(result.rowcount)
+
+    async def expire_before(self, cutoff_hour: int, first_slot: int) -> None:
+        """What describes rows before `cutoff_hour` (an hour's start) goes with them: their
+        roll-up hours and ledger entries; tracking starts again at `first_slot`, so that
+        coverage does not count the removed slots as missing."""
+        await self._connection.execute(delete(_hours).where(_hours.c.bucket < cutoff_hour))
+        await self._connection.execute(delete(_failures).where(_failures.c.slot_ts < first_slot))
+        await self._connection.execute(
+            update(_tracked).where(_tracked.c.since_slot_ts < first_slot).values(since_slot_ts=first_slot)
+        )
 
     async def record_failures(self, failures: Sequence[SlotFailure]) -> None:
         """Write ledger entries; a slot's newer entry replaces its older one."""
@@ -552,6 +664,19 @@ _MERGE_HOURS = {
     "postgresql": _merge_hours(postgresql.insert(_hours), lambda price: price),
     "sqlite": _merge_hours(sqlite.insert(_hours), lambda price: sql_cast(price, Float)),
 }
+
+_oldest = (
+    select(_c.ticker, _c.ts)
+    .where(_c.ticker == bindparam("ticker", type_=String), _c.ts < bindparam("cutoff", type_=BigInteger))
+    .order_by(_c.ts)
+    .limit(bindparam("limit", type_=Integer))
+)
+_DELETE_OLDER = delete(_table).where(tuple_(_c.ticker, _c.ts).in_(_oldest))
+# A loose index scan: each step seeks the next ticker after the previous one.
+_walk = select(func.min(_c.ticker).label("ticker")).cte("tickers", recursive=True)
+_after = select(func.min(_c.ticker)).where(_c.ticker > _walk.c.ticker).correlate(_walk).scalar_subquery()
+_walk = _walk.union_all(select(_after.label("ticker")).where(_walk.c.ticker.is_not(None)))
+_STORED_TICKERS = select(_walk.c.ticker).where(_walk.c.ticker.is_not(None))
 
 # pg_advisory_xact_lock's key: any constant no other lock of this database uses.
 _WRITERS_LOCK_KEY = 0x70726963  # "pric"

@@ -9,6 +9,7 @@ import structlog
 
 from crypto_client.config import Settings
 from crypto_client.domain import current_slot
+from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.ingestion.tick import WRITING
 
@@ -71,8 +72,9 @@ class IntervalScheduler:
 
 @asynccontextmanager
 async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalScheduler]:
-    """Ingest every interval, and repair recent gaps every `BACKFILL_INTERVAL_SECONDS`, until
-    the context exits (the database must be migrated)."""
+    """Ingest every interval, repair recent gaps every `BACKFILL_INTERVAL_SECONDS` and keep
+    the storage (partitions, `RETENTION_DAYS`) every hour, until the context exits (the
+    database must be migrated)."""
     async with open_runtime(settings) as runtime:
         scheduler = IntervalScheduler(settings.ingest_interval_seconds, runtime.run_tick)
         schedulers = [scheduler]
@@ -82,6 +84,11 @@ async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalSchedu
                 return await runtime.repair_recent()
 
             schedulers.append(IntervalScheduler(settings.backfill_interval_seconds, repair))
+
+        async def maintain(_slot: int) -> object:
+            return await runtime.maintain_storage()
+
+        schedulers.append(IntervalScheduler(MAINTENANCE_INTERVAL_SECONDS, maintain))
         for each in schedulers:
             each.start()
         stream = (

@@ -21,6 +21,7 @@ from crypto_client.db.engine import create_engine
 from crypto_client.domain import SlotFailure
 from crypto_client.ingestion.backfill import BackfillReport, backfill
 from crypto_client.ingestion.clock import SourceClock
+from crypto_client.ingestion.maintenance import MaintenanceReport, maintain_storage
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
 
@@ -105,6 +106,14 @@ class IngestionRuntime:
                 tasks.create_task(writer.flush_forever())
         finally:
             await writer.flush()  # what arrived before the stop is kept
+
+    async def maintain_storage(self) -> MaintenanceReport:
+        """Partitions ahead of time, and what `RETENTION_DAYS` no longer keeps."""
+        return await maintain_storage(
+            self.engine,
+            retention_days=self.settings.retention_days,
+            interval_seconds=self.settings.ingest_interval_seconds,
+        )
 
     async def repair_recent(self) -> list[BackfillReport]:
         """The automatic repair: the recent gaps of every configured ticker."""

@@ -15,10 +15,12 @@ from celery.schedules import schedstate, schedule
 from crypto_client import metrics
 from crypto_client.config import Settings, get_settings
 from crypto_client.domain import current_slot
+from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
 from crypto_client.logging import setup_logging
 
 INGEST_TASK = "crypto_client.ingest_tick"
 BACKFILL_TASK = "crypto_client.repair_recent"
+MAINTENANCE_TASK = "crypto_client.maintain_storage"
 SLOT_HEADER = "slot_ts"
 # A running tick refreshes its Redis claim every CLAIM_REFRESH_SECONDS; a claim not refreshed
 # for CLAIM_TTL_SECONDS belongs to a dead worker and may be taken over.
@@ -116,6 +118,11 @@ celery_app.conf.update(
             if settings.backfill_interval_seconds
             else {}
         ),
+        "maintain-storage": {
+            "task": MAINTENANCE_TASK,
+            "schedule": SlotSchedule(MAINTENANCE_INTERVAL_SECONDS),
+            "options": {"expires": MAINTENANCE_INTERVAL_SECONDS},
+        },
     },
 )
 

@@ -8,6 +8,7 @@ engine between loops fails with "Future attached to a different loop".
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
 from contextvars import copy_context
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from celery import Task, signals
 from redis.exceptions import RedisError
 
 from crypto_client.domain import current_slot
+from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
 from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
 from crypto_client.ingestion.tick import TickSummary
 from crypto_client.worker.celery_app import (
@@ -26,6 +28,7 @@ from crypto_client.worker.celery_app import (
     CLAIM_REFRESH_SECONDS,
     CLAIM_TTL_SECONDS,
     INGEST_TASK,
+    MAINTENANCE_TASK,
     SLOT_HEADER,
     celery_app,
     settings,
@@ -102,32 +105,62 @@ def ingest_tick_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | 
 @celery_app.task(name=BACKFILL_TASK, bind=True)
 def repair_recent_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
     runtime = _process_runtime()
-    with structlog.contextvars.bound_contextvars(task_id=str(self.request.id)):
-        return runtime.runner.run(_repair_locked(runtime, str(self.request.id)), context=copy_context())
+
+    async def repair() -> dict[str, int]:
+        reports = await runtime.ingestion.repair_recent()
+        return {
+            "filled": sum(report.filled for report in reports),
+            "not_repairable": sum(report.not_repairable for report in reports),
+            "failed_tickers": sum(1 for report in reports if not report.ok),
+        }
+
+    lock = _Lock("crypto-client:repair-recent", max(60, settings.backfill_interval_seconds))
+    return _run_locked(runtime, lock, str(self.request.id), repair)
 
 
-async def _repair_locked(runtime: _ProcessRuntime, task_id: str) -> dict[str, int] | None:
-    """Repair unless another repair runs: a non-blocking lock, which lapses by itself if its
-    holder dies."""
-    key = "crypto-client:repair-recent"
+@celery_app.task(name=MAINTENANCE_TASK, bind=True)
+def maintain_storage_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
+    runtime = _process_runtime()
+
+    async def maintain() -> dict[str, int]:
+        report = await runtime.ingestion.maintain_storage()
+        return {"created": len(report.created), "dropped": len(report.dropped), "deleted": report.deleted}
+
+    lock = _Lock("crypto-client:maintain-storage", MAINTENANCE_INTERVAL_SECONDS)
+    return _run_locked(runtime, lock, str(self.request.id), maintain)
+
+
+@dataclass(frozen=True)
+class _Lock:
+    key: str
+    ttl_seconds: int
+
+
+def _run_locked(
+    runtime: _ProcessRuntime, lock: _Lock, task_id: str, work: Callable[[], Awaitable[dict[str, int]]]
+) -> dict[str, int] | None:
+    with structlog.contextvars.bound_contextvars(task_id=task_id):
+        return runtime.runner.run(_locked(runtime, lock, task_id, work), context=copy_context())
+
+
+async def _locked(
+    runtime: _ProcessRuntime, lock: _Lock, task_id: str, work: Callable[[], Awaitable[dict[str, int]]]
+) -> dict[str, int] | None:
+    """Run `work` unless another worker runs it: a non-blocking lock, which lapses by itself
+    if its holder dies."""
     try:
-        if not await runtime.redis.set(key, task_id, nx=True, ex=max(60, settings.backfill_interval_seconds)):
-            log.info("repair already running elsewhere, skipping")
+        if not await runtime.redis.set(lock.key, task_id, nx=True, ex=lock.ttl_seconds):
+            log.info("already running elsewhere, skipping", lock=lock.key)
             return None
     except RedisError as exc:
-        log.warning("repair lock unavailable, skipping this run", error=repr(exc))
+        log.warning("lock unavailable, skipping this run", lock=lock.key, error=repr(exc))
         return None
     try:
-        reports = await runtime.ingestion.repair_recent()
+        return await work()
     finally:
         with suppress(RedisError):
-            if await runtime.redis.get(key) == task_id:
-                await runtime.redis.delete(key)
-    return {
-        "filled": sum(report.filled for report in reports),
-        "not_repairable": sum(report.not_repairable for report in reports),
-        "failed_tickers": sum(1 for report in reports if not report.ok),
-    }
+            if await runtime.redis.get(lock.key) == task_id:
+                await runtime.redis.delete(lock.key)
 
 
 async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> TickSummary | None:
