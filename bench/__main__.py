@@ -617,8 +617,10 @@ def capacity_table(bytes_per_row: dict[str, float]) -> list[str]:
     ]
     for tickers, interval in CAPACITY_CASES:
         per_day = tickers * 86_400 // interval
-        daily = {name: per_day * bytes_per_row[name] / 2**30 for name in backends}
-        cells = " | ".join(f"{daily[name]:.2f} GiB | {daily[name] * 365:.1f} GiB" for name in backends)
+        daily = {name: per_day * bytes_per_row[name] / 2**20 for name in backends}
+        cells = " | ".join(
+            f"{daily[name]:,.0f} MiB | {daily[name] * 365 / 2**10:,.1f} GiB" for name in backends
+        )
         lines.append(f"| {tickers} | {interval} s | {per_day:,} | {cells} |")
     return lines
 
