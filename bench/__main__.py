@@ -38,7 +38,7 @@ from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.repository import PriceWriter
 from crypto_client.domain import NewPrice
-from crypto_client.ingestion.runtime import open_runtime
+from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
 from crypto_client.sim.prices import INDEXES, SYNTHETIC_INDEXES
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, SimServer, free_port
@@ -448,26 +448,35 @@ def pgbench_ceiling(plan: Plan, url: str, results: Results) -> None:
     )
 
 
+def ingest_settings(tickers: list[str], sim: SimServer, url: str) -> Settings:
+    return Settings.model_validate(
+        {
+            "tickers": tickers,
+            "deribit_rpc_url": sim.rpc_url,
+            "database_url": url,
+            "ingest_interval_seconds": 1,
+        }
+    )
+
+
+async def tick_durations(runtime: IngestionRuntime, ticks: int = 5) -> list[float]:
+    durations = []
+    for _ in range(ticks):
+        summary = await runtime.run_tick(slot_ts=None)
+        assert summary.ok, summary
+        durations.append(summary.duration_seconds)
+        await asyncio.sleep(1.05)  # a new second: new rows, not duplicates
+    return durations
+
+
 async def ingestion_scenarios(plan: Plan, url: str, results: Results) -> None:
     sim = SimServer(WORK)
     tickers = list(INDEXES)[: plan.ingest_tickers]
     try:
         sim.faults(latency_ms=100)
-        settings = Settings.model_validate(
-            {
-                "tickers": tickers,
-                "deribit_rpc_url": sim.rpc_url,
-                "database_url": url,
-                "ingest_interval_seconds": 1,
-            }
-        )
-        durations = []
+        settings = ingest_settings(tickers, sim, url)
         async with open_runtime(settings) as runtime:
-            for _ in range(5):
-                summary = await runtime.run_tick(slot_ts=None)
-                assert summary.ok, summary
-                durations.append(summary.duration_seconds)
-                await asyncio.sleep(1.05)  # a new second: new rows, not duplicates
+            durations = await tick_durations(runtime)
             results.extra[f"Ingestion tick, {len(tickers)} tickers at 100 ms latency"] = (
                 f"median {statistics.median(durations):.3f} s, worst {max(durations):.3f} s"
                 f" (DERIBIT_MAX_CONCURRENCY={settings.deribit_max_concurrency})"
@@ -507,21 +516,8 @@ async def worker_capacity(plan: Plan, sim: SimServer, url: str, results: Results
     Deribit round trip, and what fits in 80% of a 1 s and a 60 s slot at that pace."""
     tickers = list(SYNTHETIC_INDEXES)[: 40 if plan.smoke else 200]
     sim.faults(latency_ms=50)
-    settings = Settings.model_validate(
-        {
-            "tickers": tickers,
-            "deribit_rpc_url": sim.rpc_url,
-            "database_url": url,
-            "ingest_interval_seconds": 1,
-        }
-    )
-    durations = []
-    async with open_runtime(settings) as runtime:
-        for _ in range(5):
-            summary = await runtime.run_tick(slot_ts=None)
-            assert summary.ok, summary
-            durations.append(summary.duration_seconds)
-            await asyncio.sleep(1.05)
+    async with open_runtime(ingest_settings(tickers, sim, url)) as runtime:
+        durations = await tick_durations(runtime)
     median = statistics.median(durations)
     per_second = len(tickers) / median
     results.extra[f"Ingestion tick, {len(tickers)} tickers at 50 ms latency (one process)"] = (

@@ -36,6 +36,12 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def polled_and_stored(text: str, ticker: str = "btc_usd") -> float:
+    return value(
+        text, "crypto_client_ingest_outcomes_total", source="poll", ticker=ticker, status="stored", reason=""
+    )
+
+
 def family_names(text: str) -> set[str]:
     names = set()
     for family in text_string_to_metric_families(text):
@@ -70,14 +76,7 @@ def test_serve_reports_ingestion_requests_and_the_data(serve: ApiServer) -> None
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
 
-    stored = value(
-        text,
-        "crypto_client_ingest_outcomes_total",
-        source="poll",
-        ticker="btc_usd",
-        status="stored",
-        reason="",
-    )
+    stored = polled_and_stored(text)
     assert stored >= 2
     latest = serve.get("/prices/latest", ticker="btc_usd").json()
     newest = value(text, "crypto_client_newest_price_timestamp_seconds", ticker="btc_usd")
@@ -168,15 +167,7 @@ async def test_celery_pool_processes_are_reported_by_the_worker(
         stack.publish_tick()
 
         def stored() -> float:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-            return value(
-                text,
-                "crypto_client_ingest_outcomes_total",
-                source="poll",
-                ticker="btc_usd",
-                status="stored",
-                reason="",
-            )
+            return polled_and_stored(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
 
         assert wait_until(stored, 30, what="the pool's outcome counted by the main process") == 1
     finally:
