@@ -173,4 +173,8 @@ def test_compose_commands_parse_as_the_cli_expects() -> None:
     # The api's command must bind all interfaces inside the container.
     command = SERVICES["api"]["command"]
     assert shlex.join(command).endswith("--host 0.0.0.0 --port 8000")
-    assert SERVICES["api"]["ports"] == ["8000:8000"]
+    # One host port per replica of the API.
+    replicas = SERVICES["api"]["deploy"]["replicas"]
+    assert SERVICES["api"]["ports"] == [f"8000-{8000 + replicas - 1}:8000"]
+    assert replicas >= 2
+    assert SERVICES["worker"]["deploy"]["replicas"] >= 2

@@ -226,10 +226,16 @@ def test_prometheus_config_and_grafana_dashboard_ask_for_what_exists(serve: ApiS
     assert jobs["api"].get("metrics_path", "/metrics") == "/metrics"
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     for name, job in jobs.items():
-        for target in job["static_configs"][0]["targets"]:
-            host, port = target.split(":")
-            assert host in compose, target
-            if name != "api":
+        targets = [
+            target.split(":") for config in job.get("static_configs", []) for target in config["targets"]
+        ]
+        targets += [(host, str(sd["port"])) for sd in job.get("dns_sd_configs", []) for host in sd["names"]]
+        assert targets, name
+        for host, port in targets:
+            assert host in compose, host
+            if name == "api":
+                assert any(mapping.endswith(f":{port}") for mapping in compose[host]["ports"]), port
+            else:
                 assert compose[host]["environment"]["METRICS_PORT"] == port, name
     for name in ("prometheus", "grafana"):
         assert compose[name]["profiles"] == ["monitoring"]
