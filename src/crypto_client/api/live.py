@@ -34,7 +34,6 @@ class Subscription:
         self.tickers = tickers
         # None marks the end: the client was dropped or the server is stopping.
         self.queue: asyncio.Queue[StoredRow | None] = asyncio.Queue(CLIENT_QUEUE_ROWS)
-        self.dropped = False
 
     def offer(self, stored: StoredRow) -> bool:
         """Queue `stored`; False when the client has fallen too far behind."""
@@ -141,7 +140,6 @@ class PriceFeed:
                     queued_rows=CLIENT_QUEUE_ROWS,
                     tickers=sorted(subscription.tickers),
                 )
-                subscription.dropped = True
                 subscription.end()
                 self._subscriptions.discard(subscription)
 

@@ -23,7 +23,6 @@
     gaps: [],
     ready: false,
     draws: 0,
-    liveRows: 0,
   };
   window.dashboard = state;
 
@@ -314,7 +313,6 @@
     const stream = new EventSource("/prices/stream");
     stream.addEventListener("price", (event) => {
       const row = JSON.parse(event.data);
-      state.liveRows += 1;
       const known = state.latest[row.ticker];
       if (!known || known.ts === null || row.ts >= known.ts) {
         state.latest[row.ticker] = row;
