@@ -9,14 +9,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
-from sqlalchemy.exc import DBAPIError
 
 from bench.load import Load, load
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.repository import PartitionAdmin, write_transaction
 from crypto_client.domain import NewPrice
-from crypto_client.ingestion.maintenance import month_partition
+from crypto_client.ingestion.maintenance import month_partition, when_the_table_allows
 from tests.support.databases import plain_dsn
 
 SQLITE_ROWS = 200_000
@@ -96,13 +95,8 @@ def drop_under_load(
             engine = create_engine(db_url)
             try:
                 started = time.perf_counter()
-                for _ in range(10):  # as the upkeep does: a lock not had in 200 ms is tried again
-                    try:
-                        async with engine.begin() as connection:
-                            await PartitionAdmin(connection).drop(DROPPED_MONTH)
-                        break
-                    except DBAPIError:
-                        await asyncio.sleep(0.2)
+                done, _ = await when_the_table_allows(engine, "drop", DROPPED_MONTH, PartitionAdmin.drop)
+                assert done, "the partition could not be dropped"
                 took.append(time.perf_counter() - started)
             finally:
                 await engine.dispose()

@@ -3,6 +3,7 @@ converted without losing a row, months made ahead, the default partition emptied
 whole expired months dropped, and queries that touch only the partitions they need."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -15,6 +16,7 @@ from crypto_client.db import migrations, repository
 from crypto_client.db.engine import create_engine
 from crypto_client.db.repository import PriceWriter, write_transaction
 from crypto_client.domain import NewPrice
+from crypto_client.ingestion import maintenance
 from crypto_client.ingestion.maintenance import maintain_storage, month_partition
 from tests.support.databases import create_pg_database, drop_pg_database
 
@@ -138,3 +140,33 @@ async def test_a_range_query_touches_only_its_month(converted: AsyncEngine) -> N
     assert "price_ticks_history" not in plan, plan
     assert "price_ticks_2030_02" not in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+async def test_a_busy_table_is_not_locked_for_a_drop_and_the_rows_still_go(
+    converted: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader holding the table: creating and dropping partitions give up their lock waits
+    (readers never queue behind them for long), the expired rows are deleted in batches
+    instead, and the next run makes and drops what it could not."""
+    monkeypatch.setattr(maintenance, "LOCK_RETRY_SECONDS", 0.05)
+    january = month_partition(2030, 1)
+    await maintain_storage(converted, retention_days=None, interval_seconds=60, now=january.lower)
+    async with write_transaction(converted) as writer:
+        await writer.insert_many(
+            [
+                NewPrice("eth_usd", Decimal("3.5"), ts, ts)
+                for ts in range(january.lower, january.lower + DAY, 3600)
+            ]
+        )
+    later = january.upper + 40 * DAY
+    async with converted.connect() as reader, reader.begin():
+        await reader.execute(text("SELECT count(*) FROM price_ticks"))  # its lock lasts the transaction
+        started = time.monotonic()
+        busy = await maintain_storage(converted, retention_days=30, interval_seconds=60, now=later)
+        waited = time.monotonic() - started
+    assert (busy.created, busy.dropped) == ([], [])  # April and May 2030 wait, and so do the drops
+    assert waited < 15  # it gave up waiting for the reader (which held on for good)
+    assert await scalar(converted, "SELECT count(*) FROM price_ticks WHERE ts < :c", c=busy.cutoff) == 0
+    quiet = await maintain_storage(converted, retention_days=30, interval_seconds=60, now=later)
+    assert "price_ticks_2030_01" in quiet.dropped
+    assert quiet.created == ["price_ticks_2030_04", "price_ticks_2030_05"]

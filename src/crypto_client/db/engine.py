@@ -149,6 +149,7 @@ class QueryTimeoutError(Exception):
     """A query ran longer than the API allows (`API_STATEMENT_TIMEOUT_SECONDS`)."""
 
 
+_LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE for a statement ended by statement_timeout
 
 
@@ -156,6 +157,11 @@ def is_query_timeout(error: BaseException) -> bool:
     if isinstance(error, QueryTimeoutError):
         return True
     return isinstance(error, DBAPIError) and getattr(error.orig, "sqlstate", None) == _QUERY_CANCELED
+
+
+def is_lock_timeout(error: BaseException) -> bool:
+    """A statement gave up waiting for a lock (`lock_timeout`)."""
+    return isinstance(error, DBAPIError) and getattr(error.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE
 
 
 def is_database_unavailable(error: BaseException) -> bool:

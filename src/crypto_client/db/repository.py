@@ -369,9 +369,11 @@ class PartitionAdmin:
     async def create(self, partition: Partition) -> int:
         """Create `partition` and move into it the rows the default partition holds for its
         range (they arrived before it existed); returns how many moved. The default partition
-        takes no rows meanwhile: none can slip between the copy and the delete."""
+        takes no rows meanwhile: none can slip between the copy and the delete. Attaching
+        locks the default partition for an instant: see `_wait_briefly_for_locks`."""
         name, lower, upper = self._quote(partition.name), int(partition.lower), int(partition.upper)
         primary_key, in_range = self._quote("pk_" + partition.name), self._quote(partition.name + "_range")
+        await self._wait_briefly_for_locks()
         # Only names and integers this class made go into these statements.
         for statement in (
             "LOCK TABLE price_ticks_default IN SHARE ROW EXCLUSIVE MODE",
@@ -394,18 +396,22 @@ class PartitionAdmin:
         return int(moved.rowcount)
 
     async def drop(self, partition: Partition) -> None:
-        """Drop `partition`. It takes the table's exclusive lock for an instant, but waits for
-        it at most `_DROP_LOCK_TIMEOUT` (queries queue behind a waiting lock); the caller
-        tries again later. (DETACH ... CONCURRENTLY would not lock, but PostgreSQL refuses it
-        beside a default partition.)"""
-        await self._connection.execute(text(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'"))
+        """Drop `partition`. (DETACH ... CONCURRENTLY would take no exclusive lock, but
+        PostgreSQL refuses it beside a default partition.)"""
+        await self._wait_briefly_for_locks()
         await self._connection.execute(text(f"DROP TABLE {self._quote(partition.name)}"))
+
+    async def _wait_briefly_for_locks(self) -> None:
+        # Creating and dropping partitions take exclusive locks for an instant, but a lock
+        # request waits behind running queries and new queries queue behind it: give up
+        # after `_LOCK_TIMEOUT` (the statement fails with a lock timeout; try again later).
+        await self._connection.execute(text(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'"))
 
     def _quote(self, identifier: str) -> str:
         return str(self._connection.dialect.identifier_preparer.quote(identifier))
 
 
-_DROP_LOCK_TIMEOUT = "200ms"
+_LOCK_TIMEOUT = "200ms"
 _BOUND = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
 _RANGE_PARTITIONS = text(
     "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"

@@ -4,30 +4,34 @@
   (rows that arrived for a month without one wait in the default partition and move in);
 - with `RETENTION_DAYS`, rows older than the bound are removed with what describes them (the
   candle roll-up and the ledger), so that `/coverage` does not report them as gaps. Whole
-  expired partitions are dropped (waiting at most 200 ms for the table's lock, so readers
-  never queue behind it for longer); what is left goes in small batches, each its own short
-  transaction, one ticker at a time along the primary key. Ingestion and the API never wait
-  behind a long delete.
+  expired partitions are dropped; what is left goes in small batches, each its own short
+  transaction, one ticker at a time along the primary key. Creating and dropping a partition
+  wait at most 200 ms for their locks (queries would queue behind a waiting lock) and are
+  tried again, here or in a later run. Ingestion and the API never wait behind the upkeep.
 """
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crypto_client.db.engine import is_lock_timeout
 from crypto_client.db.repository import HOUR, Partition, PartitionAdmin, PriceReader, write_transaction
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 MAINTENANCE_INTERVAL_SECONDS = 3600
 MONTHS_AHEAD = 2
 BATCH_ROWS = 5_000
-DROP_ATTEMPTS = 5
-DROP_RETRY_SECONDS = 1.0
+LOCK_ATTEMPTS = 5
+LOCK_RETRY_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -94,34 +98,45 @@ async def _create_ahead(engine: AsyncEngine, now: float, report: MaintenanceRepo
     for wanted in months_from(now, MONTHS_AHEAD + 1):
         if any(each.lower < wanted.upper and wanted.lower < each.upper for each in existing):
             continue  # covered (the history partition of revision 0006 covers whole months)
-        async with engine.begin() as connection:
-            report.moved_from_default += await PartitionAdmin(connection).create(wanted)
-        report.created.append(wanted.name)
+        # Two months ahead: a month not made now is made by a later run.
+        done, moved = await when_the_table_allows(engine, "create", wanted, PartitionAdmin.create)
+        if done:
+            report.moved_from_default += moved or 0
+            report.created.append(wanted.name)
 
 
 async def _drop_expired(engine: AsyncEngine, cutoff: int, report: MaintenanceReport) -> None:
     async with engine.connect() as connection:
-        expired = [
-            each for each in await PartitionAdmin(connection).range_partitions() if each.upper <= cutoff
-        ]
-    for partition in expired:
-        for attempt in range(DROP_ATTEMPTS):
-            try:
-                async with engine.begin() as connection:
-                    await PartitionAdmin(connection).drop(partition)
-            except DBAPIError as exc:
-                if attempt == DROP_ATTEMPTS - 1:
-                    # Its rows are deleted in batches below instead; the next run drops it.
-                    log.warning(
-                        "partition not dropped: the table stayed busy",
-                        partition=partition.name,
-                        error=str(exc),
-                    )
-                    break
-                await asyncio.sleep(DROP_RETRY_SECONDS)
-                continue
+        partitions = await PartitionAdmin(connection).range_partitions()
+    for partition in (each for each in partitions if each.upper <= cutoff):
+        # A partition not dropped now keeps its rows only until the batched deletes below.
+        done, _ = await when_the_table_allows(engine, "drop", partition, PartitionAdmin.drop)
+        if done:
             report.dropped.append(partition.name)
-            break
+
+
+async def when_the_table_allows(
+    engine: AsyncEngine,
+    what: str,
+    partition: Partition,
+    change: Callable[[PartitionAdmin, Partition], Awaitable[T]],
+) -> tuple[bool, T | None]:
+    """Run a partition change in its own transaction, retrying while it cannot get its locks
+    soon enough (queries hold the table); whether it ran, and its result."""
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            async with engine.begin() as connection:
+                return True, await change(PartitionAdmin(connection), partition)
+        except DBAPIError as exc:
+            if not is_lock_timeout(exc):
+                raise
+            if attempt == LOCK_ATTEMPTS - 1:
+                log.warning(
+                    "partition change postponed: the table stayed busy", change=what, partition=partition.name
+                )
+                break
+            await asyncio.sleep(LOCK_RETRY_SECONDS)
+    return False, None
 
 
 async def _delete_expired(
