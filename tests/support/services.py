@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import httpx
 import pytest
@@ -27,7 +27,7 @@ from tests.support.waiting import wait_until
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip locally, fail in CI: CI must never pass by skipping an integration test."""
     if IN_CI:
         pytest.fail(f"required service unavailable in CI: {reason}")
