@@ -8,15 +8,19 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
 
 from crypto_client import __version__
-from crypto_client.config import Settings, SettingsError, database_origin, get_settings
+from crypto_client.config import Settings, SettingsError, get_settings
 from crypto_client.logging import setup_logging
+
+if TYPE_CHECKING:
+    from crypto_client.startup import Need
 
 app = typer.Typer(
     help="Keeps a complete, exact history of Deribit index prices and serves it over HTTP.",
@@ -50,20 +54,23 @@ def _fail(message: str, hint: str | None = None) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _require_database(settings: Settings, *, reading: bool = False) -> None:
-    """Stop with one line (and a hint) when the configured database (the one the API reads,
-    when `reading`) cannot be reached."""
-    from crypto_client.db.engine import database_problem, describe_database
+def _warn_without_database(settings: Settings) -> None:
+    """The API outlives its database: it starts anyway and answers 503 until it is there."""
+    from crypto_client.startup import database_need, first_problem
 
-    url = settings.database_read_url_value if reading else settings.database_url_value
-    problem = asyncio.run(database_problem(url))
-    if problem is None:
-        return
-    origin = database_origin(settings, reading=reading)
-    hint = "check the setting, or run `crypto-client serve` without it for a local SQLite file"
-    if "(in .env)" in origin:
-        hint = "the .env file sets it (docker compose's values?); change or remove it for a local run"
-    raise _fail(f"cannot use the database {describe_database(url)} ({origin}): {problem}", hint)
+    problem = asyncio.run(first_problem([database_need(settings, reading=True)]))
+    if problem is not None:
+        log.warning(f"{problem}; starting anyway: /health and data endpoints answer 503 until it answers")
+
+
+def _require(needs: "Sequence[Need]", *, wait_seconds: float = 0) -> None:
+    """Stop with one line unless every need is met (waiting up to `wait_seconds` for them)."""
+    from crypto_client.startup import StartupError, require
+
+    try:
+        require(needs, wait_seconds=wait_seconds)
+    except StartupError as exc:
+        raise _fail(str(exc), exc.hint) from None
 
 
 def _require_free_port(host: str, port: int) -> None:
@@ -115,9 +122,10 @@ Port = Annotated[int | None, typer.Option(help="Port to bind (default: API_PORT)
 def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Bring the database schema up to date (alembic upgrade)."""
     from crypto_client.db import migrations
+    from crypto_client.startup import database_need
 
     settings = _settings()
-    _require_database(settings)
+    _require([database_need(settings, migrated=False)])
     migrations.upgrade(settings.database_url_value, revision)
     typer.echo(f"database migrated to {revision}")
 
@@ -131,7 +139,7 @@ def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Opti
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
-    _require_database(settings, reading=True)
+    _warn_without_database(settings)
     _log_start("api", settings, host, port)
     http_server.serve(
         "crypto_client.api.app:create_app_from_environment", host=host, port=port, workers=workers
@@ -150,11 +158,12 @@ def serve(
     """Run everything in one process: the API plus an in-process scheduler (default SQLite)."""
     from crypto_client import http_server
     from crypto_client.serve import start_simulator
+    from crypto_client.startup import database_need
 
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
-    _require_database(settings)
+    _require([database_need(settings, migrated=False)])  # serve migrates it
     if simulate:
         # The server's worker process reads its settings anew: hand it the simulator's URLs.
         simulator = start_simulator()
@@ -183,8 +192,10 @@ def ingest() -> None:
     from crypto_client.domain import current_slot
     from crypto_client.ingestion.runtime import open_runtime
     from crypto_client.ingestion.tick import TickSummary
+    from crypto_client.startup import database_need
 
     settings = _settings()
+    _require([database_need(settings)])
 
     async def run() -> TickSummary:
         async with open_runtime(settings) as runtime:
@@ -205,9 +216,10 @@ def stream() -> None:
     """
     from crypto_client import metrics
     from crypto_client.ingestion.runtime import open_runtime
+    from crypto_client.startup import database_need
 
     settings = _settings()
-    _require_database(settings)
+    _require([database_need(settings)], wait_seconds=settings.startup_wait_seconds)
     metrics.serve_on_port(settings.metrics_port)
 
     async def run() -> None:
@@ -239,6 +251,7 @@ def backfill(
     from crypto_client.domain import parse_ticker
     from crypto_client.ingestion.backfill import BackfillReport
     from crypto_client.ingestion.runtime import open_runtime
+    from crypto_client.startup import database_need
 
     settings = _settings()
     try:
@@ -246,6 +259,7 @@ def backfill(
     except ValueError as exc:
         typer.echo(f"crypto-client: --ticker: {exc}", err=True)
         raise typer.Exit(2) from None
+    _require([database_need(settings)])
 
     async def run() -> list[BackfillReport]:
         async with open_runtime(settings) as runtime:

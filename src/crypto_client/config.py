@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 from urllib.parse import quote
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from crypto_client.db.engine import check_database_url
+from crypto_client.db.engine import check_broker_url, check_database_url
 from crypto_client.domain import parse_ticker
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     celery_result_backend: SecretStr | None = None
     # Unset: derived from the interval (see `celery_visibility_timeout`).
     celery_visibility_timeout_seconds: int | None = Field(default=None, ge=2, le=86400)
+    # How long worker, beat and stream wait at start for their database and broker.
+    startup_wait_seconds: float = Field(default=300.0, ge=0, le=86400)
 
     api_latest_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     api_statement_timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
@@ -112,6 +114,29 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             check_database_url(value.get_secret_value())
+        return value
+
+    @field_validator("database_read_url")
+    @classmethod
+    def _check_database_read_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            url = value.get_secret_value()
+            check_database_url(url)
+            if not url.startswith(("postgresql", "postgres:")):
+                raise ValueError("must be a PostgreSQL URL (a streaming replica of DATABASE_URL)")
+        return value
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: SecretStr) -> SecretStr:
+        check_broker_url(value.get_secret_value())
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str):
+            return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
         return value
 
     @field_validator("tickers", mode="before")
@@ -200,6 +225,11 @@ def _where(name: str, env_file: Path) -> str:
         if candidate in from_file:
             return f"{candidate.upper()} (in {env_file})"
     return names[0].upper()
+
+
+def setting_origin(settings: Settings, field: str) -> str:
+    """The variable behind `field`, as the user spelled it, and where it was set."""
+    return _where(field, Path(str(Settings.model_config.get("env_file") or ".env")))
 
 
 def database_origin(settings: Settings, *, reading: bool = False) -> str:
