@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import api_client, make_settings
 from tests.support.commands import assert_one_clear_line, run
 from tests.support.databases import create_pg_database
 from tests.support.services import (
@@ -144,3 +145,27 @@ def test_the_coinbase_host_is_accepted(tmp_path: Path) -> None:
     )
     assert "invalid configuration" not in result.stderr
     assert "DATABASE_URL" in result.stderr
+
+
+async def test_every_answer_says_nosniff_and_the_dashboard_allows_only_its_own_assets(
+    sqlite_url: str,
+) -> None:
+    async with api_client(make_settings(sqlite_url)) as api:
+        for path in (
+            "/health",
+            "/prices?ticker=nope",
+            "/prices?limit=0",
+            "/static/dashboard/dashboard.js",
+            "/nope",
+        ):
+            assert (await api.get(path)).headers["x-content-type-options"] == "nosniff", path
+        dashboard = await api.get("/")
+        policy = {
+            directive.split()[0]: directive.split()[1:]
+            for directive in dashboard.headers["content-security-policy"].split("; ")
+        }
+        assert policy["default-src"] == ["'none'"]
+        assert policy["script-src"] == ["'self'"]
+        assert policy["frame-ancestors"] == ["'none'"]
+        assert "'unsafe-inline'" not in policy["style-src"]
+        assert dashboard.headers["x-content-type-options"] == "nosniff"
