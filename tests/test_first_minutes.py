@@ -86,7 +86,8 @@ def test_serve_simulate_shows_prices_offline_within_seconds(tmp_path: Path) -> N
         "INGEST_INTERVAL_SECONDS": "2",
         "LOG_FORMAT": "json",
     }
-    args = crypto_client("serve", "--simulate", "--port", str(port))
+    sim_port = free_port()
+    args = crypto_client("serve", "--simulate", "--port", str(port), "--sim-port", str(sim_port))
     with ApiServer(args, env, tmp_path / "demo.log", port=port, ready_path="/health") as server:
 
         def latest() -> dict[str, Any] | None:
@@ -102,6 +103,9 @@ def test_serve_simulate_shows_prices_offline_within_seconds(tmp_path: Path) -> N
             assert field in started
         assert "setup plugin" not in server.output
         assert "made up" in server.output
+        assert f'"simulator": "http://127.0.0.1:{sim_port}"' in server.output
+        faults = httpx.put(f"http://127.0.0.1:{sim_port}/_sim/faults", json={"latency_ms": 1}, timeout=5)
+        assert faults.status_code == 200
 
 
 async def test_api_docs_are_served_without_a_network(db_url: str) -> None:

@@ -73,14 +73,15 @@ def _require(needs: "Sequence[Need]", *, wait_seconds: float = 0) -> None:
         raise _fail(str(exc), exc.hint) from None
 
 
-def _require_free_port(host: str, port: int) -> None:
+def _require_free_port(host: str, port: int, *, option: str = "--port") -> None:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise _fail(f"port {port} on {host} is in use", "pass --port, or set API_PORT") from None
+                hint = "pass --port, or set API_PORT" if option == "--port" else f"pass another {option}"
+                raise _fail(f"port {port} on {host} is in use", hint) from None
             raise _fail(
                 f"cannot listen on {host}:{port}: {exc.strerror}", "check --host / API_HOST"
             ) from None
@@ -154,6 +155,10 @@ def serve(
         bool,
         typer.Option("--simulate", help="Ingest from a built-in Deribit simulator (no internet needed)."),
     ] = False,
+    sim_port: Annotated[
+        int,
+        typer.Option(min=0, max=65535, help="With --simulate: the simulator's port (0: any free one)."),
+    ] = 0,
 ) -> None:
     """Run everything in one process: the API plus an in-process scheduler (default SQLite)."""
     from crypto_client import http_server
@@ -165,8 +170,10 @@ def serve(
     _require_free_port(host, port)
     _require([database_need(settings, migrated=False)])  # serve migrates it
     if simulate:
+        if sim_port:
+            _require_free_port("127.0.0.1", sim_port, option="--sim-port")
         # The server's worker process reads its settings anew: hand it the simulator's URLs.
-        simulator = start_simulator()
+        simulator = start_simulator(sim_port)
         os.environ.update(simulator)
         settings = settings.model_copy(
             update={
@@ -176,8 +183,10 @@ def serve(
         )
         log.warning(
             "ingesting from the built-in simulator: the prices are made up",
+            simulator=settings.deribit_rpc_url.removesuffix("/api/v2"),
             deribit=settings.deribit_rpc_url,
             stream=settings.deribit_ws_url,
+            faults="PUT <simulator>/_sim/faults (see the simulator's page in the docs)",
         )
     _log_start("serve", settings, host, port)
     http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)
