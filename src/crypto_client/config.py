@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1, le=200)
     # API processes read here (a replica) when set; writers always use DATABASE_URL.
     database_read_url: SecretStr | None = None
+    # /readyz fails when the replica it reads is further behind than this.
+    database_read_max_lag_seconds: float = Field(default=30.0, gt=0, le=86400)
 
     celery_broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     celery_result_backend: SecretStr | None = None

@@ -498,8 +498,17 @@ async def livez() -> JSONBytes:
 async def readyz(database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
     now = time.time()
     stale: dict[str, str] = {}
+    replication, lagging = "not a replica", False
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), database.reader(queued=False) as reader:
+            if (replica := await reader.replication()) is not None:
+                bound = settings.database_read_max_lag_seconds
+                lagging = not replica.streaming or replica.lag_seconds > bound
+                replication = (
+                    ("ok" if not lagging else f"lagging (more than {bound:g} s)")
+                    + f": {replica.lag_seconds:.1f} s behind the primary"
+                    + ("" if replica.streaming else ", not streaming from it")
+                )
             for ticker in settings.tickers:
                 row = await reader.latest(ticker)
                 if row is None:
@@ -511,7 +520,11 @@ async def readyz(database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
     except Exception as exc:  # any failure to read is what this reports
         problem = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
         return _json({"status": "unavailable", "database": problem, "stale": {}}, status_code=503)
-    status = 503 if stale else 200
-    return _json(
-        {"status": "unavailable" if stale else "ok", "database": "ok", "stale": stale}, status_code=status
-    )
+    ready = not stale and not lagging
+    body = {
+        "status": "ok" if ready else "unavailable",
+        "database": "ok",
+        "stale": stale,
+        "replication": replication,
+    }
+    return _json(body, status_code=200 if ready else 503)

@@ -177,6 +177,11 @@ class ReadinessOut(BaseModel):
     status: str = Field(examples=["ok"])
     database: str = Field(examples=["ok"])
     stale: dict[str, str] = Field(description="Configured tickers without a fresh price, and why.")
+    replication: str = Field(
+        default="not a replica",
+        examples=["not a replica", "ok: 0.4 s behind the primary"],
+        description="Whether the replica the API reads (DATABASE_READ_URL) keeps up with the primary.",
+    )
 
 
 class TickerOut(BaseModel):

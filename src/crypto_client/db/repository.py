@@ -92,6 +92,19 @@ class StoredRow(NamedTuple):
     row: PriceRow
 
 
+class Replication(NamedTuple):
+    streaming: bool
+    lag_seconds: float
+
+
+_REPLICATION = text(
+    "SELECT pg_is_in_recovery() AS replica,"
+    " (SELECT status FROM pg_stat_wal_receiver) AS receiver,"
+    " pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() AS caught_up,"
+    " EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) AS since_replay"
+)
+
+
 class TickerStats(NamedTuple):
     ticker: str
     rows: int
@@ -276,6 +289,19 @@ class PriceReader:
         return [
             StoredRow(seq, PriceRow(ticker, price, ts, source)) for seq, ticker, price, ts, source in result
         ]
+
+    async def replication(self) -> Replication | None:
+        """None on a primary (and on SQLite); on a streaming replica, whether it streams and
+        how far its replay is behind the primary."""
+        if self._connection.dialect.name != "postgresql":
+            return None
+        row = (await self._connection.execute(_REPLICATION)).one()
+        if not row.replica:
+            return None
+        # A replica that has replayed all it received is current, however long ago the
+        # primary last wrote; only then is "time since the last replayed write" no lag.
+        lag = 0.0 if row.caught_up else float(row.since_replay or 0.0)
+        return Replication(streaming=row.receiver == "streaming", lag_seconds=lag)
 
     async def ticker_stats(self) -> list[TickerStats]:
         query = (
