@@ -180,7 +180,10 @@ def server_time_us(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # beyond Python's limit on digits converted: no time either
+            return None
     return None
 
 
