@@ -3,11 +3,14 @@
 table must then hold exactly what the tick, its logs and the runners say was stored."""
 
 import asyncio
+import contextlib
+import json
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +27,11 @@ from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary
 from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
+from tests.support.celery_stack import CeleryStack
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.pg_proxy import PgProxy
-from tests.support.services import SimServer
+from tests.support.services import SimServer, ThrowawayRedis
+from tests.support.waiting import wait_until
 
 Row = tuple[str, int, str, str]  # ticker, ts, price, source
 
@@ -189,3 +194,44 @@ def test_cli_ingest_tells_the_truth_after_a_cut_commit(sim: SimServer, database:
     assert printed == dict.fromkeys(INGEST_TICKERS, "stored")
     rows = asyncio.run(table(database))
     assert sorted(ticker for ticker, *_ in rows) == sorted(INGEST_TICKERS)
+
+
+@pytest.mark.slow
+async def test_a_celery_task_reports_only_what_was_committed(
+    sim: SimServer, redis_server: ThrowawayRedis, database: str, proxy: PgProxy, tmp_path: Path
+) -> None:
+    stack = CeleryStack(
+        tmp=tmp_path,
+        sim=sim,
+        db_url=proxy.url(database),
+        broker_url=redis_server.url,
+        interval=60,
+        extra_env={"INGEST_MAX_WRITE_DELAY_SECONDS": "30"},
+    )
+    try:
+        worker = stack.worker(concurrency=1)
+        proxy.cut_next_commit("before")
+        proxy.cut_next_commit("after")
+        await roomy_slot(60, room=30)
+        stack.publish_tick()
+        finished = await asyncio.to_thread(
+            wait_until,
+            lambda: [line for line in _json_lines(worker.output) if line.get("event") == "task finished"],
+            60,
+            what="the task to finish",
+        )
+    finally:
+        stack.stop_all()
+    assert proxy.cuts == 2
+    assert (finished[0]["stored"], finished[0]["duplicate"], finished[0]["failed"]) == (3, 0, 0)
+    assert sorted(ticker for ticker, *_ in await table(database)) == sorted(INGEST_TICKERS)
+
+
+def _json_lines(output: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in output.splitlines():
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(line)
+            if isinstance(parsed, dict):
+                lines.append(parsed)
+    return lines
