@@ -3,7 +3,10 @@ stored that was not committed; it keeps the rows and retries until space is back
 `tick lost` naming every row."""
 
 import asyncio
+import json
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,9 +20,9 @@ from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
 from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
-from tests.support.services import SimServer
+from tests.support.services import ApiServer, SimServer
 from tests.support.small_filesystem import SmallFilesystem
-from tests.support.waiting import wait_until_async
+from tests.support.waiting import wait_until, wait_until_async
 
 
 @pytest.fixture
@@ -103,3 +106,44 @@ async def test_a_full_disk_past_the_bound_is_a_tick_lost_naming_every_row(
     (lost,) = events(logs, "tick lost")
     assert sorted(row["ticker"] for row in lost["rows"]) == sorted(INGEST_TICKERS)
     assert await rows_in(engine) == []
+
+
+def _json_lines(output: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_serve_on_a_full_disk_says_stored_only_for_committed_rows(
+    sim: SimServer, disk: SmallFilesystem, tmp_path: Path
+) -> None:
+    database = disk.path / "serve.db"
+    env = {
+        "DATABASE_URL": f"sqlite:///{database}",
+        "DERIBIT_RPC_URL": sim.rpc_url,
+        "TICKERS": "btc_usd",
+        "INGEST_INTERVAL_SECONDS": "1",
+        "INGEST_MAX_WRITE_DELAY_SECONDS": "60",
+        "BACKFILL_INTERVAL_SECONDS": "0",  # only the ticks write: each claim is theirs
+        "LOG_FORMAT": "json",
+    }
+
+    def finished() -> list[dict[str, Any]]:
+        return [line for line in _json_lines(server.output) if line["event"] == "tick finished"]
+
+    with ApiServer.command("serve", env, tmp_path, ready_path="/health") as server:
+        wait_until(lambda: len(finished()) >= 2, 20, what="two ticks before the disk fills")
+        disk.fill()
+        wait_until(
+            lambda: server.output.count("database unavailable, keeping the tick") >= 3,
+            30,
+            what="ticks kept while the disk is full",
+        )
+        held = len(finished())
+        disk.free()
+        wait_until(lambda: len(finished()) >= held + 5, 60, what="the held ticks and new ones to finish")
+    claims = {line["slot_ts"]: line["stored"] for line in finished()}
+    with sqlite3.connect(database) as connection:
+        rows = dict(connection.execute("SELECT slot_ts, count(*) FROM price_ticks GROUP BY slot_ts"))
+    wrong = {slot: (said, rows.get(slot, 0)) for slot, said in claims.items() if said != rows.get(slot, 0)}
+    assert wrong == {}, "tick finished said stored (said, in the table)"
+    assert "tick lost" not in server.output
