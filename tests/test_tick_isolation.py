@@ -33,6 +33,19 @@ async def test_absurd_envelope_times_fall_back_to_the_local_clock_per_ticker(
     assert warned == {"eth_usd", "sol_usdc"}
 
 
+async def test_an_envelope_nested_too_deep_fails_only_its_ticker(
+    sim: SimServer, deribit: DeribitHttpClient, engine: AsyncEngine, db_url: str
+) -> None:
+    sim.faults("eth_usd", us_out_literal="[" * 100_000 + "]" * 100_000)
+    summary = await IngestionRuntime(ingestion_settings(sim, db_url), engine, deribit, deribit).run_tick(
+        await roomy_slot()
+    )
+    outcome = {o.ticker: o for o in summary.outcomes}
+    assert (outcome["eth_usd"].status, outcome["eth_usd"].reason) == ("failed", "deribit_failed")
+    assert "malformed" in (outcome["eth_usd"].error or "")
+    assert [outcome[t].status for t in ("btc_usd", "sol_usdc")] == ["stored", "stored"]
+
+
 class OneUnplaceable:
     """A source whose observation of `eth_usd` has a receive time that is no time at all:
     nothing the real client produces, so it is made up here to reach the last guard."""

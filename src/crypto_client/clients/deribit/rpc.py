@@ -70,7 +70,7 @@ def decode_envelope(content: bytes | str) -> RpcEnvelope | None:
     try:
         body = json.loads(content, parse_float=Decimal, parse_constant=_reject_constant)
         envelope = RpcEnvelope.model_validate(body)
-    except (ValueError, ValidationError):
+    except (ValueError, ValidationError, RecursionError):  # RecursionError: nested too deep
         return None
     if "result" not in body and envelope.error is None:
         return None
