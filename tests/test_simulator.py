@@ -148,6 +148,17 @@ def test_latency_outage_and_per_index_scope(sim: SimServer) -> None:
     assert get(sim, "get_index_price", index_name="btc_usd").status_code == 200
 
 
+def test_absurd_envelope_times_per_index(sim: SimServer) -> None:
+    huge = "9" * 300
+    sim.faults("eth_usd", us_out_literal=huge)
+    sim.faults("sol_usdc", us_out_literal='"' + "9" * 5000 + '"')
+    assert get(sim, "get_index_price", index_name="eth_usd").json()["usOut"] == int(huge)
+    served = get(sim, "get_index_price", index_name="sol_usdc").text
+    assert f'"usOut":"{"9" * 5000}"' in served.replace(" ", "")
+    untouched = get(sim, "get_index_price", index_name="btc_usd").json()
+    assert abs(untouched["usOut"] / 1e6 - time.time()) < 60
+
+
 def test_rates_are_drawn(sim: SimServer) -> None:
     sim.faults(error_rate=0.5)
     statuses = [get(sim, "get_index_price", index_name="btc_usd").status_code for _ in range(40)]

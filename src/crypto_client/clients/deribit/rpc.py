@@ -70,7 +70,7 @@ def decode_envelope(content: bytes | str) -> RpcEnvelope | None:
     try:
         body = json.loads(content, parse_float=Decimal, parse_constant=_reject_constant)
         envelope = RpcEnvelope.model_validate(body)
-    except (ValueError, ValidationError):
+    except (ValueError, ValidationError, RecursionError):  # RecursionError: nested too deep
         return None
     if "result" not in body and envelope.error is None:
         return None
@@ -180,7 +180,10 @@ def server_time_us(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # beyond Python's limit on digits converted: no time either
+            return None
     return None
 
 
