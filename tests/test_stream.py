@@ -19,12 +19,14 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
+from crypto_client.clients.deribit import ws
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import Observation
 from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.clock import SourceClock
+from crypto_client.serve import create_embedded_app
 from crypto_client.sim.faults import HostileFrame
-from tests.conftest import empty_database
+from tests.conftest import empty_database, make_settings
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
 from tests.support.waiting import wait_until, wait_until_async
 from tests.test_metrics import value
@@ -386,3 +388,46 @@ def test_polling_fills_the_slots_while_the_stream_is_out_and_the_reverse(
         assert slots == list(range(slots[0], slots[-1] + 1)), "a slot has no row"
     assert {source for *_, source in stored} == {"poll", "stream"}
     assert "Traceback" not in server.output
+
+
+async def test_a_crashed_consumer_is_restarted_and_readyz_says_so(
+    fast_sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve`'s consumer, in this process. No frame crashes it any more, so the crash is a
+    bug put in by hand: the parser raises while it is patched."""
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'serve.db'}",
+        tickers="btc_usd",
+        deribit_rpc_url=fast_sim.rpc_url,
+        deribit_ws_url=fast_sim.ws_url,
+        stream_enabled=True,
+        ingest_interval_seconds=1,
+        backfill_interval_seconds=0,
+    )
+    app = create_embedded_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://serve") as api,
+    ):
+
+        async def readiness(stream: str, status: int) -> bool:
+            response = await api.get("/readyz")
+            return response.status_code == status and response.json()["stream"].startswith(stream)
+
+        await wait_until_async(lambda: readiness("connected", 200), 20, what="the stream connected")
+        restarts = REGISTRY.get_sample_value("crypto_client_stream_restarts_total") or 0.0
+
+        def injected_bug(*_args: object) -> None:
+            raise RuntimeError("injected bug")
+
+        with capture_logs() as logs:
+            monkeypatch.setattr(ws, "parse_index_notification", injected_bug)
+            await wait_until_async(lambda: readiness("not running: RuntimeError", 503), 10, what="503")
+            assert REGISTRY.get_sample_value("crypto_client_stream_connected") == 0
+            assert (REGISTRY.get_sample_value("crypto_client_stream_restarts_total") or 0) >= restarts + 1
+            monkeypatch.undo()
+            await wait_until_async(lambda: readiness("connected", 200), 20, what="the stream back")
+    crash = next(line for line in logs if line["event"] == "price stream consumer crashed, restarting")
+    assert crash["log_level"] == "error"
+    assert crash["wait_seconds"] > 0
