@@ -133,6 +133,26 @@ async def test_a_silent_connection_trips_the_watchdog(fast_sim: SimServer) -> No
         await running.received.more_than(before, timeout=15)
 
 
+async def test_a_server_silent_from_the_start_trips_the_watchdog_before_subscribing(
+    fast_sim: SimServer,
+) -> None:
+    """No answer to set_heartbeat (a half-open connection at connect): the same watchdog, and
+    the stream subscribes once the server answers again."""
+    fast_sim.faults(ws_stall=True)
+    with capture_logs() as logs:
+        async with start(fast_sim, ["btc_usd"], stall_seconds=1) as running:
+
+            async def watchdog_fired_twice() -> bool:
+                return running.stream.reconnects >= 2
+
+            await wait_until_async(watchdog_fired_twice, 10, what="the watchdog")
+            assert not running.received.observations
+            fast_sim.faults(ws_stall=False)
+            await running.received.more_than(1, timeout=15)
+    causes = [line["cause"] for line in logs if line["event"] == "price stream disconnected, reconnecting"]
+    assert causes[0].startswith("StreamStalledError")
+
+
 async def test_refused_channels_are_reported(fast_sim: SimServer) -> None:
     fast_sim.faults(ws_drop_channels=["deribit_price_index.eth_usd"])
     with capture_logs() as logs:
