@@ -18,6 +18,8 @@ _TICKER_RE = re.compile(TICKER_PATTERN)
 
 # 9999-12-31T23:59:59Z: every stored or requested time lies in [0, MAX_TS], far inside BIGINT.
 MAX_TS = 253_402_300_799
+# Schedule intervals divide a day, so slots tile every UTC day and month (and partition).
+DAY_SECONDS = 86_400
 
 # Prices both backends store exactly (PostgreSQL NUMERIC, SQLite decimal text) and every
 # client reads back unchanged: below 10^20, at most 18 decimal places (so at most 38

@@ -182,6 +182,13 @@ class ReadinessOut(BaseModel):
         examples=["not a replica", "ok: 0.4 s behind the primary"],
         description="Whether the replica the API reads (DATABASE_READ_URL) keeps up with the primary.",
     )
+    stream: str | None = Field(
+        None,
+        examples=["connected"],
+        description="The stream consumer running in this process (`serve` with STREAM_ENABLED): "
+        "`connected`, `connecting`, or `not running: <why>` (then the status is 503); "
+        "null when none runs here.",
+    )
 
 
 class TickerOut(BaseModel):

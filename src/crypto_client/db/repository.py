@@ -484,6 +484,20 @@ class PriceWriter:
         self.stored_rows = True
         return [(ticker, ts) for ticker, ts, _, _ in new_rows]
 
+    async def stored_exactly(self, prices: Sequence[NewPrice]) -> set[tuple[str, int]]:
+        """The `(ticker, ts)` of those `prices` the table holds exactly as given (same slot,
+        price and source): how a writer whose COMMIT went unanswered recognises its own rows."""
+        if not prices:
+            return set()
+        keys = [(price.ticker, price.ts) for price in prices]
+        result = await self._connection.execute(_ROWS_AT, {"keys": keys})
+        stored = {(ticker, ts): (price, slot_ts, source) for ticker, ts, price, slot_ts, source in result}
+        return {
+            (price.ticker, price.ts)
+            for price in prices
+            if stored.get((price.ticker, price.ts)) == (price.price, price.slot_ts, price.source)
+        }
+
     async def track(self, tickers: Sequence[str], since_slot_ts: int) -> None:
         """Start tracking `tickers` at `since_slot_ts`, unless they are tracked already."""
         if tickers:
@@ -654,6 +668,9 @@ _INSERT = {
     .returning(_c.ticker, _c.ts, _c.price, _c.source),
     "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts, _c.price, _c.source),
 }
+_ROWS_AT = select(_c.ticker, _c.ts, _c.price, _c.slot_ts, _c.source).where(
+    tuple_(_c.ticker, _c.ts).in_(bindparam("keys", expanding=True))
+)
 _HOURS = (
     select(
         _hours.c.bucket,

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket
 from crypto_client import exact_json
 from crypto_client.sim.faults import FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
-from crypto_client.sim.stream import serve_stream
+from crypto_client.sim.stream import ConnectionRecord, serve_stream
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +35,7 @@ CHART_RANGES: dict[str, tuple[int, int]] = {
     "all": (730 * 86_400_000, 86_400_000),
 }
 _SERVED_KEPT = 100_000  # served prices remembered per index, for the chart
+_CONNECTIONS_KEPT = 1_000  # WebSocket connections remembered, newest last
 
 
 async def _hold(seconds: float, client_left: Callable[[], Awaitable[bool]] | None) -> None:
@@ -82,6 +83,7 @@ class Simulator:
         self.served: dict[str, deque[tuple[int, Decimal | orjson.Fragment]]] = {}
         self.faults = FaultPlan(seed=seed, default=faults or Faults())
         self.requests: Counter[str] = Counter()
+        self.ws_connections: deque[ConnectionRecord] = deque(maxlen=_CONNECTIONS_KEPT)
         self._frozen_us: dict[str | None, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
@@ -264,6 +266,7 @@ class Simulator:
             "requests": dict(self.requests),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "ws_connections": [record.as_dict() for record in self.ws_connections],
         }
 
     def reset_faults(self) -> None:
@@ -273,6 +276,7 @@ class Simulator:
     def reset_stats(self) -> None:
         self.requests.clear()
         self.max_in_flight = self.in_flight
+        self.ws_connections.clear()
 
 
 def create_sim_app(simulator: Simulator | None = None) -> Starlette:
@@ -328,6 +332,7 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             price_of=sim.serve_price,
             clock_ms=sim.clock_ms,
             known=lambda name: name in sim.walk,
+            connections=sim.ws_connections,
         )
 
     routes = [

@@ -125,6 +125,10 @@ class DeribitHttpClient:
                 return FetchResult(ticker, error=exc, attempts=exc.attempts)
             except DeribitError as exc:
                 return FetchResult(ticker, error=exc)
+            except Exception as exc:
+                # An answer nothing above foresaw still costs only its own ticker, never the tick.
+                log.exception("unexpected error fetching a price", ticker=ticker)
+                return FetchResult(ticker, error=exc)
 
         return list(await asyncio.gather(*(fetch(ticker) for ticker in tickers)))
 
