@@ -40,6 +40,8 @@ RECENT_REPAIR_SKIPS_SLOTS = 2
 # the maximum); a run that delivered prices ends the row.
 STREAM_RESTART_BACKOFF_SECONDS = 1.0
 STREAM_RESTART_MAX_BACKOFF_SECONDS = 60.0
+# How often a running stream consumer says what it did: operators see it is alive.
+STREAM_REPORT_SECONDS = 300.0
 
 
 @dataclass
@@ -48,6 +50,12 @@ class StreamHealth:
 
     stream: DeribitStream | None = None  # None while it is not running
     crash: str | None = None  # why it last stopped, while it waits to start again
+    restarts: int = 0
+    earlier_reconnects: int = 0  # of the consumers that crashed
+
+    @property
+    def reconnects(self) -> int:
+        return self.earlier_reconnects + (self.stream.reconnects if self.stream else 0)
 
     @property
     def running(self) -> bool:
@@ -57,6 +65,23 @@ class StreamHealth:
         if self.stream is None:
             return f"not running: {(self.crash or 'not started')[:200]}"
         return "connected" if self.stream.connected.is_set() else "connecting"
+
+
+async def _report_stream(writer: StreamWriter, health: StreamHealth, every_seconds: float) -> None:
+    last = (0, 0, 0)
+    while True:
+        await asyncio.sleep(every_seconds)
+        now = (writer.received, writer.stored, health.reconnects)
+        log.info(
+            "stream running",
+            state=health.describe(),
+            prices_received=now[0] - last[0],
+            rows_stored=now[1] - last[1],
+            reconnects=now[2] - last[2],
+            restarts=health.restarts,
+            period_seconds=every_seconds,
+        )
+        last = now
 
 
 def deribit_http_client(settings: Settings) -> DeribitHttpClient:
@@ -115,9 +140,12 @@ class IngestionRuntime:
             retry_unrepairable=retry_unrepairable,
         )
 
-    async def run_stream(self, health: StreamHealth | None = None) -> None:
+    async def run_stream(
+        self, health: StreamHealth | None = None, *, report_every_seconds: float = STREAM_REPORT_SECONDS
+    ) -> None:
         """Store Deribit's WebSocket prices of every configured ticker until cancelled; a
-        consumer that crashes is started again (with backoff), its state in `health`."""
+        consumer that crashes is started again (with backoff), its state in `health`. Every
+        `report_every_seconds` one line says what the stream did since the last."""
         # The stream's timestamps are another clock than HTTP's usOut: measured apart.
         writer = StreamWriter(
             self.engine,
@@ -125,10 +153,12 @@ class IngestionRuntime:
             self.settings.ingest_max_write_delay_seconds,
             SourceClock(),
         )
+        health = health or StreamHealth()
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._consume(writer, health or StreamHealth()))
+                tasks.create_task(self._consume(writer, health))
                 tasks.create_task(writer.flush_forever())
+                tasks.create_task(_report_stream(writer, health, report_every_seconds))
         finally:
             await writer.flush()  # what arrived before the stop is kept
 
@@ -147,6 +177,8 @@ class IngestionRuntime:
                     STREAM_RESTART_MAX_BACKOFF_SECONDS, STREAM_RESTART_BACKOFF_SECONDS * 2 ** (crashes - 1)
                 )
                 health.stream, health.crash = None, f"{type(exc).__name__}: {exc}"
+                health.restarts += 1
+                health.earlier_reconnects += stream.reconnects
                 metrics.STREAM_RESTARTS.inc()
                 log.exception(
                     "price stream consumer crashed, restarting",
