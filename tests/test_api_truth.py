@@ -45,7 +45,7 @@ async def api(engine: AsyncEngine, db_url: str) -> AsyncIterator[httpx.AsyncClie
     ],
 )
 async def test_an_unknown_ticker_is_the_same_404_on_every_endpoint(
-    api: httpx.AsyncClient, path: str, params: dict[str, object]
+    api: httpx.AsyncClient, path: str, params: dict[str, str | int]
 ) -> None:
     response = await api.get(path, params={"ticker": UNKNOWN, **params})
     assert response.status_code == 404, response.text
