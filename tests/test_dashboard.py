@@ -106,13 +106,34 @@ async def test_the_dashboard_shows_what_the_api_says_and_follows_it_live(
     assert [(p["time"], Decimal(str(p["value"]))) for p in values] == [
         (row["ts"], Decimal(str(row["price"]))) for row in stored
     ]
-    backfilled = [p for p in values if "color" in p]
-    assert len(backfilled) == sum(row["source"] == "backfill" for row in stored) > 0
+    # Back-filled rows have their colour, except the row before the gap: the segment leaving it
+    # (a line segment takes the colour of its first point) is transparent, so the line breaks.
+    before_gap = seeded["gap_start"] - 60
+    assert [p["time"] for p in values if p.get("color") == "transparent"] == [before_gap]
+    backfilled = [p["time"] for p in values if p.get("color") not in (None, "transparent")]
+    assert backfilled == [row["ts"] for row in stored if row["source"] == "backfill" and row["ts"] != before_gap]
+    assert len(backfilled) > 0
     coverage = api.get("/coverage", ticker="btc_usd", from_ts=drawn["points"][0]["time"]).json()
     assert [(g["from_ts"], g["slots"]) for g in drawn["gaps"]] == [(seeded["gap_start"], GAP_SLOTS)]
     assert [(g["from_ts"], g["slots"]) for g in coverage["gaps"]] == [(seeded["gap_start"], GAP_SLOTS)]
+    # Each missing slot is a whitespace point in the series itself: the line breaks there, and
+    # the gap is as wide on the time axis as the slots it lacks.
+    missing = [seeded["gap_start"] + 60 * n for n in range(GAP_SLOTS)]
     breaks = [p["time"] for p in drawn["points"] if "value" not in p]
-    assert breaks == [seeded["gap_start"]]
+    assert breaks == missing
+    before, after = missing[0] - 60, missing[-1] + 60
+    x = await page.evaluate(
+        "(times) => times.map((t) => window.dashboard.x(t))", [before - 60, before, after]
+    )
+    slot_width = x[1] - x[0]
+    assert slot_width > 0
+    assert x[2] - x[1] == pytest.approx((GAP_SLOTS + 1) * slot_width, abs=0.5)
+    # Zoomed in on the gap, for a person to look at.
+    await page.evaluate(f"() => window.dashboard.show({before - 1200}, {after + 1200})")
+    await page.wait_for_function(f"() => window.dashboard.x({after}) - window.dashboard.x({before}) > 100")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.locator("#chart").screenshot(path=ARTIFACTS / "dashboard-gap.png")
+    await page.evaluate("() => window.dashboard.fit()")
     assert "5 slots missing" in await page.locator("#gaps").inner_text()
 
     # A new price pushed through the stream appears without a reload.
