@@ -5,23 +5,22 @@ import asyncio
 import json
 import socket
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import write_transaction
-from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database
 from tests.support.services import ApiServer, ThrowawayPostgres
 
 pytestmark = pytest.mark.slow
 
-# Several export batches (10,000 rows each), and more bytes than the sockets between the
-# server and a client that stops reading can hold.
-ROWS = 30_000
+# Many export batches (10,000 rows each), and several times more bytes (about 6 MB) than
+# the sockets between the server and a client that stops reading can hold (4 MB at most
+# here): the server is still exporting when the database goes, however quickly it reads.
+ROWS = 200_000
 
 
 @pytest.fixture
@@ -29,14 +28,15 @@ async def database(throwaway_pg: ThrowawayPostgres) -> str:
     url = await create_pg_database(throwaway_pg.url)
     engine = create_engine(url)
     try:
-        for start in range(0, ROWS, 10_000):
-            async with write_transaction(engine) as writer:
-                await writer.insert_many(
-                    [
-                        NewPrice("btc_usd", Decimal(f"{40_000 + ts}.125"), ts)
-                        for ts in range(start, start + 10_000)
-                    ]
-                )
+        # Written in one statement: the export reads rows only, whoever wrote them.
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO price_ticks (ticker, ts, price, source)"
+                    " SELECT 'btc_usd', g, 40000.125 + g, 'poll' FROM generate_series(0, :last) AS g"
+                ),
+                {"last": ROWS - 1},
+            )
     finally:
         await engine.dispose()
     return url
