@@ -336,3 +336,23 @@ async def test_an_answer_without_history_is_retried_later_not_given_up(
     async with api_client(settings) as api:
         body = (await api.get("/coverage", params=window)).json()
     assert (body["missing_slots"], body["gaps"]) == (0, [])
+
+
+async def test_the_repair_leaves_slots_whose_writes_may_still_be_pending(
+    sim: SimServer, engine: AsyncEngine, db_url: str
+) -> None:
+    since = int(time.time()) - 150
+    async with engine.begin() as connection:
+        await PriceWriter(connection).track([TICKER], since)
+    settings = quick_settings(sim, db_url, ingest_max_write_delay_seconds=30)
+    # A tick writes within 2 s of fetching plus 30 s of retries; a stream batch may wait 2 x 30 s.
+    assert pending_write_seconds(settings) == 60 + 15
+    async with DeribitHttpClient(sim.rpc_url, timeout=5, max_retries=0) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        (report,) = await runtime.backfill()
+    finished = time.time()
+    filled = [slot for slot, _, _, source in await polled_rows(engine) if source == "backfill"]
+    assert len(filled) == report.filled > 50
+    # No slot that ended within the bound of the run was touched.
+    assert max(filled) + 1 <= finished - pending_write_seconds(settings)
+    assert max(filled) + 1 >= finished - pending_write_seconds(settings) - 5
