@@ -246,7 +246,7 @@ class _Answer:
                 chosen[slot] = (ts, price)
         return chosen
 
-    def why_unfilled(self, slot: int, interval: int, now: float) -> tuple[GapReason, str]:
+    def why_unfilled(self, slot: int, now: float) -> tuple[GapReason, str]:
         """Why the answer fills no `slot`: the history cannot reach it (`not_repairable`), or
         the answer says nothing about it (`history_unavailable`)."""
         where = f"range {self.range_name}"
@@ -281,7 +281,7 @@ def _unfilled(
     ticker: str, slot: int, earlier: SlotFailure | None, answer: _Answer, rules: _Rules
 ) -> SlotFailure:
     """The ledger entry of a slot the answer did not fill, keeping why it went missing."""
-    reason, finding = answer.why_unfilled(slot, rules.interval, rules.now)
+    reason, finding = answer.why_unfilled(slot, rules.now)
     cause = ""
     if earlier is not None and earlier.reason == "history_unavailable":
         cause = earlier.detail.partition(_BEFORE)[2]
