@@ -77,7 +77,12 @@ GapReason = Literal[
     "clock_skew",  # observed before its slot began: the scheduler's clock is ahead
     "invalid_value",  # a price this service cannot store exactly (or the database refused it)
     "database_unavailable",  # the database stayed out of reach past the write bound
-    "not_repairable",  # back-fill found no point of Deribit's history inside the slot
+    # Deribit's history cannot reach the slot: it is older than the history keeps, or the
+    # history covers it only with points farther apart than the slot (they only coarsen).
+    "not_repairable",
+    # The back-fill got no usable history around the slot yet (an empty answer, one that
+    # does not reach the slot, a hole in it): the automatic repair tries again, backing off.
+    "history_unavailable",
     "no_tick_ran",
 ]
 

@@ -18,8 +18,10 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     literal,
+    or_,
     select,
     text,
     tuple_,
@@ -123,9 +125,15 @@ class PriceReader:
         """Fails unless this connection can read `price_ticks` (reachable, migrated, allowed)."""
         await self._connection.execute(_PING)
 
-    async def latest(self, ticker: str) -> PriceRow | None:
-        row = (await self._connection.execute(_LATEST, {"ticker": ticker})).first()
+    async def latest(self, ticker: str, *, not_after: int = MAX_TS) -> PriceRow | None:
+        """The row with the largest `ts` up to `not_after` (one index seek): a bound below
+        MAX_TS keeps rows dated in the future from passing for the newest price."""
+        row = (await self._connection.execute(_LATEST, {"ticker": ticker, "not_after": not_after})).first()
         return None if row is None else PriceRow._make(row)
+
+    async def is_known(self, ticker: str) -> bool:
+        """Whether `ticker` has rows or is tracked (two index seeks)."""
+        return bool(await self._connection.scalar(_KNOWN, {"ticker": ticker}))
 
     async def page_json(
         self,
@@ -179,14 +187,15 @@ class PriceReader:
         row = (await self._connection.execute(_AT, {"ticker": ticker, "ts": ts})).first()
         return None if row is None else PriceRow._make(row)
 
-    async def latest_of(self, tickers: Sequence[str]) -> dict[str, PriceRow]:
-        """The latest row of each ticker, in one statement (an index seek per ticker)."""
+    async def latest_of(self, tickers: Sequence[str], *, not_after: int = MAX_TS) -> dict[str, PriceRow]:
+        """The latest row of each ticker up to `not_after` (as `latest`), in one statement
+        (an index seek per ticker)."""
         if not tickers:
             return {}
         # Each part is wrapped in a subquery: SQLite allows no LIMIT on a bare UNION member.
         newest = [
             select(*_ROW_COLUMNS)
-            .where(_c.ticker == literal(ticker, String))
+            .where(_c.ticker == literal(ticker, String), _c.ts <= literal(not_after, BigInteger))
             .order_by(_c.ts.desc())
             .limit(1)
             .subquery()
@@ -538,9 +547,15 @@ _PING = select(literal(1)).select_from(_table).limit(1)
 _ROW_COLUMNS = [_c[name] for name in PriceRow._fields]
 _LATEST = (
     select(*_ROW_COLUMNS)
-    .where(_c.ticker == bindparam("ticker", type_=String))
+    .where(_c.ticker == bindparam("ticker", type_=String), _c.ts <= bindparam("not_after", type_=BigInteger))
     .order_by(_c.ts.desc())
     .limit(1)
+)
+_KNOWN = select(
+    or_(
+        exists().where(_c.ticker == bindparam("ticker", type_=String)),
+        exists().where(_tracked.c.ticker == bindparam("ticker", type_=String)),
+    )
 )
 _PAGE_ROWS = (
     select(*_ROW_COLUMNS)
