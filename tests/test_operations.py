@@ -169,3 +169,24 @@ async def test_every_answer_says_nosniff_and_the_dashboard_allows_only_its_own_a
         assert policy["frame-ancestors"] == ["'none'"]
         assert "'unsafe-inline'" not in policy["style-src"]
         assert dashboard.headers["x-content-type-options"] == "nosniff"
+
+
+def test_an_offline_serve_says_once_that_deribit_is_unreachable_and_how_to_demo(tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'offline.db'}",
+        "DERIBIT_RPC_URL": f"http://127.0.0.1:{free_port()}/api/v2",  # nothing listens there
+        "DERIBIT_MAX_RETRIES": "0",
+        "INGEST_INTERVAL_SECONDS": "1",
+        "BACKFILL_INTERVAL_SECONDS": "0",
+    }
+    with ApiServer.command("serve", env, tmp_path, ready_path="/livez") as serve:
+        notice = "Deribit is unreachable"
+        wait_until(lambda: notice in serve.process.output, 30, what="the offline notice")
+        said_at = serve.process.output.count("tick finished")
+        wait_until(
+            lambda: serve.process.output.count("tick finished") >= said_at + 3, 30, what="3 more ticks"
+        )
+        assert serve.process.output.count(notice) == 1
+        line = next(line for line in serve.process.output.splitlines() if notice in line)
+        assert "crypto-client serve --simulate" in line
+        assert "DERIBIT_RPC_URL" in line
