@@ -65,6 +65,7 @@ _POSTGRES_FUNCTIONS = [
         JOIN price_ticks c ON c.ticker = h.ticker AND c.ts = a.close_ts;
     END $$
     """,
+    # (`kept`, not `old`: OLD is the trigger's own record.)
     f"""
     CREATE FUNCTION price_ticks_roll_up_insert() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
@@ -77,6 +78,7 @@ _POSTGRES_FUNCTIONS = [
               FROM new_rows GROUP BY 1, 2) a
         JOIN new_rows o ON o.ticker = a.ticker AND o.ts = a.open_ts
         JOIN new_rows c ON c.ticker = a.ticker AND c.ts = a.close_ts
+        ORDER BY a.ticker, a.bucket  -- hours locked in one order: concurrent writers cannot deadlock
         ON CONFLICT (ticker, bucket) DO UPDATE SET
             open_ts = least(kept.open_ts, excluded.open_ts),
             open = CASE WHEN excluded.open_ts < kept.open_ts THEN excluded.open ELSE kept.open END,
@@ -159,7 +161,8 @@ def _sqlite_add(row: str) -> str:
 
 def _sqlite_remove(row: str) -> str:
     """Take `row` (OLD, no longer in the table) out of its hour: the hour's rows are read
-    only to find a new open, close, high or low, when `row` was one of them."""
+    only to find a new open, close, high or low, when `row` was one of them (the roll-up's
+    prices are texts copied from rows: the same text is the same row's, or an equal one's)."""
     in_hour, key = _sqlite_in_hour(row), sqlite_price_order
     return f"""
     DELETE FROM price_candles_1h WHERE ticker = {row}.ticker AND bucket = {_sqlite_hour(row)}
@@ -174,10 +177,10 @@ def _sqlite_remove(row: str) -> str:
                    ELSE close_ts END,
         close = CASE WHEN close_ts = {row}.ts
                 THEN (SELECT price FROM price_ticks WHERE {in_hour} ORDER BY ts DESC LIMIT 1) ELSE close END,
-        high = CASE WHEN {key("high")} = {key(f"{row}.price")}
+        high = CASE WHEN high = {row}.price
                THEN (SELECT price FROM price_ticks WHERE {in_hour} ORDER BY {key("price")} DESC LIMIT 1)
                ELSE high END,
-        low = CASE WHEN {key("low")} = {key(f"{row}.price")}
+        low = CASE WHEN low = {row}.price
               THEN (SELECT price FROM price_ticks WHERE {in_hour} ORDER BY {key("price")} LIMIT 1)
               ELSE low END,
         rows = rows - 1,

@@ -8,7 +8,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
 from crypto_client.domain import (
-    MAX_PRICE_DECIMAL_PLACES,
     MAX_PRICE_INTEGER_DIGITS,
     MAX_TS,
     TICKER_MAX_LENGTH,
@@ -50,14 +49,14 @@ def roll_up_triggers(table: str) -> list[str]:
 
 def sqlite_price_order(price: str) -> str:
     """A text that sorts as the SQLite price text `price` (an SQL expression) does by value,
-    exactly: the integer part padded to 20 digits, the decimal places to 18 (the domain's
-    bounds). A REAL would round beyond 15 or 16 significant digits."""
-    with_point = f"(CASE WHEN instr({price}, '.') THEN {price} ELSE {price} || '.' END)"
-    point = f"instr({with_point}, '.')"
-    integer_zeros, decimal_zeros = "0" * MAX_PRICE_INTEGER_DIGITS, "0" * MAX_PRICE_DECIMAL_PLACES
+    exactly: the integer part padded to 20 digits (the domain's bound), then the point and the
+    decimal places (`1.5` sorts before `1.51`; equal values written differently, `1.5` and
+    `1.50`, are in either order). A REAL would round beyond 15 or 16 significant digits."""
+    integer_digits = f"(CASE WHEN instr({price}, '.') THEN instr({price}, '.') - 1 ELSE length({price}) END)"
+    zeros = "0" * MAX_PRICE_INTEGER_DIGITS
     return (
-        f"(substr('{integer_zeros}' || substr({with_point}, 1, {point} - 1), -{MAX_PRICE_INTEGER_DIGITS})"
-        f" || substr(substr({with_point}, {point} + 1) || '{decimal_zeros}', 1, {MAX_PRICE_DECIMAL_PLACES}))"
+        f"(substr('{zeros}' || {price}, {integer_digits} + 1)"
+        f" || CASE WHEN instr({price}, '.') THEN '' ELSE '.' END)"
     )
 
 
