@@ -13,9 +13,10 @@ from typing import Annotated
 
 import structlog
 import typer
+from pydantic import SecretStr
 
 from crypto_client import __version__
-from crypto_client.config import Settings, SettingsError, database_origin, get_settings
+from crypto_client.config import DEMO_SQLITE_URL, Settings, SettingsError, database_origin, get_settings
 from crypto_client.logging import setup_logging
 
 app = typer.Typer(
@@ -64,6 +65,18 @@ def _require_database(settings: Settings, *, reading: bool = False) -> None:
     if "(in .env)" in origin:
         hint = "the .env file sets it (docker compose's values?); change or remove it for a local run"
     raise _fail(f"cannot use the database {describe_database(url)} ({origin}): {problem}", hint)
+
+
+def _require_data_origin(settings: Settings, *, poll: bool = True, stream: bool = False) -> None:
+    """Stop with one line when the database holds prices of another origin than this runner's
+    sources (see `crypto_client.origin`); each write checks again."""
+    from crypto_client.db.origins import DataOriginError
+    from crypto_client.ingestion.runtime import check_data_origin
+
+    try:
+        asyncio.run(check_data_origin(settings, poll=poll, stream=stream))
+    except DataOriginError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _require_free_port(host: str, port: int) -> None:
@@ -154,6 +167,10 @@ def serve(
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
+    if simulate and settings.database_url is None and not settings.postgres_host:
+        # The demo's made-up prices get a file of their own (the server worker reads it anew).
+        os.environ["DATABASE_URL"] = DEMO_SQLITE_URL
+        settings = settings.model_copy(update={"database_url": SecretStr(DEMO_SQLITE_URL)})
     _require_database(settings)
     if simulate:
         # The server's worker process reads its settings anew: hand it the simulator's URLs.
@@ -170,6 +187,7 @@ def serve(
             deribit=settings.deribit_rpc_url,
             stream=settings.deribit_ws_url,
         )
+    _require_data_origin(settings, stream=settings.stream_enabled)
     _log_start("serve", settings, host, port)
     http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)
 
@@ -185,6 +203,7 @@ def ingest() -> None:
     from crypto_client.ingestion.tick import TickSummary
 
     settings = _settings()
+    _require_data_origin(settings)
 
     async def run() -> TickSummary:
         async with open_runtime(settings) as runtime:
@@ -208,6 +227,7 @@ def stream() -> None:
 
     settings = _settings()
     _require_database(settings)
+    _require_data_origin(settings, poll=False, stream=True)
     metrics.serve_on_port(settings.metrics_port)
 
     async def run() -> None:
@@ -246,6 +266,7 @@ def backfill(
     except ValueError as exc:
         typer.echo(f"crypto-client: --ticker: {exc}", err=True)
         raise typer.Exit(2) from None
+    _require_data_origin(settings)
 
     async def run() -> list[BackfillReport]:
         async with open_runtime(settings) as runtime:
@@ -342,9 +363,10 @@ MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 def _celery(argv: list[str]) -> None:
     import click
 
-    _settings()
+    settings = _settings()
     if argv[0] == "worker":
         _share_metrics_between_processes()
+        _require_data_origin(settings)
     from crypto_client.worker.celery_app import celery_app
 
     try:

@@ -27,6 +27,7 @@ from crypto_client.clients.deribit.rpc import (
     parse_index_notification,
 )
 from crypto_client.clients.source import Observation
+from crypto_client.origin import SIMULATOR_HEADER, origin_of
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,17 @@ class DeribitStream:
         self._ids = itertools.count(1)
         self.connected = asyncio.Event()
         self.reconnects = 0
+        # Whether the last handshake was the simulator's; None before any.
+        self._simulator: bool | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self._simulator is not None
+
+    @property
+    def origin(self) -> str:
+        """The origin of this stream's prices (see `crypto_client.origin`)."""
+        return origin_of(self.url, simulator=bool(self._simulator))
 
     async def run(self, tickers: Sequence[str], on_observation: OnObservation) -> None:
         """Stream `tickers` into `on_observation` until cancelled."""
@@ -68,6 +80,8 @@ class DeribitStream:
                 async with connect(
                     self.url, open_timeout=self._open_timeout, ping_interval=None, max_size=2**20
                 ) as websocket:
+                    handshake = websocket.response
+                    self._simulator = handshake is not None and SIMULATOR_HEADER in handshake.headers
                     await self._session(websocket, tickers, on_observation)
             except (OSError, TimeoutError, StreamStalledError, WebSocketException, InvalidHandshake) as exc:
                 self.connected.clear()
