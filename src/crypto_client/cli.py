@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
+from pydantic import SecretStr
 
 from crypto_client import __version__
-from crypto_client.config import Settings, SettingsError, get_settings
+from crypto_client.config import DEMO_SQLITE_URL, Settings, SettingsError, get_settings
 from crypto_client.logging import setup_logging
 
 if TYPE_CHECKING:
@@ -71,6 +72,18 @@ def _require(needs: "Sequence[Need]", *, wait_seconds: float = 0) -> None:
         require(needs, wait_seconds=wait_seconds)
     except StartupError as exc:
         raise _fail(str(exc), exc.hint) from None
+
+
+def _require_data_origin(settings: Settings, *, poll: bool = True, stream: bool = False) -> None:
+    """Stop with one line when the database holds prices of another origin than this runner's
+    sources (see `crypto_client.origin`); each write checks again."""
+    from crypto_client.db.origins import DataOriginError
+    from crypto_client.ingestion.runtime import check_data_origin
+
+    try:
+        asyncio.run(check_data_origin(settings, poll=poll, stream=stream))
+    except DataOriginError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _require_free_port(host: str, port: int, *, option: str = "--port") -> None:
@@ -168,6 +181,10 @@ def serve(
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
+    if simulate and settings.database_url is None and not settings.postgres_host:
+        # The demo's made-up prices get a file of their own (the server worker reads it anew).
+        os.environ["DATABASE_URL"] = DEMO_SQLITE_URL
+        settings = settings.model_copy(update={"database_url": SecretStr(DEMO_SQLITE_URL)})
     _require([database_need(settings, migrated=False)])  # serve migrates it
     if simulate:
         if sim_port:
@@ -188,6 +205,7 @@ def serve(
             stream=settings.deribit_ws_url,
             faults="PUT <simulator>/_sim/faults (see the simulator's page in the docs)",
         )
+    _require_data_origin(settings, stream=settings.stream_enabled)
     _log_start("serve", settings, host, port)
     http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)
 
@@ -205,6 +223,7 @@ def ingest() -> None:
 
     settings = _settings()
     _require([database_need(settings)])
+    _require_data_origin(settings)
 
     async def run() -> TickSummary:
         async with open_runtime(settings) as runtime:
@@ -229,6 +248,7 @@ def stream() -> None:
 
     settings = _settings()
     _require([database_need(settings)], wait_seconds=settings.startup_wait_seconds)
+    _require_data_origin(settings, poll=False, stream=True)
     metrics.serve_on_port(settings.metrics_port)
 
     async def run() -> None:
@@ -271,6 +291,7 @@ def backfill(
         typer.echo(f"crypto-client: --ticker: {exc}", err=True)
         raise typer.Exit(2) from None
     _require([database_need(settings)])
+    _require_data_origin(settings)
 
     async def run() -> list[BackfillReport]:
         async with open_runtime(settings) as runtime:
@@ -414,9 +435,10 @@ MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 def _celery(argv: list[str]) -> None:
     import click
 
-    _settings()
+    settings = _settings()
     if argv[0] == "worker":
         _share_metrics_between_processes()
+        _require_data_origin(settings)
     from crypto_client.worker.celery_app import celery_app
 
     try:

@@ -14,6 +14,8 @@ from crypto_client.db.engine import check_broker_url, check_database_url
 from crypto_client.domain import DAY_SECONDS, parse_ticker
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
+# `serve --simulate`'s default: made-up prices never go into the real default file.
+DEMO_SQLITE_URL = "sqlite+aiosqlite:///crypto-client-demo.db"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
     deribit_ws_url: str = "wss://www.deribit.com/ws/api/v2"
     stream_enabled: bool = False
     stream_stall_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # Write into a database whose prices came from another origin (see `crypto_client.origin`).
+    allow_origin_change: bool = False
 
     ingest_interval_seconds: int = Field(default=60, ge=1, le=DAY_SECONDS)
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)

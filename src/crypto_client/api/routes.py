@@ -560,7 +560,15 @@ async def health(database: ReadDatabaseDep) -> JSONBytes:
                 try:
                     async with database.reader(queued=False) as reader:
                         await reader.ping()
-                    return _json({"status": "ok", "database": "ok"})
+                        origins = await reader.data_origins()
+                    return _json(
+                        {
+                            "status": "ok",
+                            "database": "ok",
+                            "data_origin": origins.first,
+                            "data_origin_overrides": origins.by_override,
+                        }
+                    )
                 except Exception as exc:  # any failure to reach the database is what this reports
                     problem = (
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreachable'}"

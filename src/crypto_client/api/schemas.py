@@ -204,6 +204,14 @@ class TickerOut(BaseModel):
 class HealthOut(BaseModel):
     status: str = Field(examples=["ok"])
     database: str = Field(examples=["ok"])
+    data_origin: str | None = Field(
+        default=None,
+        examples=["www.deribit.com"],
+        description="Where the stored prices come from (a Deribit host, or `simulator`); null: none yet.",
+    )
+    data_origin_overrides: list[str] = Field(
+        default=[], description="Other origins that wrote here under ALLOW_ORIGIN_CHANGE."
+    )
 
 
 class ErrorOut(BaseModel):

@@ -3,7 +3,19 @@
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Dialect, Index, Integer, MetaData, Numeric, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
@@ -173,3 +185,26 @@ class SeqCounter(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # the one row: 1
     last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class DataOriginRecord(Base):
+    """Where this database's prices come from (revision 0008): the origin of its first write
+    (`by_override` false; the partial unique index allows one such row, so two writers racing
+    on an empty database cannot both claim it), and each other origin that has written here
+    under `ALLOW_ORIGIN_CHANGE`, with when it first did."""
+
+    __tablename__ = "data_origin"
+
+    origin: Mapped[str] = mapped_column(String(255), primary_key=True)
+    first_write_ts: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    by_override: Mapped[bool] = mapped_column(Boolean, nullable=False)
+
+    __table_args__ = (
+        Index(
+            None,
+            "by_override",
+            unique=True,
+            postgresql_where=text("NOT by_override"),
+            sqlite_where=text("NOT by_override"),
+        ),
+    )

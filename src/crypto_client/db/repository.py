@@ -43,6 +43,7 @@ from crypto_client.db.models import (
     roll_up_triggers,
     sqlite_price_order,
 )
+from crypto_client.db.origins import OriginRegistry, StoredOrigins
 from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
 
 _table: Table = PriceTick.__table__  # type: ignore[assignment]
@@ -310,6 +311,10 @@ class PriceReader:
         lag = 0.0 if row.caught_up else float(row.since_replay or 0.0)
         return Replication(streaming=row.receiver == "streaming", lag_seconds=lag)
 
+    async def data_origins(self) -> StoredOrigins:
+        """Where this database's prices come from (see `db.origins`)."""
+        return await OriginRegistry(self._connection).stored()
+
     async def ticker_stats(self) -> list[TickerStats]:
         query = (
             select(_c.ticker, func.count(), func.min(_c.ts), func.max(_c.ts))
@@ -459,6 +464,15 @@ class PriceWriter:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
         self.stored_rows = False
+        self._origin_checked: set[bool] = set()  # the `claim` values checked in this transaction
+
+    async def _check_origin(self, *, claim: bool) -> None:
+        """The writer's declared origin against the database's (see `db.origins`), once per
+        transaction; `claim`: prices follow, so their origin may become the database's."""
+        if claim in self._origin_checked or True in self._origin_checked:
+            return
+        await OriginRegistry(self._connection).check_declared(claim=claim)
+        self._origin_checked.add(claim)
 
     async def insert_many(self, prices: Sequence[NewPrice]) -> list[tuple[str, int]]:
         """Insert `prices`, skipping any whose `(ticker, ts)` or `(ticker, slot_ts)` is taken.
@@ -467,6 +481,7 @@ class PriceWriter:
         """
         if not prices:
             return []
+        await self._check_origin(claim=True)
         dialect = self._connection.dialect.name
         if dialect == "postgresql" and not self.stored_rows:
             # Writers take `seq` numbers and commit one at a time, so a number is visible only
@@ -500,6 +515,7 @@ class PriceWriter:
     async def track(self, tickers: Sequence[str], since_slot_ts: int) -> None:
         """Start tracking `tickers` at `since_slot_ts`, unless they are tracked already."""
         if tickers:
+            await self._check_origin(claim=False)
             await self._connection.execute(
                 _TRACK[self._connection.dialect.name],
                 [{"ticker": ticker, "since_slot_ts": since_slot_ts} for ticker in tickers],
@@ -525,6 +541,7 @@ class PriceWriter:
     async def record_failures(self, failures: Sequence[SlotFailure]) -> None:
         """Write ledger entries; a slot's newer entry replaces its older one."""
         if failures:
+            await self._check_origin(claim=False)
             await self._connection.execute(
                 _RECORD_FAILURE[self._connection.dialect.name],
                 [failure._asdict() for failure in failures],
