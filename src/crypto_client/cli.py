@@ -274,6 +274,12 @@ def sim(
     malformed_rate: Annotated[float, typer.Option(envvar="SIM_MALFORMED_RATE", min=0, max=1)] = 0.0,
     rate_limit_rate: Annotated[float, typer.Option(envvar="SIM_RATE_LIMIT_RATE", min=0, max=1)] = 0.0,
     outage: Annotated[bool, typer.Option(envvar="SIM_OUTAGE", help="Answer every request with 503.")] = False,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            envvar="SIM_MAX_CONNECTIONS", min=1, help="Refuse connections beyond this many with HTTP 429."
+        ),
+    ] = None,
     chart_step_scale: Annotated[
         float,
         typer.Option(envvar="SIM_CHART_STEP_SCALE", min=0.001, help="Scale of the chart's point spacing."),
@@ -284,8 +290,10 @@ def sim(
     Faults can be changed while it runs: PUT /_sim/faults with a JSON object.
     """
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from crypto_client.sim.app import Simulator, create_sim_app
+    from crypto_client.sim.connections import capped_protocol
     from crypto_client.sim.faults import Faults
 
     setup_logging("INFO")
@@ -297,11 +305,16 @@ def sim(
         malformed_rate=malformed_rate,
         rate_limit_rate=rate_limit_rate,
         outage=outage,
+        max_connections=max_connections,
     )
+    simulator = Simulator(seed, faults, chart_step_scale)
     uvicorn.run(
-        create_sim_app(Simulator(seed, faults, chart_step_scale)),
+        create_sim_app(simulator),
         host=host,
         port=port,
+        http=capped_protocol(
+            AutoHTTPProtocol, simulator.connections, lambda: simulator.faults.default.max_connections
+        ),
         log_config=None,
         access_log=False,
     )

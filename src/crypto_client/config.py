@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     deribit_max_concurrency: int = Field(
         default=20, ge=1, le=32, validation_alias=_deribit("max_concurrency")
     )
+    # Deribit refuses a 33rd connection per IP: the budget of every process sharing the broker.
+    deribit_max_connections: int = Field(default=24, ge=1, le=32)
 
     deribit_ws_url: str = "wss://www.deribit.com/ws/api/v2"
     stream_enabled: bool = False
@@ -78,6 +80,15 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @property
+    def shared_budget_url(self) -> str | None:
+        """The Redis that holds the host's Deribit connection budget: the broker, when one is
+        configured (set in the environment or .env) and is Redis; else none (a per-process cap)."""
+        if "celery_broker_url" not in self.model_fields_set:
+            return None
+        url = self.celery_broker_url.get_secret_value()
+        return url if url.startswith(("redis://", "rediss://", "unix://")) else None
 
     @property
     def stale_after(self) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client import metrics
+from crypto_client.clients.deribit.budget import SharedConnectionBudget
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
@@ -34,6 +35,14 @@ RECENT_REPAIR_SECONDS = 86_400
 RECENT_REPAIR_SKIPS_SLOTS = 2
 
 
+def shared_budget(settings: Settings, deribit_url: str) -> SharedConnectionBudget | None:
+    """The host's Deribit connection budget in Redis, when a broker is configured."""
+    url = settings.shared_budget_url
+    if url is None:
+        return None
+    return SharedConnectionBudget(url, deribit_url, settings.deribit_max_connections)
+
+
 def deribit_http_client(settings: Settings) -> DeribitHttpClient:
     return DeribitHttpClient(
         settings.deribit_rpc_url,
@@ -41,6 +50,8 @@ def deribit_http_client(settings: Settings) -> DeribitHttpClient:
         max_retries=settings.deribit_max_retries,
         backoff_seconds=settings.deribit_retry_backoff_seconds,
         max_concurrency=settings.deribit_max_concurrency,
+        max_connections=settings.deribit_max_connections,
+        budget=shared_budget(settings, settings.deribit_rpc_url),
     )
 
 
@@ -92,7 +103,10 @@ class IngestionRuntime:
 
     async def run_stream(self) -> None:
         """Store Deribit's WebSocket prices of every configured ticker until cancelled."""
-        stream = DeribitStream(self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds)
+        budget = shared_budget(self.settings, self.settings.deribit_ws_url)
+        stream = DeribitStream(
+            self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds, budget=budget
+        )
         # The stream's timestamps are another clock than HTTP's usOut: measured apart.
         writer = StreamWriter(
             self.engine,
@@ -106,6 +120,8 @@ class IngestionRuntime:
                 tasks.create_task(writer.flush_forever())
         finally:
             await writer.flush()  # what arrived before the stop is kept
+            if budget is not None:
+                await budget.aclose()
 
     async def maintain_storage(self) -> MaintenanceReport:
         """Partitions ahead of time, and what `RETENTION_DAYS` no longer keeps."""

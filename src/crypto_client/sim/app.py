@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from crypto_client import exact_json
+from crypto_client.sim.connections import ConnectionCount
 from crypto_client.sim.faults import FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
 from crypto_client.sim.stream import serve_stream
@@ -85,6 +86,7 @@ class Simulator:
         self._frozen_us: dict[str | None, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.connections = ConnectionCount()
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             "public/get_index_price": self._get_index_price,
             "public/get_index_price_names": lambda _params: self.walk.names,
@@ -264,6 +266,9 @@ class Simulator:
             "requests": dict(self.requests),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "connections_open": self.connections.open,
+            "max_connections_open": self.connections.max_open,
+            "refused_connections": self.connections.refused,
         }
 
     def reset_faults(self) -> None:
@@ -273,6 +278,7 @@ class Simulator:
     def reset_stats(self) -> None:
         self.requests.clear()
         self.max_in_flight = self.in_flight
+        self.connections.reset()
 
 
 def create_sim_app(simulator: Simulator | None = None) -> Starlette:

@@ -9,6 +9,7 @@ channels without an error.
 """
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -21,6 +22,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
 from crypto_client import metrics
+from crypto_client.clients.deribit.budget import SharedConnectionBudget
+from crypto_client.clients.deribit.errors import TransientDeribitError
 from crypto_client.clients.deribit.rpc import (
     PRICE_INDEX_CHANNEL,
     decode_message,
@@ -50,8 +53,11 @@ class DeribitStream:
         stall_seconds: float = 30.0,
         backoff_seconds: float = 0.5,
         open_timeout: float = 10.0,
+        budget: SharedConnectionBudget | None = None,
     ) -> None:
         self.url = url
+        # The WebSocket counts against Deribit's per-IP cap like any HTTP connection.
+        self._budget = budget
         self._heartbeat = heartbeat_seconds
         self._stall = stall_seconds
         self._backoff = backoff_seconds
@@ -64,12 +70,27 @@ class DeribitStream:
         """Stream `tickers` into `on_observation` until cancelled."""
         failures = 0
         while True:
+            slot = (
+                self._budget.lease(wait_seconds=self._open_timeout)
+                if self._budget is not None
+                else contextlib.nullcontext()
+            )
             try:
-                async with connect(
-                    self.url, open_timeout=self._open_timeout, ping_interval=None, max_size=2**20
-                ) as websocket:
+                async with (
+                    slot,
+                    connect(
+                        self.url, open_timeout=self._open_timeout, ping_interval=None, max_size=2**20
+                    ) as websocket,
+                ):
                     await self._session(websocket, tickers, on_observation)
-            except (OSError, TimeoutError, StreamStalledError, WebSocketException, InvalidHandshake) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                StreamStalledError,
+                WebSocketException,
+                InvalidHandshake,
+                TransientDeribitError,
+            ) as exc:
                 self.connected.clear()
                 metrics.STREAM_CONNECTED.set(0)
                 metrics.STREAM_RECONNECTS.inc()
