@@ -134,7 +134,11 @@ def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Opti
     _require_database(settings, reading=True)
     _log_start("api", settings, host, port)
     http_server.serve(
-        "crypto_client.api.app:create_app_from_environment", host=host, port=port, workers=workers
+        "crypto_client.api.app:create_app_from_environment",
+        host=host,
+        port=port,
+        workers=workers,
+        idle_timeout_seconds=settings.api_keepalive_timeout_seconds,
     )
 
 
@@ -171,7 +175,12 @@ def serve(
             stream=settings.deribit_ws_url,
         )
     _log_start("serve", settings, host, port)
-    http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)
+    http_server.serve(
+        "crypto_client.serve:create_embedded_app_from_environment",
+        host=host,
+        port=port,
+        idle_timeout_seconds=settings.api_keepalive_timeout_seconds,
+    )
 
 
 @app.command()

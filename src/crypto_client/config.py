@@ -77,6 +77,11 @@ class Settings(BaseSettings):
 
     api_latest_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     api_statement_timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Idle keep-alive connections, and request headers slower than this, are closed.
+    api_keepalive_timeout_seconds: float = Field(default=15.0, ge=1, le=3600)
+    # Per API process: more concurrent clients get a 503 with Retry-After.
+    api_max_streams: int = Field(default=1000, ge=1, le=100_000)
+    api_max_exports: int = Field(default=4, ge=1, le=1000)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
