@@ -12,6 +12,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from crypto_client import exact_json, metrics
 from crypto_client.api import live
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
+from crypto_client.api.limits import ExportSlot, StreamSlot
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
 from crypto_client.api.schemas import (
     CANDLE_SECONDS,
@@ -274,6 +275,7 @@ async def snapshot(
 
 @repeatable_router.get(
     "/prices/stream",
+    dependencies=[StreamSlot],
     responses={
         200: {
             "description": "Server-Sent Events: one `price` event per stored row, its `id` the row's "
@@ -331,6 +333,7 @@ async def prometheus_metrics(database: ReadDatabaseDep, settings: SettingsDep) -
 
 @router.get(
     "/prices/export",
+    dependencies=[ExportSlot],
     responses={
         200: {
             "description": "The whole range as a file, streamed oldest first.",
