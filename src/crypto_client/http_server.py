@@ -74,13 +74,16 @@ def worker_app() -> Any:
 
 
 def _end_with_server() -> None:
-    """Ask Linux for SIGTERM when the parent (the server process) dies, even by `kill -9`:
-    an orphaned worker would hold the port and, under `serve`, keep ingesting."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("cannot ask for a signal at the server's death", errno=ctypes.get_errno())
-        return
+    """End this worker when the server process dies, even by `kill -9`: an orphaned worker
+    would hold the port and, under `serve`, keep ingesting.
+
+    SIGKILL, not SIGTERM: a SIGTERM arriving while the worker still starts, before granian
+    listens for it, was seen to leave the worker running. Whatever a killed worker was writing
+    is rolled back by the database, never half-stored.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("cannot ask for a signal at the server's death", errno=ctypes.get_errno())
     if os.getppid() != int(os.environ.get(_SERVER_PID_VARIABLE, os.getppid())):
-        os.kill(os.getpid(), signal.SIGTERM)  # it died before the request took effect
+        os._exit(1)  # orphaned before the request took effect: nothing has started yet
