@@ -378,3 +378,23 @@ def test_chart_faults_from_the_command_line(tmp_path: Path) -> None:
         assert stats["methods"]["public/get_index_chart_data"] == {"requests": 1, "max_in_flight": 1}
     finally:
         process.stop()
+
+
+def test_max_connections_refuses_the_next_connection_with_a_bare_429(tmp_path: Path) -> None:
+    capped = SimServer(tmp_path, 0, "--max-connections", "2")
+    try:
+        # Two idle keep-alive connections fill the cap: connections count, not requests.
+        held = [httpx.Client(), httpx.Client()]
+        for client in held:
+            assert client.get(f"{capped.rpc_url}/public/test").status_code == 200
+        refused = httpx.get(f"{capped.rpc_url}/public/test")
+        assert refused.status_code == 429
+        assert refused.content == b""
+        stats = capped.stats  # its own connection would be refused too: free one first
+        held.pop().close()
+        wait_until(lambda: stats()["refused_connections"] >= 1, 10, what="the refusal counted")
+        assert stats()["max_connections_open"] == 2
+    finally:
+        for client in held:
+            client.close()
+        capped.stop()

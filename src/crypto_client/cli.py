@@ -156,7 +156,11 @@ def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Opti
     _warn_without_database(settings)
     _log_start("api", settings, host, port)
     http_server.serve(
-        "crypto_client.api.app:create_app_from_environment", host=host, port=port, workers=workers
+        "crypto_client.api.app:create_app_from_environment",
+        host=host,
+        port=port,
+        workers=workers,
+        idle_timeout_seconds=settings.api_keepalive_timeout_seconds,
     )
 
 
@@ -207,7 +211,12 @@ def serve(
         )
     _require_data_origin(settings, stream=settings.stream_enabled)
     _log_start("serve", settings, host, port)
-    http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)
+    http_server.serve(
+        "crypto_client.serve:create_embedded_app_from_environment",
+        host=host,
+        port=port,
+        idle_timeout_seconds=settings.api_keepalive_timeout_seconds,
+    )
 
 
 @app.command()
@@ -328,6 +337,12 @@ def sim(
     chart_bad_point_rate: Annotated[
         float, typer.Option(envvar="SIM_CHART_BAD_POINT_RATE", min=0, max=1)
     ] = 0.0,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            envvar="SIM_MAX_CONNECTIONS", min=1, help="Refuse connections beyond this many with HTTP 429."
+        ),
+    ] = None,
     chart_step_scale: Annotated[
         float,
         typer.Option(envvar="SIM_CHART_STEP_SCALE", min=0.001, help="Scale of the chart's point spacing."),
@@ -363,8 +378,10 @@ def sim(
     Faults can be changed while it runs: PUT /_sim/faults with a JSON object.
     """
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from crypto_client.sim.app import Simulator, create_sim_app
+    from crypto_client.sim.connections import capped_protocol
     from crypto_client.sim.faults import Faults
 
     setup_logging("INFO")
@@ -379,6 +396,7 @@ def sim(
         chart_empty_rate=chart_empty_rate,
         chart_out_of_window_rate=chart_out_of_window_rate,
         chart_bad_point_rate=chart_bad_point_rate,
+        max_connections=max_connections,
     )
     try:
         faults = faults.update(
@@ -391,10 +409,14 @@ def sim(
         )
     except ValueError as exc:
         raise _fail(f"--ws-hostile: {exc}") from None
+    simulator = Simulator(seed, faults, chart_step_scale)
     uvicorn.run(
-        create_sim_app(Simulator(seed, faults, chart_step_scale)),
+        create_sim_app(simulator),
         host=host,
         port=port,
+        http=capped_protocol(
+            AutoHTTPProtocol, simulator.connections, lambda: simulator.faults.default.max_connections
+        ),
         log_config=None,
         access_log=False,
     )

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     deribit_max_concurrency: int = Field(
         default=20, ge=1, le=32, validation_alias=_deribit("max_concurrency")
     )
+    # Deribit refuses a 33rd connection per IP: the budget of every process sharing the broker.
+    deribit_max_connections: int = Field(default=24, ge=1, le=32)
 
     deribit_ws_url: str = "wss://www.deribit.com/ws/api/v2"
     stream_enabled: bool = False
@@ -83,9 +85,23 @@ class Settings(BaseSettings):
 
     api_latest_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     api_statement_timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Idle keep-alive connections, and request headers slower than this, are closed.
+    api_keepalive_timeout_seconds: float = Field(default=15.0, ge=1, le=3600)
+    # Per API process: more concurrent clients get a 503 with Retry-After.
+    api_max_streams: int = Field(default=1000, ge=1, le=100_000)
+    api_max_exports: int = Field(default=4, ge=1, le=1000)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @property
+    def shared_budget_url(self) -> str | None:
+        """The Redis that holds the host's Deribit connection budget: the broker, when one is
+        configured (set in the environment or .env) and is Redis; else none (a per-process cap)."""
+        if "celery_broker_url" not in self.model_fields_set:
+            return None
+        url = self.celery_broker_url.get_secret_value()
+        return url if url.startswith(("redis://", "rediss://", "unix://")) else None
 
     @property
     def stale_after(self) -> int:

@@ -25,6 +25,7 @@ from crypto_client import __version__, metrics
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.errors import UnknownTickerError, unknown_ticker_response
+from crypto_client.api.limits import ConcurrencyCap
 from crypto_client.api.live import PriceFeed
 from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
 from crypto_client.api.routes import repeatable_router, router
@@ -180,6 +181,9 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     )
     app.state.settings = settings or get_settings()
     app.state.extra_lifespans = tuple(lifespans)
+    settings = app.state.settings
+    app.state.stream_cap = ConcurrencyCap("live streams", settings.api_max_streams, "API_MAX_STREAMS")
+    app.state.export_cap = ConcurrencyCap("exports", settings.api_max_exports, "API_MAX_EXPORTS")
     app.include_router(router)
     app.include_router(repeatable_router)
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")

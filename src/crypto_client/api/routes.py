@@ -15,6 +15,7 @@ from crypto_client import exact_json, metrics
 from crypto_client.api import live
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
 from crypto_client.api.errors import UnknownTickerError
+from crypto_client.api.limits import ExportSlot, StreamSlot
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
 from crypto_client.api.schemas import (
     CANDLE_SECONDS,
@@ -320,6 +321,7 @@ async def snapshot(
 
 @repeatable_router.get(
     "/prices/stream",
+    dependencies=[StreamSlot],
     responses={
         200: {
             "description": "Server-Sent Events: one `price` event per stored row, its `id` the row's "
@@ -396,6 +398,7 @@ async def prometheus_metrics(database: ReadDatabaseDep, settings: SettingsDep) -
 
 @router.get(
     "/prices/export",
+    dependencies=[ExportSlot],
     responses={
         200: {
             "description": "The whole range as a file, streamed oldest first.",

@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client import metrics
+from crypto_client.clients.deribit.budget import SharedConnectionBudget
 from crypto_client.clients.deribit.http import MAX_BACKOFF_SECONDS, DeribitHttpClient
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
@@ -131,6 +132,14 @@ def pending_write_seconds(settings: Settings) -> float:
     return max(fetch + delay, 2 * delay) + LAST_WRITE_ATTEMPT_SECONDS
 
 
+def shared_budget(settings: Settings, deribit_url: str) -> SharedConnectionBudget | None:
+    """The host's Deribit connection budget in Redis, when a broker is configured."""
+    url = settings.shared_budget_url
+    if url is None:
+        return None
+    return SharedConnectionBudget(url, deribit_url, settings.deribit_max_connections)
+
+
 def deribit_http_client(settings: Settings) -> DeribitHttpClient:
     return DeribitHttpClient(
         settings.deribit_rpc_url,
@@ -138,6 +147,8 @@ def deribit_http_client(settings: Settings) -> DeribitHttpClient:
         max_retries=settings.deribit_max_retries,
         backoff_seconds=settings.deribit_retry_backoff_seconds,
         max_concurrency=settings.deribit_max_concurrency,
+        max_connections=settings.deribit_max_connections,
+        budget=shared_budget(settings, settings.deribit_rpc_url),
     )
 
 
@@ -197,8 +208,8 @@ class IngestionRuntime:
         """Store Deribit's WebSocket prices of every configured ticker until cancelled; a
         consumer that crashes is started again (with backoff), its state in `health`. Every
         `report_every_seconds` one line says what the stream did since the last."""
-        first = self._new_stream()
-        latest = _LatestStream(first)
+        budget = shared_budget(self.settings, self.settings.deribit_ws_url)
+        latest = _LatestStream(self._new_stream(budget))
         origin = WriterOrigin(latest, "DERIBIT_WS_URL", self.settings.allow_origin_change)
         # The stream's timestamps are another clock than HTTP's usOut: measured apart.
         writer = StreamWriter(
@@ -210,16 +221,27 @@ class IngestionRuntime:
         health = health or StreamHealth()
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._consume(writer, health, latest))
+                tasks.create_task(self._consume(writer, health, latest, budget))
                 tasks.create_task(writer.flush_forever())
                 tasks.create_task(_report_stream(writer, health, report_every_seconds))
         finally:
             await writer.flush()  # what arrived before the stop is kept
+            if budget is not None:
+                await budget.aclose()
 
-    def _new_stream(self) -> DeribitStream:
-        return DeribitStream(self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds)
+    def _new_stream(self, budget: SharedConnectionBudget | None) -> DeribitStream:
+        settings = self.settings
+        return DeribitStream(
+            settings.deribit_ws_url, stall_seconds=settings.stream_stall_seconds, budget=budget
+        )
 
-    async def _consume(self, writer: StreamWriter, health: StreamHealth, latest: "_LatestStream") -> None:
+    async def _consume(
+        self,
+        writer: StreamWriter,
+        health: StreamHealth,
+        latest: "_LatestStream",
+        budget: SharedConnectionBudget | None,
+    ) -> None:
         crashes = 0
         stream = latest.stream
         while True:
@@ -243,7 +265,7 @@ class IngestionRuntime:
                     wait_seconds=round(wait, 2),
                 )
                 await asyncio.sleep(wait)
-                stream = self._new_stream()
+                stream = self._new_stream(budget)
 
     async def maintain_storage(self) -> MaintenanceReport:
         """Partitions ahead of time, and what `RETENTION_DAYS` no longer keeps."""

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket
 
 from crypto_client import __version__, exact_json
 from crypto_client.origin import SIMULATOR_HEADER
+from crypto_client.sim.connections import ConnectionCount
 from crypto_client.sim.faults import BAD_CHART_POINTS, ChartFault, FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
 from crypto_client.sim.stream import ConnectionRecord, serve_stream
@@ -95,6 +96,7 @@ class Simulator:
         self.method_in_flight: Counter[str] = Counter()
         self.method_max_in_flight: Counter[str] = Counter()
         self._bad_points = itertools.cycle(BAD_CHART_POINTS)
+        self.connections = ConnectionCount()
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             "public/get_index_price": self._get_index_price,
             "public/get_index_price_names": lambda _params: self.walk.names,
@@ -311,6 +313,9 @@ class Simulator:
                 method: {"requests": count, "max_in_flight": self.method_max_in_flight[method]}
                 for method, count in self.method_requests.items()
             },
+            "connections_open": self.connections.open,
+            "max_connections_open": self.connections.max_open,
+            "refused_connections": self.connections.refused,
         }
 
     def reset_faults(self) -> None:
@@ -323,6 +328,7 @@ class Simulator:
         self.ws_connections.clear()
         self.method_requests.clear()
         self.method_max_in_flight = self.method_in_flight.copy()
+        self.connections.reset()
 
 
 class _IdentifiesItself:

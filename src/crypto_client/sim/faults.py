@@ -63,6 +63,8 @@ class Faults:
     rate_limit_rate: float = 0.0
     retry_after_seconds: float | None = None  # sent as Retry-After with rate-limit answers
     outage: bool = False  # every request fails with ERROR
+    # Deribit's cap of simultaneous connections per IP: the next one gets a bare HTTP 429.
+    max_connections: int | None = None
     fail_next: int = 0  # the next N requests fail with fail_next_kind
     fail_next_kind: FaultKind = FaultKind.ERROR
     # Deribit's clock as the envelope's usIn/usOut show it: shifted (a negative change is a
@@ -101,6 +103,8 @@ class Faults:
         for name in _RATES:
             if not 0.0 <= getattr(updated, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")
+        if updated.max_connections is not None and updated.max_connections < 1:
+            raise ValueError("max_connections must be >= 1, or null for no cap")
         if updated.fail_next < 0:
             raise ValueError("fail_next must be >= 0")
         updated.ws_drop_channels = tuple(updated.ws_drop_channels)

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import httpx
@@ -17,6 +18,7 @@ from tenacity import (
 )
 
 from crypto_client import __version__, metrics
+from crypto_client.clients.deribit.budget import SharedConnectionBudget
 from crypto_client.clients.deribit.errors import (
     DeribitError,
     PermanentDeribitError,
@@ -55,7 +57,13 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class DeribitHttpClient:
-    """One per process: it holds the HTTP connection pool. Use as an async context manager."""
+    """One per process: it holds the HTTP connection pool. Use as an async context manager.
+
+    Open connections never exceed `max_connections` in this process, nor, with a shared
+    `budget`, the budget's limit across every process that shares it: then each request holds
+    a lease while its connection is open, and closes its connection when done (an idle
+    keep-alive connection would hold a slot another process may need).
+    """
 
     history_ranges = CHART_RANGES
 
@@ -67,13 +75,18 @@ class DeribitHttpClient:
         max_retries: int = 3,
         backoff_seconds: float = 0.5,
         max_concurrency: int = 20,
+        max_connections: int = 24,
+        budget: SharedConnectionBudget | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self._budget = budget
+        open_at_most = min(max_concurrency, max_connections)
         self._max_retries = max_retries
         self._backoff_seconds = backoff_seconds
         self._backoff = wait_random_exponential(multiplier=backoff_seconds, max=MAX_BACKOFF_SECONDS)
-        self._concurrency = asyncio.Semaphore(max_concurrency)
+        self._concurrency = asyncio.Semaphore(open_at_most)
         # Whether the last answer came from this project's simulator; None before any answer.
         self._simulator: bool | None = None
         self._http = httpx.AsyncClient(
@@ -81,8 +94,8 @@ class DeribitHttpClient:
             # Idle connections are dropped before a server would close them (uvicorn, and so the
             # simulator, after 5 s): reusing one the server is closing fails the request.
             limits=httpx.Limits(
-                max_connections=max_concurrency,
-                max_keepalive_connections=max_concurrency,
+                max_connections=open_at_most,
+                max_keepalive_connections=0 if budget is not None else open_at_most,
                 keepalive_expiry=_KEEPALIVE_SECONDS,
             ),
             headers={"User-Agent": f"crypto-client/{__version__}", "Accept": "application/json"},
@@ -97,6 +110,8 @@ class DeribitHttpClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._budget is not None:
+            await self._budget.aclose()
 
     @property
     def answered(self) -> bool:
@@ -215,12 +230,15 @@ class DeribitHttpClient:
         async with self._concurrency:
             started = time.perf_counter()
             try:
-                try:
-                    response = await self._http.get(f"{self._base_url}/{method}", params=params)
-                except httpx.TimeoutException as exc:
-                    raise TransientDeribitError(f"timed out ({type(exc).__name__})") from exc
-                except httpx.TransportError as exc:
-                    raise TransientDeribitError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+                async with self._connection_slot():
+                    try:
+                        response = await self._http.get(f"{self._base_url}/{method}", params=params)
+                    except httpx.TimeoutException as exc:
+                        raise TransientDeribitError(f"timed out ({type(exc).__name__})") from exc
+                    except httpx.TransportError as exc:
+                        raise TransientDeribitError(
+                            f"connection failed: {type(exc).__name__}: {exc}"
+                        ) from exc
                 self._simulator = SIMULATOR_HEADER in response.headers
                 envelope = _check(method, response)
             except DeribitError as exc:
@@ -228,6 +246,11 @@ class DeribitHttpClient:
                 raise
             _observe(method, "ok", started)
             return envelope
+
+    def _connection_slot(self) -> AbstractAsyncContextManager[None]:
+        if self._budget is None:
+            return contextlib.nullcontext()
+        return self._budget.lease(wait_seconds=self._timeout)
 
 
 def _outcome(error: DeribitError) -> str:
@@ -247,7 +270,11 @@ def _check(method: str, response: httpx.Response) -> RpcEnvelope:
     if envelope is not None and envelope.error is not None:
         raise error_for(method, envelope.error, http_status=status, retry_after=_retry_after(response))
     if status == 429:
-        raise RateLimitedError(f"{method}: HTTP 429 Too Many Requests", retry_after=_retry_after(response))
+        # Without a JSON-RPC error, a 429 is Deribit's cap of 32 connections per IP: wait, retry.
+        raise RateLimitedError(
+            f"{method}: HTTP 429 with no JSON-RPC error (the cap of simultaneous connections per IP)",
+            retry_after=_retry_after(response),
+        )
     if status >= 500:
         raise TransientDeribitError(f"{method}: HTTP {status} from Deribit")
     if status >= 400:

@@ -9,6 +9,7 @@ channels without an error.
 """
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -21,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
 from crypto_client import metrics
+from crypto_client.clients.deribit.budget import SharedConnectionBudget
 from crypto_client.clients.deribit.rpc import (
     PRICE_INDEX_CHANNEL,
     decode_message,
@@ -61,8 +63,11 @@ class DeribitStream:
         stall_seconds: float = 30.0,
         backoff_seconds: float = 0.5,
         open_timeout: float = 10.0,
+        budget: SharedConnectionBudget | None = None,
     ) -> None:
         self.url = url
+        # The WebSocket counts against Deribit's per-IP cap like any HTTP connection.
+        self._budget = budget
         self._heartbeat = heartbeat_seconds
         self._stall = stall_seconds
         self._backoff = backoff_seconds
@@ -87,6 +92,12 @@ class DeribitStream:
         """The origin of this stream's prices (see `crypto_client.origin`)."""
         return origin_of(self.url, simulator=bool(self._simulator))
 
+    def _lease(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """A place in the host's Deribit connection budget for the connection's life."""
+        if self._budget is None:
+            return contextlib.nullcontext()
+        return self._budget.lease(wait_seconds=self._open_timeout)
+
     def _connection(self) -> connect:
         """One connection to the stream (an async context manager)."""
         return connect(
@@ -99,7 +110,7 @@ class DeribitStream:
         try:
             while True:
                 try:
-                    async with self._connection() as websocket:
+                    async with self._lease(), self._connection() as websocket:
                         handshake = websocket.response
                         self._simulator = handshake is not None and SIMULATOR_HEADER in handshake.headers
                         await self._session(websocket, tickers, on_observation)
