@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket
 from crypto_client import exact_json
 from crypto_client.sim.faults import FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
+from crypto_client.sim.served import ServedLog
 from crypto_client.sim.stream import serve_stream
 
 log = structlog.get_logger(__name__)
@@ -82,6 +83,8 @@ class Simulator:
         self.served: dict[str, deque[tuple[int, Decimal | orjson.Fragment]]] = {}
         self.faults = FaultPlan(seed=seed, default=faults or Faults())
         self.requests: Counter[str] = Counter()
+        self.record = ServedLog()
+        self._sent_us_out: int | str = 0  # the last envelope's usOut, as sent
         self._frozen_us: dict[str | None, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
@@ -143,6 +146,7 @@ class Simulator:
                 points.append(served[first])
             else:
                 points.append((bucket, self.walk.price_at(name, bucket)))
+        self.record.add_chart_points(name, points)
         return points
 
     async def answer(
@@ -200,7 +204,17 @@ class Simulator:
         try:
             if handler is None:
                 raise JsonRpcError(-32601, "Method not found")
-            return self._envelope({"result": handler(params)}, us_in, request_id, index=index)
+            result = handler(params)
+            response = self._envelope({"result": result}, us_in, request_id, index=index)
+            if method == "public/get_index_price":
+                self.record.add(
+                    "index_price",
+                    str(params["index_name"]),
+                    result["index_price"],
+                    us_in=us_in,
+                    us_out=self._sent_us_out,
+                )
+            return response
         except JsonRpcError as failure:
             error: dict[str, Any] = {"code": failure.code, "message": failure.message}
             if failure.data is not None:
@@ -229,6 +243,7 @@ class Simulator:
         index: str | None = None,
     ) -> Response:
         us_out = self._clock_us(index)
+        self._sent_us_out = us_out
         body: dict[str, Any] = {"jsonrpc": "2.0", **fields}
         if request_id is not None:
             body["id"] = request_id
@@ -236,6 +251,7 @@ class Simulator:
         literal = self.faults.for_index(index).us_out_literal
         if literal is not None:
             body["usOut"] = orjson.Fragment(literal.encode())
+            self._sent_us_out = literal
         content = exact_json.dumps(body)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 
@@ -321,6 +337,17 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             sim.reset_stats()
         return JSONResponse(sim.stats())
 
+    async def admin_served(request: Request) -> Response:
+        """What the simulator served, oldest first, from record `after` on (a page at most)."""
+        try:
+            after = int(request.query_params.get("after", "0"))
+            limit = int(request.query_params.get("limit", "10000"))
+            if after < 0 or not 1 <= limit <= 100_000:
+                raise ValueError("after must be >= 0 and limit 1 to 100000")
+        except ValueError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        return Response(orjson.dumps(sim.record.after(after, limit)), media_type="application/json")
+
     async def stream(websocket: WebSocket) -> None:
         await serve_stream(
             websocket,
@@ -328,6 +355,7 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             price_of=sim.serve_price,
             clock_ms=sim.clock_ms,
             known=lambda name: name in sim.walk,
+            record=sim.record,
         )
 
     routes = [
@@ -337,6 +365,7 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
         Route("/_sim/faults", admin_faults, methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/_sim/prices", admin_prices, methods=["PUT", "DELETE"]),
         Route("/_sim/stats", admin_stats, methods=["GET", "DELETE"]),
+        Route("/_sim/served", admin_served, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     app.state.simulator = sim

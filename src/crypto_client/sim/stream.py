@@ -11,6 +11,7 @@ import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from crypto_client import exact_json
+from crypto_client.sim.served import ServedLog
 
 log = structlog.get_logger(__name__)
 
@@ -26,9 +27,15 @@ class StreamSession:
     """One client connection: its channels, its heartbeat, and the notifications it gets."""
 
     def __init__(
-        self, websocket: WebSocket, faults: Callable[[], Any], price_of: PriceOf, clock_ms: ClockMs
+        self,
+        websocket: WebSocket,
+        faults: Callable[[], Any],
+        price_of: PriceOf,
+        clock_ms: ClockMs,
+        record: ServedLog,
     ) -> None:
         self.websocket = websocket
+        self._record = record
         self._faults = faults
         self._price_of = price_of
         self._clock_ms = clock_ms
@@ -130,6 +137,7 @@ class StreamSession:
         await self._send(
             {"jsonrpc": "2.0", "method": "subscription", "params": {"channel": channel, "data": data}}
         )
+        self._record.add("ws", name, data["price"], timestamp=data["timestamp"])
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.websocket.send_text(exact_json.dumps(message).decode())
@@ -141,9 +149,10 @@ async def serve_stream(
     price_of: PriceOf,
     clock_ms: ClockMs,
     known: Callable[[str], bool],
+    record: ServedLog,
 ) -> None:
     if faults().ws_refuse:
         await websocket.close(code=1013)  # before accepting: the handshake is refused
         return
     await websocket.accept()
-    await StreamSession(websocket, faults, price_of, clock_ms).run(known)
+    await StreamSession(websocket, faults, price_of, clock_ms, record).run(known)
