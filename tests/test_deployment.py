@@ -115,12 +115,12 @@ def test_variables_read_by_services_are_in_env_example() -> None:
     assert interpolated <= example, interpolated - example
 
 
-def test_settings_env_example_and_readme_agree() -> None:
+def test_settings_env_example_and_the_configuration_table_agree() -> None:
     settings = settings_variables()
     example = set(env_example_variables())
     assert settings == example, (settings - example, example - settings)
-    readme = (ROOT / "README.md").read_text()
-    table = set(re.findall(r"^\| `([A-Z_]+)` \|", readme, re.MULTILINE))
+    page = (ROOT / "docs/configuration.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z_]+)` \|", page, re.MULTILINE))
     assert settings == table, (settings - table, table - settings)
 
 
