@@ -1,0 +1,454 @@
+"""The chaos run: the real processes against the simulator, faults injected at random from a
+seed, then the independent checker (`tests/chaos/checker.py`) over what is really stored.
+
+Two runs: `postgresql` (Celery worker and beat over Redis, the `stream` consumer and the `api`,
+on PostgreSQL behind a fault-injecting proxy) and `sqlite` (the embedded `serve`).
+"""
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.chaos import checker
+from tests.chaos.checker import Injected, Report
+from tests.support.databases import create_pg_database, plain_dsn
+from tests.support.pg_proxy import PgProxy
+from tests.support.services import (
+    ApiServer,
+    Process,
+    SimServer,
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    crypto_client,
+    free_port,
+)
+from tests.support.waiting import wait_until
+
+TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
+INTERVAL = 1
+BACKFILL_EVERY_SECONDS = 4
+# The chart's points one slot apart, so a missed slot can be repaired from Deribit's history.
+CHART_STEP_SCALE = str(1 / 6)
+
+PG_FAULTS = (
+    "proxy_cut_commit_before",
+    "proxy_cut_commit_after",
+    "proxy_cut_mid_query",
+    "proxy_cut_all",
+    "proxy_latency",
+    "pg_restart",
+    "redis_restart",
+    "kill_worker",
+    "kill_beat",
+    "kill_stream",
+    "kill_api",
+    "sim_outage",
+    "sim_rate_limit",
+    "sim_garbage",
+    "sim_bad_result",
+    "sim_clock_lie",
+    "ws_drop",
+    "ws_stall",
+    "ws_malformed",
+)
+SQLITE_FAULTS = (
+    "kill_serve",
+    "sim_outage",
+    "sim_rate_limit",
+    "sim_garbage",
+    "sim_bad_result",
+    "sim_clock_lie",
+    "ws_drop",
+    "ws_stall",
+    "ws_malformed",
+)
+
+
+@dataclass(frozen=True)
+class PlannedFault:
+    at: float  # seconds after the faults begin
+    kind: str
+    seconds: float  # how long it lasts (for faults with a duration)
+
+
+def schedule(seed: int, kinds: tuple[str, ...], seconds: float) -> list[PlannedFault]:
+    """The fault plan of a run: the same seed and kinds give the same plan."""
+    rng = random.Random(seed)
+    plan: list[PlannedFault] = []
+    at = rng.uniform(1, 3)
+    while at < seconds:
+        plan.append(PlannedFault(round(at, 2), rng.choice(kinds), round(rng.uniform(1, 5), 2)))
+        at += rng.uniform(2, 6)
+    return plan
+
+
+@dataclass
+class Summary:
+    backend: str
+    seed: int
+    seconds: float
+    faults: Counter[str]
+    report: Report
+    rss_mb: dict[str, tuple[float, float]]
+    schedule: list[PlannedFault]
+
+    def table(self) -> str:
+        r = self.report
+        lines = [
+            f"### chaos run: {self.backend}, seed {self.seed}, {self.seconds:.0f} s of faults",
+            "",
+            "| faults injected | " + ", ".join(f"{k} {n}" for k, n in sorted(self.faults.items())) + " |",
+            "| --- | --- |",
+            f"| slots expected | {r.expected} |",
+            f"| slots stored | {r.stored} |",
+            f"| slots explained | {sum(r.explained.values())} ("
+            + ", ".join(f"{k} {n}" for k, n in sorted(r.explained.items()))
+            + ") |",
+            f"| slots lost | {r.lost} |",
+            f"| rows duplicated | {r.duplicated} |",
+            f"| rows wrong | {r.wrong} |",
+            f"| other findings | {len(r.findings) - r.lost - r.duplicated - r.wrong} |",
+            "| RSS MB start -> end | "
+            + ", ".join(f"{name} {a:.0f} -> {b:.0f}" for name, (a, b) in sorted(self.rss_mb.items()))
+            + " |",
+        ]
+        return "\n".join(lines)
+
+
+def _rss_mb(process: Process) -> float:
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(process.popen.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+    return 0.0
+
+
+@dataclass
+class Run:
+    """One chaos run: its processes, its fault injection and what was injected."""
+
+    tmp: Path
+    backend: str
+    seed: int
+    sim: SimServer
+    env: dict[str, str]
+    starters: dict[str, Callable[[], Process]]
+    api_url: Callable[[], str]
+    database: str  # what the checker reads: a plain DSN or a SQLite path
+    log_paths: list[Path] = field(default_factory=list)
+    processes: dict[str, Process] = field(default_factory=dict)
+    injected: list[Injected] = field(default_factory=list)
+    rss_start: dict[str, float] = field(default_factory=dict)
+    proxy: PgProxy | None = None
+    postgres: ThrowawayPostgres | None = None
+    redis: ThrowawayRedis | None = None
+    rng: random.Random = field(default_factory=random.Random)
+
+    def start_all(self) -> None:
+        for name, start in self.starters.items():
+            self.processes[name] = start()
+
+    def measure_rss_start(self) -> None:
+        self.rss_start = {name: _rss_mb(process) for name, process in self.processes.items()}
+
+    def stop(self, *names: str) -> None:
+        for name in names or list(self.processes):
+            process = self.processes.pop(name, None)
+            if process is not None:
+                process.stop()
+
+    def kill9(self, name: str) -> None:
+        """SIGKILL the process and everything it started (a worker's pool too), then start
+        it again."""
+        process = self.processes[name]
+        process.signal_group(signal.SIGKILL)
+        process.popen.wait(10)
+        process.stop()
+        self.processes[name] = self.starters[name]()
+
+    def inject(self, fault: PlannedFault) -> None:
+        started = time.time()
+        detail = self._apply(fault)
+        self.injected.append(Injected(fault.kind, started, time.time(), detail))
+
+    def _sim(self, **changes: Any) -> None:
+        self.sim.faults(**changes)
+
+    def _apply(self, fault: PlannedFault) -> str:
+        kind, seconds = fault.kind, fault.seconds
+        proxy = self.proxy
+        if kind.startswith("kill_"):
+            self.kill9(kind.removeprefix("kill_"))
+            return f"kill -9 {kind.removeprefix('kill_')}"
+        if proxy is not None and kind.startswith("proxy_"):
+            match kind:
+                case "proxy_cut_commit_before":
+                    proxy.cut_next_commit("before")
+                case "proxy_cut_commit_after":
+                    proxy.cut_next_commit("after")
+                case "proxy_cut_mid_query":
+                    proxy.cut_mid_query()
+                case "proxy_cut_all":
+                    proxy.cut_all()
+                case _:
+                    proxy.set_latency(0.3)
+                    time.sleep(seconds)
+                    proxy.set_latency(0.0)
+            return f"{seconds}s" if kind == "proxy_latency" else "armed"
+        if kind == "pg_restart" and self.postgres is not None:
+            self.postgres.stop()
+            time.sleep(seconds)
+            self.postgres.start()
+            return f"down {seconds}s"
+        if kind == "redis_restart" and self.redis is not None:
+            self.redis.stop()
+            time.sleep(seconds)
+            self.redis.start()
+            return f"down {seconds}s"
+        switches: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+            "sim_outage": ({"outage": True}, {"outage": False}),
+            "sim_rate_limit": (
+                {"rate_limit_rate": 0.5, "retry_after_seconds": 0.2},
+                {"rate_limit_rate": 0.0},
+            ),
+            "sim_garbage": ({"malformed_rate": 0.5}, {"malformed_rate": 0.0}),
+            "sim_clock_lie": (
+                {"clock_offset_seconds": self.rng.choice((-120.0, -30.0, 45.0, 3600.0))},
+                {"clock_offset_seconds": 0.0},
+            ),
+            "ws_stall": ({"ws_stall": True}, {"ws_stall": False}),
+        }
+        if kind in switches:
+            on, off = switches[kind]
+            self._sim(**on)
+            time.sleep(seconds)
+            self._sim(**off)
+            return f"{on} for {seconds}s"
+        if kind == "sim_bad_result":
+            self._sim(fail_next=len(TICKERS), fail_next_kind="bad_result")
+            return "the next answers are not numbers"
+        if kind == "ws_drop":
+            disconnects = httpx.get(f"{self.sim.url}/_sim/faults").json()["default"]["ws_disconnects"]
+            self._sim(ws_disconnects=disconnects + 1)
+            return "every open WebSocket dropped"
+        if kind == "ws_malformed":
+            self._sim(ws_malformed_next=3)
+            return "the next 3 notifications are truncated JSON"
+        raise ValueError(f"unknown fault kind {kind!r}")
+
+    def rss_end(self) -> dict[str, tuple[float, float]]:
+        return {name: (self.rss_start.get(name, 0.0), _rss_mb(p)) for name, p in self.processes.items()}
+
+
+def _base_env(sim: SimServer, database_url: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "DERIBIT_RPC_URL": sim.rpc_url,
+        "DERIBIT_WS_URL": sim.ws_url,
+        "TICKERS": ",".join(TICKERS),
+        "INGEST_INTERVAL_SECONDS": str(INTERVAL),
+        "DERIBIT_TIMEOUT_SECONDS": "2",
+        "DERIBIT_RETRY_BACKOFF_SECONDS": "0.05",
+        "BACKFILL_INTERVAL_SECONDS": str(BACKFILL_EVERY_SECONDS),
+        "STREAM_STALL_SECONDS": "3",
+        "LOG_FORMAT": "json",
+    }
+
+
+@contextlib.contextmanager
+def postgres_run(tmp: Path, seed: int) -> Iterator[Run]:
+    """Worker, beat, stream consumer and API on a throwaway PostgreSQL (behind the proxy)
+    and a throwaway Redis."""
+    sim = SimServer(tmp, seed, "--chart-step-scale", CHART_STEP_SCALE)
+    postgres = ThrowawayPostgres()
+    redis = ThrowawayRedis()
+    proxy = PgProxy("127.0.0.1", postgres.port)
+    try:
+        direct_url = asyncio.run(create_pg_database(postgres.url))
+        env = {
+            **_base_env(sim, proxy.url(direct_url)),
+            "CELERY_BROKER_URL": redis.url,
+            "CELERY_VISIBILITY_TIMEOUT_SECONDS": "6",
+        }
+        api_port = free_port()
+
+        def process(name: str, args: list[str]) -> Callable[[], Process]:
+            path = tmp / f"{name}.log"
+            run.log_paths.append(path)
+
+            def start() -> Process:
+                return Process(crypto_client(*args), env, path)
+
+            return start
+
+        def worker() -> Process:
+            started = start_worker()
+            wait_until(lambda: started.output.count("ready") > worker_ready[0], 60, what="worker ready")
+            worker_ready[0] = started.output.count("ready")
+            return started
+
+        def api() -> Process:
+            server = ApiServer(
+                crypto_client("api", "--port", str(api_port)), env, tmp / "api.log", port=api_port
+            )
+            return server.process
+
+        worker_ready = [0]
+        run = Run(
+            tmp,
+            "postgresql",
+            seed,
+            sim,
+            env,
+            starters={},
+            api_url=lambda: f"http://127.0.0.1:{api_port}",
+            database=plain_dsn(direct_url),
+            proxy=proxy,
+            postgres=postgres,
+            redis=redis,
+            rng=random.Random(seed),
+        )
+        start_worker = process(
+            "worker",
+            [
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "2",
+                "-n",
+                "w1@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+        )
+        run.starters = {
+            "worker": worker,
+            "beat": process("beat", ["beat", "--schedule", str(tmp / "beat-schedule")]),
+            "stream": process("stream", ["stream"]),
+            "api": api,
+        }
+        yield run
+    finally:
+        with contextlib.suppress(Exception):
+            run.stop()
+        proxy.close()
+        redis.destroy()
+        postgres.destroy()
+        sim.stop()
+
+
+@contextlib.contextmanager
+def sqlite_run(tmp: Path, seed: int) -> Iterator[Run]:
+    """The embedded `serve` on SQLite."""
+    sim = SimServer(tmp, seed, "--chart-step-scale", CHART_STEP_SCALE)
+    database = tmp / "chaos.db"
+    env = {**_base_env(sim, f"sqlite:///{database}"), "STREAM_ENABLED": "true"}
+    port = free_port()
+
+    def serve() -> Process:
+        server = ApiServer(
+            crypto_client("serve", "--port", str(port)),
+            env,
+            tmp / "serve.log",
+            port=port,
+            ready_path="/livez",
+        )
+        return server.process
+
+    run = Run(
+        tmp,
+        "sqlite",
+        seed,
+        sim,
+        env,
+        starters={"serve": serve},
+        api_url=lambda: f"http://127.0.0.1:{port}",
+        database=str(database),
+        log_paths=[tmp / "serve.log"],
+        rng=random.Random(seed),
+    )
+    try:
+        yield run
+    finally:
+        run.stop()
+        sim.stop()
+
+
+def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: int = 2) -> Summary:
+    """Start everything, inject the seeded faults for `fault_seconds`, let the service repair
+    for `quiet_seconds`, then check what is stored."""
+    kinds = PG_FAULTS if run.backend == "postgresql" else SQLITE_FAULTS
+    plan = schedule(run.seed, kinds, fault_seconds)
+    run.start_all()
+    rng = random.Random(run.seed)
+    clients = [
+        checker.SseClient(run.api_url(), f"sse-{n}", [rng.randint(3, 40) for _ in range(20)])
+        for n in range(sse_clients)
+    ]
+    for client in clients:
+        client.start()
+    # The span begins once a slot has run with everything up, and ends a few slots before
+    # the faults stop being repaired.
+    wait_until(lambda: checker.read_rows(run.database), 60, 0.5, what="the first row")
+    run.measure_rss_start()  # once the first row is in: every process has started up
+    began = time.time()
+    first_slot = (int(began) // INTERVAL + 2) * INTERVAL
+    for fault in plan:
+        delay = began + fault.at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        run.inject(fault)
+    faults_ended = max(time.time(), began + fault_seconds)
+    last_slot = (int(faults_ended) // INTERVAL) * INTERVAL
+    time.sleep(max(0.0, faults_ended + quiet_seconds - time.time()))
+
+    # The SSE clients catch up with the table before they are judged.
+    newest = max((r.seq or 0) for r in checker.read_rows(run.database))
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: all(c.last_id >= newest for c in clients), 20, 0.2, what="SSE clients caught up")
+    for client in clients:
+        client.stop()
+    for client in clients:
+        client.join(10)
+
+    api = run.api_url()
+    to_ts = last_slot + INTERVAL - 1
+
+    def read_api() -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
+        gaps = {t: checker.read_coverage(api, t, first_slot, to_ts) for t in TICKERS}
+        candles = {
+            (t, i): checker.read_candles(api, t, i, 0, to_ts) for t in TICKERS for i in checker.CANDLE_SIZES
+        }
+        return gaps, candles
+
+    rss = run.rss_end()
+    rows, (gaps, candles) = checker.settled_read(run.database, read_api, to_ts)
+    report = Report()
+    # The rows first, then the record: every row's value was served before it was read.
+    every_row = checker.read_rows(run.database)  # a superset of `rows`: nothing is deleted
+    served = checker.read_served(run.sim.url)
+    checker.check_rows(report, every_row, served, TICKERS, INTERVAL, run.injected)
+    checker.check_slots(report, rows, gaps, TICKERS, (first_slot, last_slot), INTERVAL, run.injected)
+    stored_claims, lost_claims = checker.log_claims(run.log_paths)
+    checker.check_log_claims(report, every_row, stored_claims, lost_claims)
+    checker.check_candles(report, rows, candles, to_ts)
+    checker.check_sse(report, every_row, clients, TICKERS)
+    return Summary(
+        run.backend,
+        run.seed,
+        fault_seconds,
+        Counter(f.kind for f in run.injected),
+        report,
+        rss,
+        plan,
+    )
