@@ -10,6 +10,7 @@ anything; the findings follow each table.
 """
 
 import argparse
+import shutil
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -33,10 +34,10 @@ def main() -> int:
     failed = False
     for seed in args.seed or [1]:
         for backend in backends:
-            with tempfile.TemporaryDirectory(prefix=f"chaos-{backend}-") as tmp:
-                runner = postgres_run if backend == "postgresql" else sqlite_run
-                with runner(Path(tmp), seed) as run:
-                    summary = execute(run, fault_seconds=args.minutes * 60, quiet_seconds=QUIET_SECONDS)
+            tmp = Path(tempfile.mkdtemp(prefix=f"chaos-{backend}-{seed}-"))
+            runner = postgres_run if backend == "postgresql" else sqlite_run
+            with runner(tmp, seed) as run:
+                summary = execute(run, fault_seconds=args.minutes * 60, quiet_seconds=QUIET_SECONDS)
             started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
             command = (
                 f"`uv run python -m bench.chaos --minutes {args.minutes:g} --seed {seed} --backend {backend}`"
@@ -44,6 +45,10 @@ def main() -> int:
             text = [f"- Run: {started}, {command}", "", summary.table(), ""]
             text += [f"- finding: {finding.line()}" for finding in summary.report.findings[:50]]
             text += [f"- note: {note}" for note in summary.report.notes]
+            if summary.report.ok:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                text.append(f"- the processes' logs are kept in {tmp}")
             print("\n".join(text), flush=True)
             if args.out is not None:
                 with args.out.open("a") as out:

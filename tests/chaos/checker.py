@@ -96,9 +96,13 @@ class Finding:
     faults_near: tuple[str, ...] = ()
 
     def line(self) -> str:
-        where = f"{self.ticker} slot {self.slot_ts}" if self.ticker else "-"
+        where = " ".join(
+            part
+            for part in (self.ticker, f"slot {self.slot_ts}" if self.slot_ts is not None else None)
+            if part is not None
+        )
         near = f" (faults near: {', '.join(self.faults_near)})" if self.faults_near else " (no fault near)"
-        return f"[{self.check}] {where}: {self.evidence}{near}"
+        return f"[{self.check}] {where or '-'}: {self.evidence}{near}"
 
 
 @dataclass
@@ -422,6 +426,8 @@ def check_log_claims(
     rows: Sequence[Row],
     stored_claims: Mapping[str, Mapping[int, int]],
     lost_claims: Sequence[Mapping[str, Any]],
+    interval: int,
+    injected: Sequence[Injected],
 ) -> None:
     """Lines that say a slot's tick stored n rows left at least n poll rows in it (a process
     killed after its commit may store more than it ever says)."""
@@ -432,7 +438,10 @@ def check_log_claims(
                 evidence = (
                     f"{event!r} lines claim stored={claimed}, the table holds {poll_rows[slot]} poll rows"
                 )
-                report.add(Finding("log says stored, no row", None, slot, evidence))
+                near = tuple(
+                    sorted({f"{f.kind}@{f.started:.1f}" for f in _faults_near(injected, slot, interval)})
+                )
+                report.add(Finding("log says stored, no row", None, slot, evidence, near))
     present = {(r.ticker, r.ts) for r in rows}
     said_lost = [c for c in lost_claims if (c.get("ticker"), c.get("ts")) in present]
     if said_lost:

@@ -61,6 +61,26 @@ PG_FAULTS = (
     "ws_stall",
     "ws_malformed",
 )
+# Faults whose simulator knob (the first) may not exist yet: in the plan when it does.
+OPTIONAL_FAULTS = {
+    "ws_hostile": "ws_hostile_next",
+    "ws_unsubscribed": "ws_unsubscribed_channels",
+    "sim_bad_chart": "chart_bad_point_rate",
+    "sim_empty_chart": "chart_empty_rate",
+}
+HOSTILE_FRAMES = (
+    "truncated",
+    "not_json",
+    "not_an_object",
+    "binary",
+    "deep_nesting",
+    "huge",
+    "heartbeat_params_not_object",
+    "timestamp_overflow",
+    "string_price",
+    "index_name_mismatch",
+)
+UNCONFIGURED = "ltc_usd"  # an index the simulator knows and the service does not track
 SQLITE_FAULTS = (
     "kill_serve",
     "sim_outage",
@@ -226,6 +246,15 @@ class Run:
                 {"clock_offset_seconds": 0.0},
             ),
             "ws_stall": ({"ws_stall": True}, {"ws_stall": False}),
+            "ws_unsubscribed": (
+                {"ws_unsubscribed_channels": [f"deribit_price_index.{UNCONFIGURED}"]},
+                {"ws_unsubscribed_channels": []},
+            ),
+            "sim_bad_chart": ({"chart_bad_point_rate": 0.3}, {"chart_bad_point_rate": 0.0}),
+            "sim_empty_chart": (
+                {"chart_empty_rate": 0.5, "chart_out_of_window_rate": 0.3},
+                {"chart_empty_rate": 0.0, "chart_out_of_window_rate": 0.0},
+            ),
         }
         if kind in switches:
             on, off = switches[kind]
@@ -240,10 +269,20 @@ class Run:
             disconnects = httpx.get(f"{self.sim.url}/_sim/faults").json()["default"]["ws_disconnects"]
             self._sim(ws_disconnects=disconnects + 1)
             return "every open WebSocket dropped"
+        if kind == "ws_hostile":
+            frames = self.rng.sample(HOSTILE_FRAMES, 3)
+            self._sim(ws_hostile_next=frames)
+            return f"hostile frames {frames}"
         if kind == "ws_malformed":
             self._sim(ws_malformed_next=3)
             return "the next 3 notifications are truncated JSON"
         raise ValueError(f"unknown fault kind {kind!r}")
+
+    def fault_kinds(self) -> tuple[str, ...]:
+        """This run's fault kinds: its backend's, and those the simulator has knobs for."""
+        knobs = httpx.get(f"{self.sim.url}/_sim/faults").json()["default"]
+        base = PG_FAULTS if self.backend == "postgresql" else SQLITE_FAULTS
+        return base + tuple(kind for kind, knob in OPTIONAL_FAULTS.items() if knob in knobs)
 
     def rss_end(self) -> dict[str, tuple[float, float]]:
         return {name: (self.rss_start.get(name, 0.0), _rss_mb(p)) for name, p in self.processes.items()}
@@ -387,8 +426,7 @@ def sqlite_run(tmp: Path, seed: int) -> Iterator[Run]:
 def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: int = 2) -> Summary:
     """Start everything, inject the seeded faults for `fault_seconds`, let the service repair
     for `quiet_seconds`, then check what is stored."""
-    kinds = PG_FAULTS if run.backend == "postgresql" else SQLITE_FAULTS
-    plan = schedule(run.seed, kinds, fault_seconds)
+    plan = schedule(run.seed, run.fault_kinds(), fault_seconds)
     run.start_all()
     rng = random.Random(run.seed)
     clients = [
@@ -440,7 +478,7 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
     checker.check_rows(report, every_row, served, TICKERS, INTERVAL, run.injected)
     checker.check_slots(report, rows, gaps, TICKERS, (first_slot, last_slot), INTERVAL, run.injected)
     stored_claims, lost_claims = checker.log_claims(run.log_paths)
-    checker.check_log_claims(report, every_row, stored_claims, lost_claims)
+    checker.check_log_claims(report, every_row, stored_claims, lost_claims, INTERVAL, run.injected)
     checker.check_candles(report, rows, candles, to_ts)
     checker.check_sse(report, every_row, clients, TICKERS)
     return Summary(

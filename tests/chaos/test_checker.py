@@ -79,7 +79,7 @@ def test_slots_missing_duplicated_or_misexplained() -> None:
 def test_a_stored_claim_without_its_rows_is_found() -> None:
     report = Report()
     claims = {"tick finished": {SLOT: 1, SLOT + 1: 1}, "task finished": {SLOT: 1}}
-    checker.check_log_claims(report, [row(SLOT, "1")], claims, [])
+    checker.check_log_claims(report, [row(SLOT, "1")], claims, [], 1, [])
     assert [(f.check, f.slot_ts) for f in report.findings] == [("log says stored, no row", SLOT + 1)]
 
 
