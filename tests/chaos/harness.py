@@ -127,8 +127,11 @@ class Summary:
         lines = [
             f"### chaos run: {self.backend}, seed {self.seed}, {self.seconds:.0f} s of faults",
             "",
-            "| faults injected | " + ", ".join(f"{k} {n}" for k, n in sorted(self.faults.items())) + " |",
+            "| Measure | Result |",
             "| --- | --- |",
+            f"| faults injected ({sum(self.faults.values())}) | "
+            + ", ".join(f"{k} {n}" for k, n in sorted(self.faults.items()))
+            + " |",
             f"| slots expected | {r.expected} |",
             f"| slots stored | {r.stored} |",
             f"| slots explained | {sum(r.explained.values())} ("
