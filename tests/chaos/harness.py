@@ -281,6 +281,14 @@ class Run:
             return "the next 3 notifications are truncated JSON"
         raise ValueError(f"unknown fault kind {kind!r}")
 
+    def dead_processes(self) -> dict[str, str]:
+        """Processes that exited though nothing stopped them, with the end of their logs."""
+        return {
+            name: process.output[-600:].replace("\n", " | ")
+            for name, process in self.processes.items()
+            if process.popen.poll() is not None
+        }
+
     def fault_kinds(self) -> tuple[str, ...]:
         """This run's fault kinds: its backend's, and those the simulator has knobs for."""
         knobs = httpx.get(f"{self.sim.url}/_sim/faults").json()["default"]
@@ -473,6 +481,7 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
         return gaps, candles
 
     rss = run.rss_end()
+    died = run.dead_processes()
     rows, (gaps, candles) = checker.settled_read(run.database, read_api, to_ts)
     report = Report()
     # The rows first, then the record: every row's value was served before it was read.
@@ -484,6 +493,8 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
     checker.check_log_claims(report, every_row, stored_claims, lost_claims, INTERVAL, run.injected)
     checker.check_candles(report, rows, candles, to_ts)
     checker.check_sse(report, every_row, clients, TICKERS)
+    for name, tail in died.items():
+        report.add(checker.Finding("process died unkilled", None, None, f"{name}, its log ends: {tail}"))
     return Summary(
         run.backend,
         run.seed,
