@@ -1,16 +1,20 @@
 """The simulator over real HTTP: Deribit's envelopes and errors, determinism, fault knobs."""
 
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
 
+from crypto_client.sim.faults import HostileFrame
 from tests.support.services import Process, SimServer, crypto_client, free_port
 from tests.support.waiting import wait_until
 
@@ -221,7 +225,7 @@ def test_served_record_holds_chart_points_once_and_stream_notifications(sim: Sim
     assert any(r["ts_ms"] == points[-1][0] for r in charted)  # the newest point is new
 
     sim.faults(stream_interval_ms=50)
-    with connect(sim.ws_url) as websocket:
+    with ws_connect(sim.ws_url) as websocket:
         websocket.send(
             json.dumps(
                 {
@@ -246,3 +250,119 @@ def test_served_record_rejects_bad_positions(sim: SimServer) -> None:
     response = httpx.get(f"{sim.url}/_sim/served", params={"after": "-1"})
     assert response.status_code == 422
     assert "after" in response.json()["detail"]
+
+
+@contextlib.contextmanager
+def subscribe(sim_ws_url: str, *channels: str) -> Iterator[ClientConnection]:
+    """A WebSocket client of the simulator subscribed to `channels`, its answer read."""
+    with ws_connect(sim_ws_url, max_size=None, open_timeout=5) as client:
+        request = {"jsonrpc": "2.0", "id": 1, "method": "public/subscribe", "params": {"channels": channels}}
+        client.send(json.dumps(request))
+        answer = json.loads(client.recv(timeout=5))
+        assert answer["result"] == list(channels)
+        yield client
+
+
+def frames(client: ClientConnection, count: int) -> list[str | bytes]:
+    return [client.recv(timeout=5) for _ in range(count)]
+
+
+def read_until_closed(client: ClientConnection) -> None:
+    while True:
+        client.recv(timeout=5)
+
+
+def test_stream_sends_each_hostile_frame_once_at_run_time(sim: SimServer) -> None:
+    sim.faults(stream_interval_ms=100)
+    kinds = list(HostileFrame)
+    with subscribe(sim.ws_url, "deribit_price_index.btc_usd") as client:
+        frames(client, 1)
+        sim.faults(ws_hostile_next=kinds)
+        received = frames(client, 30)
+    texts = [frame for frame in received if isinstance(frame, str)]
+    signatures: dict[str, Callable[[str], bool]] = {
+        "huge": lambda frame: len(frame) > 2 * 2**20,
+        "deep_nesting": lambda frame: "[" * 10_000 in frame,
+        "heartbeat_params_not_object": lambda frame: '"params":["test_request"]' in frame,
+        "timestamp_overflow": lambda frame: '"timestamp":1e400' in frame,
+        "string_price": lambda frame: '"price":"43000.5"' in frame,
+        "index_name_mismatch": lambda frame: '"index_name":"btc_usdx"' in frame,
+        "not_json": lambda frame: frame.startswith("<html>"),
+        "not_an_object": lambda frame: frame.startswith("["),
+        "truncated": lambda frame: frame.endswith('"params":{"chan'),
+    }
+    assert set(signatures) | {"binary"} == set(kinds)
+    for kind, matches in signatures.items():
+        assert sum(1 for frame in texts if matches(frame)) == 1, kind  # once each
+    assert sum(1 for frame in received if isinstance(frame, bytes)) == 1
+    assert httpx.get(f"{sim.url}/_sim/faults").json()["default"]["ws_hostile_next"] == []
+
+
+def test_stream_unsubscribed_channels_drops_and_the_connection_log(sim: SimServer) -> None:
+    sim.faults(
+        stream_interval_ms=100,
+        ws_unsubscribed_channels=["deribit_price_index.eth_usd", "trades.BTC-PERPETUAL.raw"],
+        ws_drop_after=3,
+    )
+    with subscribe(sim.ws_url, "deribit_price_index.btc_usd") as client:
+        channels = [json.loads(frame)["params"]["channel"] for frame in frames(client, 9)]
+        with pytest.raises(ConnectionClosed):
+            client.recv(timeout=5)
+    assert channels.count("deribit_price_index.btc_usd") == 3
+    assert channels.count("deribit_price_index.eth_usd") == 3
+    assert channels.count("trades.BTC-PERPETUAL.raw") == 3
+    [record] = wait_until(
+        lambda: [r for r in sim.stats()["ws_connections"] if r["closed"]], 5, what="the log"
+    )
+    assert record["opened"] <= record["subscribed"] <= record["closed"]
+    assert record["notifications"] == 3
+
+
+def test_stream_stall_and_drop_at_run_time(sim: SimServer) -> None:
+    sim.faults(stream_interval_ms=100)
+    with subscribe(sim.ws_url, "deribit_price_index.btc_usd") as client:
+        frames(client, 1)
+        sim.faults(ws_stall=True)
+        with contextlib.suppress(TimeoutError):
+            while True:  # what was already on its way
+                client.recv(timeout=0.5)
+        client.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "public/test", "params": {}}))
+        with pytest.raises(TimeoutError):
+            client.recv(timeout=1)  # neither notifications nor answers
+        sim.faults(ws_stall=False, ws_disconnects=1)
+        with pytest.raises(ConnectionClosed):
+            read_until_closed(client)
+
+
+def test_admin_rejects_unknown_hostile_frames(sim: SimServer) -> None:
+    response = httpx.put(f"{sim.url}/_sim/faults", json={"ws_hostile_next": ["explode"]})
+    assert response.status_code == 422
+    assert "explode" in response.json()["detail"]
+
+
+def test_stream_faults_from_the_command_line(tmp_path: Path) -> None:
+    hostile = SimServer(
+        tmp_path,
+        0,
+        "--ws-hostile",
+        "string_price",
+        "--ws-unsubscribed-channel",
+        "deribit_price_index.eth_usd",
+        "--ws-drop-after",
+        "2",
+    )
+    stalled = SimServer(tmp_path, 0, "--ws-stall")
+    try:
+        with subscribe(hostile.ws_url, "deribit_price_index.btc_usd") as client:
+            received = frames(client, 5)
+            with pytest.raises(ConnectionClosed):
+                client.recv(timeout=5)
+        assert '"price":"43000.5"' in received[0]
+        assert sum('"deribit_price_index.eth_usd"' in frame for frame in received) == 2
+        with ws_connect(stalled.ws_url, open_timeout=5) as client:
+            client.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "public/test", "params": {}}))
+            with pytest.raises(TimeoutError):
+                client.recv(timeout=1)
+    finally:
+        hostile.stop()
+        stalled.stop()

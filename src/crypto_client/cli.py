@@ -278,6 +278,31 @@ def sim(
         float,
         typer.Option(envvar="SIM_CHART_STEP_SCALE", min=0.001, help="Scale of the chart's point spacing."),
     ] = 1.0,
+    ws_hostile: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ws-hostile",
+            help="A hostile frame the stream sends once a client subscribes (repeatable): truncated, "
+            "not_json, not_an_object, binary, deep_nesting, huge, heartbeat_params_not_object, "
+            "timestamp_overflow, string_price, index_name_mismatch.",
+        ),
+    ] = None,
+    ws_unsubscribed_channel: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ws-unsubscribed-channel",
+            help="A channel every stream client gets, subscribed or not (repeatable).",
+        ),
+    ] = None,
+    ws_drop_after: Annotated[
+        int,
+        typer.Option(
+            envvar="SIM_WS_DROP_AFTER", min=0, help="Close each stream connection after N notifications."
+        ),
+    ] = 0,
+    ws_stall: Annotated[
+        bool, typer.Option(envvar="SIM_WS_STALL", help="Stream connections go silent without closing.")
+    ] = False,
 ) -> None:
     """Run the Deribit simulator (offline development and tests).
 
@@ -298,6 +323,17 @@ def sim(
         rate_limit_rate=rate_limit_rate,
         outage=outage,
     )
+    try:
+        faults = faults.update(
+            {
+                "ws_hostile_next": ws_hostile or (),
+                "ws_unsubscribed_channels": ws_unsubscribed_channel or (),
+                "ws_drop_after": ws_drop_after,
+                "ws_stall": ws_stall,
+            }
+        )
+    except ValueError as exc:
+        raise _fail(f"--ws-hostile: {exc}") from None
     uvicorn.run(
         create_sim_app(Simulator(seed, faults, chart_step_scale)),
         host=host,

@@ -8,6 +8,7 @@ process looks alike: human text by default, one JSON object per line with `LOG_F
 import logging
 import re
 import sys
+import time
 from typing import Literal
 
 import structlog
@@ -88,3 +89,24 @@ def setup_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text") ->
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+class RateLimitedLog:
+    """Warnings that a peer can provoke at will (a stream of bad frames), at most one line per
+    `key` every `every_seconds`; the next line says how many were left out in between."""
+
+    def __init__(self, logger: structlog.stdlib.BoundLogger, every_seconds: float = 10.0) -> None:
+        self._log = logger
+        self._every = every_seconds
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def warning(self, key: str, event: str, **context: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._every:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return
+        self._last[key] = now
+        left_out = self._left_out.pop(key, 0)
+        self._log.warning(event, **context, **({"similar_left_out": left_out} if left_out else {}))

@@ -65,9 +65,12 @@ STREAM_CONNECTED = Gauge(
     multiprocess_mode="livemax",
 )
 STREAM_RECONNECTS = Counter("crypto_client_stream_reconnects_total", "WebSocket stream reconnections.")
+STREAM_RESTARTS = Counter(
+    "crypto_client_stream_restarts_total", "Stream consumers restarted by their runner after a crash."
+)
 STREAM_MESSAGES = Counter(
     "crypto_client_stream_messages_total",
-    "WebSocket messages received, by kind (price, heartbeat, answer, malformed).",
+    "WebSocket messages received, by kind (price, heartbeat, answer; skipped: malformed, unsubscribed).",
     ["kind"],
 )
 BACKFILLED_ROWS = Counter(

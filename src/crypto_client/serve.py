@@ -13,19 +13,24 @@ from crypto_client.api.app import create_app
 from crypto_client.config import Settings, load_settings
 from crypto_client.db import migrations
 from crypto_client.ingestion.embedded_scheduler import embedded_ingestion
+from crypto_client.ingestion.runtime import StreamHealth
 from crypto_client.logging import setup_logging
 
 
 def create_embedded_app(settings: Settings) -> FastAPI:
-    """The API, on a database migrated at start-up, with ingestion running beside it."""
+    """The API, on a database migrated at start-up, with ingestion running beside it (and
+    the stream consumer's state in `app.state.stream_health`, for `/readyz`)."""
+    stream_health = StreamHealth() if settings.stream_enabled else None
 
     @asynccontextmanager
     async def migrated_and_ingesting(_app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrations.upgrade, settings.database_url_value)
-        async with embedded_ingestion(settings):
+        async with embedded_ingestion(settings, stream_health):
             yield
 
-    return create_app(settings, lifespans=[migrated_and_ingesting])
+    app = create_app(settings, lifespans=[migrated_and_ingesting])
+    app.state.stream_health = stream_health
+    return app
 
 
 def create_embedded_app_from_environment() -> FastAPI:

@@ -495,9 +495,13 @@ async def livez() -> JSONBytes:
     responses={503: {"model": ReadinessOut, "description": "The database or a ticker's freshness fails."}},
     summary="200 when the database answers and every configured ticker has a fresh price",
 )
-async def readyz(database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
+async def readyz(request: Request, database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
     now = time.time()
     stale: dict[str, str] = {}
+    # `serve` runs the stream consumer in this process; a crashed one (waiting to restart) is
+    # not ready, one that is reconnecting is said but polling covers for it.
+    consumer = getattr(request.app.state, "stream_health", None)
+    stream = None if consumer is None else consumer.describe()
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), database.reader(queued=False) as reader:
             for ticker in settings.tickers:
@@ -510,8 +514,11 @@ async def readyz(database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
                     )
     except Exception as exc:  # any failure to read is what this reports
         problem = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
-        return _json({"status": "unavailable", "database": problem, "stale": {}}, status_code=503)
-    status = 503 if stale else 200
+        return _json(
+            {"status": "unavailable", "database": problem, "stale": {}, "stream": stream}, status_code=503
+        )
+    ready = not stale and (consumer is None or consumer.running)
     return _json(
-        {"status": "unavailable" if stale else "ok", "database": "ok", "stale": stale}, status_code=status
+        {"status": "ok" if ready else "unavailable", "database": "ok", "stale": stale, "stream": stream},
+        status_code=200 if ready else 503,
     )

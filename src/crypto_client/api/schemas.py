@@ -177,6 +177,13 @@ class ReadinessOut(BaseModel):
     status: str = Field(examples=["ok"])
     database: str = Field(examples=["ok"])
     stale: dict[str, str] = Field(description="Configured tickers without a fresh price, and why.")
+    stream: str | None = Field(
+        None,
+        examples=["connected"],
+        description="The stream consumer running in this process (`serve` with STREAM_ENABLED): "
+        "`connected`, `connecting`, or `not running: <why>` (then the status is 503); "
+        "null when none runs here.",
+    )
 
 
 class TickerOut(BaseModel):

@@ -10,7 +10,7 @@ import structlog
 from crypto_client.config import Settings
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
-from crypto_client.ingestion.runtime import open_runtime
+from crypto_client.ingestion.runtime import StreamHealth, open_runtime
 from crypto_client.ingestion.tick import WRITING
 
 log = structlog.get_logger(__name__)
@@ -71,10 +71,13 @@ class IntervalScheduler:
 
 
 @asynccontextmanager
-async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalScheduler]:
+async def embedded_ingestion(
+    settings: Settings, stream_health: StreamHealth | None = None
+) -> AsyncIterator[IntervalScheduler]:
     """Ingest every interval, repair recent gaps every `BACKFILL_INTERVAL_SECONDS` and keep
     the storage (partitions, `RETENTION_DAYS`) every hour, until the context exits (the
-    database must be migrated)."""
+    database must be migrated). With `STREAM_ENABLED` the stream consumer runs too, its
+    state in `stream_health`."""
     async with open_runtime(settings) as runtime:
         scheduler = IntervalScheduler(settings.ingest_interval_seconds, runtime.run_tick)
         schedulers = [scheduler]
@@ -92,7 +95,7 @@ async def embedded_ingestion(settings: Settings) -> AsyncIterator[IntervalSchedu
         for each in schedulers:
             each.start()
         stream = (
-            asyncio.create_task(runtime.run_stream(), name="price-stream")
+            asyncio.create_task(runtime.run_stream(stream_health), name="price-stream")
             if settings.stream_enabled
             else None
         )

@@ -5,11 +5,13 @@ The embedded scheduler, the Celery task, `crypto-client ingest` and the benchmar
 """
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client import metrics
@@ -25,6 +27,8 @@ from crypto_client.ingestion.maintenance import MaintenanceReport, maintain_stor
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
 
+log = structlog.get_logger(__name__)
+
 # A tick writes in one transaction; a second connection lets the next tick start while a
 # slow one still holds the first.
 WRITE_POOL_SIZE = 2
@@ -32,6 +36,27 @@ WRITE_POOL_SIZE = 2
 # may still be writing them).
 RECENT_REPAIR_SECONDS = 86_400
 RECENT_REPAIR_SKIPS_SLOTS = 2
+# A crashed stream consumer is started again after this, doubled per crash in a row (up to
+# the maximum); a run that delivered prices ends the row.
+STREAM_RESTART_BACKOFF_SECONDS = 1.0
+STREAM_RESTART_MAX_BACKOFF_SECONDS = 60.0
+
+
+@dataclass
+class StreamHealth:
+    """The stream consumer of this process as `/readyz` reports it."""
+
+    stream: DeribitStream | None = None  # None while it is not running
+    crash: str | None = None  # why it last stopped, while it waits to start again
+
+    @property
+    def running(self) -> bool:
+        return self.stream is not None
+
+    def describe(self) -> str:
+        if self.stream is None:
+            return f"not running: {(self.crash or 'not started')[:200]}"
+        return "connected" if self.stream.connected.is_set() else "connecting"
 
 
 def deribit_http_client(settings: Settings) -> DeribitHttpClient:
@@ -90,9 +115,9 @@ class IngestionRuntime:
             retry_unrepairable=retry_unrepairable,
         )
 
-    async def run_stream(self) -> None:
-        """Store Deribit's WebSocket prices of every configured ticker until cancelled."""
-        stream = DeribitStream(self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds)
+    async def run_stream(self, health: StreamHealth | None = None) -> None:
+        """Store Deribit's WebSocket prices of every configured ticker until cancelled; a
+        consumer that crashes is started again (with backoff), its state in `health`."""
         # The stream's timestamps are another clock than HTTP's usOut: measured apart.
         writer = StreamWriter(
             self.engine,
@@ -102,10 +127,34 @@ class IngestionRuntime:
         )
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(stream.run(self.settings.tickers, writer.on_observation))
+                tasks.create_task(self._consume(writer, health or StreamHealth()))
                 tasks.create_task(writer.flush_forever())
         finally:
             await writer.flush()  # what arrived before the stop is kept
+
+    async def _consume(self, writer: StreamWriter, health: StreamHealth) -> None:
+        crashes = 0
+        while True:
+            stream = DeribitStream(
+                self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds
+            )
+            health.stream, health.crash = stream, None
+            try:
+                await stream.run(self.settings.tickers, writer.on_observation)
+            except Exception as exc:  # a bug: the next consumer starts clean
+                crashes = 1 if stream.prices else crashes + 1
+                wait = random.uniform(0.5, 1) * min(
+                    STREAM_RESTART_MAX_BACKOFF_SECONDS, STREAM_RESTART_BACKOFF_SECONDS * 2 ** (crashes - 1)
+                )
+                health.stream, health.crash = None, f"{type(exc).__name__}: {exc}"
+                metrics.STREAM_RESTARTS.inc()
+                log.exception(
+                    "price stream consumer crashed, restarting",
+                    url=self.settings.deribit_ws_url,
+                    crashes_in_a_row=crashes,
+                    wait_seconds=round(wait, 2),
+                )
+                await asyncio.sleep(wait)
 
     async def maintain_storage(self) -> MaintenanceReport:
         """Partitions ahead of time, and what `RETENTION_DAYS` no longer keeps."""

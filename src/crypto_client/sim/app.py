@@ -21,7 +21,7 @@ from crypto_client import exact_json
 from crypto_client.sim.faults import FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
 from crypto_client.sim.served import ServedLog
-from crypto_client.sim.stream import serve_stream
+from crypto_client.sim.stream import ConnectionRecord, serve_stream
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,7 @@ CHART_RANGES: dict[str, tuple[int, int]] = {
     "all": (730 * 86_400_000, 86_400_000),
 }
 _SERVED_KEPT = 100_000  # served prices remembered per index, for the chart
+_CONNECTIONS_KEPT = 1_000  # WebSocket connections remembered, newest last
 
 
 async def _hold(seconds: float, client_left: Callable[[], Awaitable[bool]] | None) -> None:
@@ -85,6 +86,7 @@ class Simulator:
         self.requests: Counter[str] = Counter()
         self.record = ServedLog()
         self._sent_us_out: int | str = 0  # the last envelope's usOut, as sent
+        self.ws_connections: deque[ConnectionRecord] = deque(maxlen=_CONNECTIONS_KEPT)
         self._frozen_us: dict[str | None, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
@@ -280,6 +282,7 @@ class Simulator:
             "requests": dict(self.requests),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "ws_connections": [record.as_dict() for record in self.ws_connections],
         }
 
     def reset_faults(self) -> None:
@@ -289,6 +292,7 @@ class Simulator:
     def reset_stats(self) -> None:
         self.requests.clear()
         self.max_in_flight = self.in_flight
+        self.ws_connections.clear()
 
 
 def create_sim_app(simulator: Simulator | None = None) -> Starlette:
@@ -355,7 +359,8 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             price_of=sim.serve_price,
             clock_ms=sim.clock_ms,
             known=lambda name: name in sim.walk,
-            record=sim.record,
+            connections=sim.ws_connections,
+            served=sim.record,
         )
 
     routes = [

@@ -15,6 +15,21 @@ class FaultKind(StrEnum):
     RATE_LIMIT = "rate_limit"  # HTTP 429 with JSON-RPC error 10028 too_many_requests
 
 
+class HostileFrame(StrEnum):
+    """Frames a broken or hostile server can send on the WebSocket stream (`ws_hostile_next`)."""
+
+    TRUNCATED = "truncated"  # a notification cut off mid-object
+    NOT_JSON = "not_json"  # text that is no JSON at all
+    NOT_AN_OBJECT = "not_an_object"  # valid JSON that is not an object (an array)
+    BINARY = "binary"  # a binary frame that is not UTF-8 (Deribit sends text frames)
+    DEEP_NESTING = "deep_nesting"  # a notification whose data nests 100,000 arrays deep
+    HUGE = "huge"  # a 2 MiB text frame, twice the client's frame limit
+    HEARTBEAT_PARAMS_NOT_OBJECT = "heartbeat_params_not_object"  # "params": ["test_request"]
+    TIMESTAMP_OVERFLOW = "timestamp_overflow"  # a notification with "timestamp": 1e400
+    STRING_PRICE = "string_price"  # a notification with "price": "43000.5"
+    INDEX_NAME_MISMATCH = "index_name_mismatch"  # a subscribed channel carrying another index
+
+
 @dataclass
 class Faults:
     latency_ms: float = 0.0
@@ -40,6 +55,12 @@ class Faults:
     ws_disconnects: int = 0  # change it to drop every open connection
     ws_drop_channels: tuple[str, ...] = ()  # channels a subscribe answer leaves out
     ws_malformed_next: int = 0  # the next N notifications are truncated JSON
+    # Sent once each, in order, before the next notifications (to the first connection that
+    # pushes): see HostileFrame.
+    ws_hostile_next: tuple[HostileFrame, ...] = ()
+    # Every connection also gets notifications for these channels, subscribed or not.
+    ws_unsubscribed_channels: tuple[str, ...] = ()
+    ws_drop_after: int = 0  # each connection is closed after this many notifications (0: never)
 
     def update(self, changes: dict[str, Any]) -> "Faults":
         known = {f.name for f in fields(self)}
@@ -55,6 +76,10 @@ class Faults:
         if updated.fail_next < 0:
             raise ValueError("fail_next must be >= 0")
         updated.ws_drop_channels = tuple(updated.ws_drop_channels)
+        updated.ws_unsubscribed_channels = tuple(updated.ws_unsubscribed_channels)
+        updated.ws_hostile_next = tuple(HostileFrame(kind) for kind in updated.ws_hostile_next)
+        if updated.ws_drop_after < 0:
+            raise ValueError("ws_drop_after must be >= 0")
         if not 10 <= updated.stream_interval_ms <= 600_000 or not 0 < updated.heartbeat_scale <= 1:
             raise ValueError("stream_interval_ms must be 10 to 600000, heartbeat_scale above 0 and at most 1")
         if abs(updated.clock_offset_seconds) > 10**9:

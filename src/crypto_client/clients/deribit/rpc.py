@@ -13,6 +13,7 @@ from crypto_client.clients.deribit.errors import (
     RateLimitedError,
     TransientDeribitError,
 )
+from crypto_client.domain import MAX_TS
 
 # JSON-RPC error codes that Deribit documents as "wait and try again".
 RETRYABLE_RPC_CODES = frozenset({10028, 10040, 10041, 11051, 13028, 13888})
@@ -134,6 +135,8 @@ def parse_chart_data(result: object) -> list[tuple[int, Decimal]]:
 
 
 PRICE_INDEX_CHANNEL = "deribit_price_index."
+# The newest millisecond a notification's timestamp may carry (the last second of year 9999).
+_MAX_TIMESTAMP_MS = MAX_TS * 1000 + 999
 
 
 class IndexNotification(BaseModel):
@@ -150,28 +153,48 @@ class IndexNotification(BaseModel):
     def _check_price(cls, value: object) -> Decimal:
         return IndexPriceResult.model_validate({"index_price": value}).index_price
 
+    @field_validator("timestamp", mode="plain")
+    @classmethod
+    def _check_timestamp(cls, value: object) -> int:
+        # Deribit sends an integer; 1e400 or 1.5 is no time, and a huge one no time at all.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be a JSON integer (milliseconds)")
+        if not 0 <= value <= _MAX_TIMESTAMP_MS:
+            raise ValueError("must be a time in milliseconds between 1970 and 9999")
+        return value
+
 
 def decode_message(content: str | bytes) -> dict[str, Any] | None:
-    """A WebSocket frame as a JSON object, numbers exact; None when it is not one."""
+    """A WebSocket frame as a JSON object, numbers exact; None when it is not one (including
+    JSON nested too deep to parse)."""
     try:
         message = json.loads(content, parse_float=Decimal, parse_constant=_reject_constant)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return message if isinstance(message, dict) else None
 
 
-def parse_index_notification(message: dict[str, Any]) -> IndexNotification | None:
-    """The price in a `subscription` message of a price-index channel; None for any other
-    message. A malformed one raises `ValueError`."""
+def parse_subscription(message: dict[str, Any]) -> tuple[str, object] | None:
+    """The channel and data of a `subscription` notification; None for any other message. One
+    without a `params` object naming its channel raises `ValueError`."""
     if message.get("method") != "subscription":
         return None
     params = message.get("params")
-    if not isinstance(params, dict) or not str(params.get("channel", "")).startswith(PRICE_INDEX_CHANNEL):
-        return None
+    if not isinstance(params, dict) or not isinstance(params.get("channel"), str):
+        raise ValueError("subscription notification without a params object naming its channel")
+    return params["channel"], params.get("data")
+
+
+def parse_index_notification(channel: str, data: object) -> IndexNotification:
+    """The price in the `data` of a price-index `channel`; a malformed one (or one whose
+    `index_name` is not the channel's) raises `ValueError`."""
     try:
-        return IndexNotification.model_validate(params.get("data"))
+        notification = IndexNotification.model_validate(data)
     except ValidationError as exc:
         raise ValueError(f"malformed price notification: {first_problem(exc)}") from None
+    if PRICE_INDEX_CHANNEL + notification.index_name != channel:
+        raise ValueError(f"price notification of {channel} names another index")
+    return notification
 
 
 def server_time_us(value: object) -> int | None:
