@@ -37,6 +37,7 @@ from tests.support.waiting import wait_until
 TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
 INTERVAL = 1
 BACKFILL_EVERY_SECONDS = 4
+START_ATTEMPTS = 5
 # The chart's points one slot apart, so a missed slot can be repaired from Deribit's history.
 CHART_STEP_SCALE = str(1 / 6)
 
@@ -175,10 +176,12 @@ class Run:
     postgres: ThrowawayPostgres | None = None
     redis: ThrowawayRedis | None = None
     rng: random.Random = field(default_factory=random.Random)
+    restarts_at_start: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
 
     def start_all(self) -> None:
-        for name, start in self.starters.items():
-            self.processes[name] = start()
+        for name in self.starters:
+            self.processes[name] = self.supervised_start(name)
 
     def measure_rss_start(self) -> None:
         self.rss_start = {name: _rss_mb(process) for name, process in self.processes.items()}
@@ -196,7 +199,20 @@ class Run:
         process.signal_group(signal.SIGKILL)
         process.popen.wait(10)
         process.stop()
-        self.processes[name] = self.starters[name]()
+        self.processes[name] = self.supervised_start(name)
+
+    def supervised_start(self, name: str) -> Process:
+        """Start `name` as a supervisor (systemd, compose) would: a start-up check that fails
+        (the database unreachable at that moment) exits in one line, and is started again."""
+        for attempt in range(1, START_ATTEMPTS):
+            try:
+                return self.starters[name]()
+            except RuntimeError as exc:
+                self.restarts_at_start[name] += 1
+                reason = str(exc).strip().splitlines()[-2:]
+                self.notes.append(f"{name} exited at start (attempt {attempt}), started again: {reason}")
+                time.sleep(attempt)
+        return self.starters[name]()
 
     def inject(self, fault: PlannedFault) -> None:
         started = time.time()
@@ -483,7 +499,7 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
     rss = run.rss_end()
     died = run.dead_processes()
     rows, (gaps, candles) = checker.settled_read(run.database, read_api, to_ts)
-    report = Report()
+    report = Report(notes=list(run.notes))
     # The rows first, then the record: every row's value was served before it was read.
     every_row = checker.read_rows(run.database)  # a superset of `rows`: nothing is deleted
     served = checker.read_served(run.sim.url)
