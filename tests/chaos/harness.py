@@ -176,7 +176,6 @@ class Run:
     postgres: ThrowawayPostgres | None = None
     redis: ThrowawayRedis | None = None
     rng: random.Random = field(default_factory=random.Random)
-    restarts_at_start: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
 
     def start_all(self) -> None:
@@ -208,7 +207,6 @@ class Run:
             try:
                 return self.starters[name]()
             except RuntimeError as exc:
-                self.restarts_at_start[name] += 1
                 reason = str(exc).strip().splitlines()[-2:]
                 self.notes.append(f"{name} exited at start (attempt {attempt}), started again: {reason}")
                 time.sleep(attempt)
