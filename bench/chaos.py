@@ -34,11 +34,11 @@ def main() -> int:
     failed = False
     for seed in args.seed or [1]:
         for backend in backends:
+            started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
             tmp = Path(tempfile.mkdtemp(prefix=f"chaos-{backend}-{seed}-"))
             runner = postgres_run if backend == "postgresql" else sqlite_run
             with runner(tmp, seed) as run:
                 summary = execute(run, fault_seconds=args.minutes * 60, quiet_seconds=QUIET_SECONDS)
-            started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
             command = (
                 f"`uv run python -m bench.chaos --minutes {args.minutes:g} --seed {seed} --backend {backend}`"
             )
