@@ -161,6 +161,9 @@ def _wait_in_flight(sim: SimServer) -> None:
 async def test_beat_and_worker_repair_recent_gaps_from_deribits_history(stack: CeleryStack) -> None:
     stack.extra_env["BACKFILL_INTERVAL_SECONDS"] = "2"
     stack.extra_env["DERIBIT_MAX_RETRIES"] = "0"
+    # Writes that are never held make the repair's bound on pending writes 16 s.
+    stack.extra_env["DERIBIT_TIMEOUT_SECONDS"] = "1"
+    stack.extra_env["INGEST_MAX_WRITE_DELAY_SECONDS"] = "0"
     worker = stack.worker()
     stack.beat()
     await wait_for_rows(stack, per_ticker=2, timeout=30)
@@ -172,7 +175,8 @@ async def test_beat_and_worker_repair_recent_gaps_from_deribits_history(stack: C
         rows = await stack.source_counts()
         return rows.get(("btc_usd", "backfill"), 0) >= 3
 
-    await wait_until_async(repaired, 40, interval=0.5, what="the repair job to back-fill btc_usd")
+    # The gap is repaired once its slots are 16 s old.
+    await wait_until_async(repaired, 60, interval=0.5, what="the repair job to back-fill btc_usd")
     assert_one_row_per_slot(await stack.rows(), stack.interval)
     assert '"backfill finished"' in worker.output
 

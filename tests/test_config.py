@@ -2,10 +2,11 @@ import subprocess
 import sys
 
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from crypto_client.config import DEFAULT_SQLITE_URL, Settings, SettingsError, load_settings
 from crypto_client.domain import parse_ticker
+from tests.conftest import make_settings
 
 
 def settings(**values: object) -> Settings:
@@ -54,6 +55,7 @@ def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
         ("TICKERS", "btc usd"),
         ("HTTP_TIMEOUT_SECONDS", "-1"),
         ("INGEST_INTERVAL_SECONDS", "soon"),
+        ("INGEST_INTERVAL_SECONDS", "7"),
         ("DATABASE_URL", "garbage"),
         ("DATABASE_URL", "mysql://x@y/z"),
         ("DATABASE_URL", "postgresql://u@h:notaport/d"),
@@ -72,3 +74,15 @@ def test_cli_exits_with_one_readable_line(variable: str, value: str) -> None:
     assert len(lines) == 1, result.stderr
     assert variable in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("interval", [7, 11, 3601, 86399])
+def test_an_interval_that_does_not_divide_a_day_is_refused(interval: int) -> None:
+    with pytest.raises(ValidationError, match="must divide a day"):
+        make_settings("sqlite:///x.db", ingest_interval_seconds=interval)
+
+
+@pytest.mark.parametrize("interval", [1, 5, 6, 60, 300, 3600, 86400])
+def test_intervals_that_divide_a_day_are_accepted(interval: int) -> None:
+    settings = make_settings("sqlite:///x.db", ingest_interval_seconds=interval)
+    assert settings.ingest_interval_seconds == interval

@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
 
 from crypto_client.clients.deribit.http import DeribitHttpClient
+from crypto_client.config import Settings
 from crypto_client.coverage import explain
 from crypto_client.db.repository import PriceWriter, SlotSpan
 from crypto_client.domain import NewPrice, SlotFailure, current_slot
-from crypto_client.ingestion.runtime import IngestionRuntime
+from crypto_client.ingestion.runtime import IngestionRuntime, pending_write_seconds
 from tests.conftest import api_client, ingestion_settings, make_settings
 from tests.support.services import ApiServer, SimServer
 from tests.support.waiting import wait_until, wait_until_async
@@ -60,7 +63,13 @@ async def test_failed_slots_are_listed_then_back_filled_exactly(
     sim: SimServer, engine: AsyncEngine, db_url: str
 ) -> None:
     settings = ingestion_settings(
-        sim, db_url, tickers=TICKER, ingest_interval_seconds=1, deribit_max_retries=0
+        sim,
+        db_url,
+        tickers=TICKER,
+        ingest_interval_seconds=1,
+        deribit_max_retries=0,
+        deribit_timeout_seconds=2,
+        ingest_max_write_delay_seconds=0,
     )
     async with DeribitHttpClient(sim.rpc_url, timeout=2, max_retries=0) as client:
         runtime = IngestionRuntime(settings, engine, client, client)
@@ -85,6 +94,8 @@ async def test_failed_slots_are_listed_then_back_filled_exactly(
         assert "503" in body["gaps"][0]["detail"]
         assert body["stored_slots"]["poll"] == body["expected_slots"] - 3
 
+        # A slot is repaired once no write of its own may still be pending.
+        await asyncio.sleep(max(0.0, last + 1 + pending_write_seconds(settings) - time.time()))
         backfill = subprocess.run(
             # Up to the window's end: slots after the last tick are not this test's.
             [sys.executable, "-m", "crypto_client", "backfill", "--ticker", TICKER, "--to-ts", str(last)],
@@ -92,6 +103,9 @@ async def test_failed_slots_are_listed_then_back_filled_exactly(
                 "DATABASE_URL": db_url,
                 "DERIBIT_RPC_URL": sim.rpc_url,
                 "INGEST_INTERVAL_SECONDS": "1",
+                "INGEST_MAX_WRITE_DELAY_SECONDS": "0",
+                "DERIBIT_MAX_RETRIES": "0",
+                "DERIBIT_TIMEOUT_SECONDS": "2",
                 "PATH": "/usr/bin:/bin",
             },
             capture_output=True,
@@ -198,6 +212,8 @@ def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> 
         "INGEST_INTERVAL_SECONDS": "1",
         "BACKFILL_INTERVAL_SECONDS": "2",
         "DERIBIT_MAX_RETRIES": "0",
+        "DERIBIT_TIMEOUT_SECONDS": "1",
+        "INGEST_MAX_WRITE_DELAY_SECONDS": "0",
         "LOG_FORMAT": "json",
     }
     with ApiServer.command("serve", env, tmp_path, ready_path="/health") as server:
@@ -215,7 +231,8 @@ def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> 
             lambda: (
                 (body := coverage())["stored_slots"]["backfill"] >= 2 and body["missing_slots"] == 0 and body
             ),
-            30,
+            # The repair leaves a slot alone for the bound on pending writes (16 s here).
+            60,
             what="the automatic repair",
         )
     assert repaired["coverage"] == 1.0
@@ -230,8 +247,8 @@ async def test_the_automatic_repair_does_not_ask_again_for_what_cannot_be_repair
     settings = ingestion_settings(sim, db_url, tickers=TICKER, ingest_interval_seconds=1)
     async with DeribitHttpClient(sim.rpc_url, timeout=5) as client:
         runtime = IngestionRuntime(settings, engine, client, client)
-        (first,) = await runtime.repair_recent()
-        (second,) = await runtime.repair_recent()
+        (first,) = await runtime.repair_recent() or []
+        (second,) = await runtime.repair_recent() or []
         (by_hand,) = await runtime.backfill(dry_run=True)
     # The first run fills the last hour and records the coarser hour before it as mostly
     # not repairable; the second does not fetch that coarse history again.
@@ -241,3 +258,101 @@ async def test_the_automatic_repair_does_not_ask_again_for_what_cannot_be_repair
     assert second.missing < 100
     # By hand, those slots are still tried.
     assert "1d" in by_hand.ranges
+
+
+def quick_settings(sim: SimServer, db_url: str, **overrides: object) -> Settings:
+    """1 s slots whose writes are never pending long: their repair may start 17 s after them."""
+    values: dict[str, object] = {
+        "tickers": TICKER,
+        "ingest_interval_seconds": 1,
+        "ingest_max_write_delay_seconds": 0,
+        "deribit_max_retries": 0,
+        "deribit_timeout_seconds": 2,
+        **overrides,
+    }
+    return ingestion_settings(sim, db_url, **values)
+
+
+async def test_bad_history_points_are_skipped_and_the_rest_used(
+    sim: SimServer, engine: AsyncEngine, db_url: str
+) -> None:
+    since = int(time.time()) - 300
+    async with engine.begin() as connection:
+        await PriceWriter(connection).track([TICKER], since)
+    sim.faults(TICKER, chart_bad_point_rate=0.3)
+    settings = quick_settings(sim, db_url)
+    async with DeribitHttpClient(sim.rpc_url, timeout=5, max_retries=0) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        with capture_logs() as logs:
+            (report,) = await runtime.backfill()
+    assert report.ok, report.error
+    assert report.missing > 250
+    # Points come 0.6 s apart: most 1 s slots keep a good one.
+    assert report.filled > report.missing // 2
+    skipped = [entry for entry in logs if entry["event"] == "history points skipped"]
+    assert skipped, "no log line for the skipped points"
+    assert (skipped[0]["ticker"], skipped[0]["range"]) == (TICKER, "1h")
+    assert any("None" in point for point in skipped[0]["points"])
+    sim.reset()
+    chart = dict(sim.chart(TICKER, "1h"))
+    stored = [row for row in await polled_rows(engine) if row[3] == "backfill"]
+    assert len(stored) == report.filled
+    for slot, ts, price, _ in stored:
+        # Each row is a true point of Deribit's history inside its slot, exactly.
+        assert any(ts_ms // 1000 == ts and Decimal(str(p)) == Decimal(price) for ts_ms, p in chart.items())
+        assert slot == ts
+
+
+@pytest.mark.parametrize("fault", ["chart_empty_rate", "chart_out_of_window_rate"])
+async def test_an_answer_without_history_is_retried_later_not_given_up(
+    sim: SimServer, engine: AsyncEngine, db_url: str, fault: str
+) -> None:
+    since = int(time.time()) - 300
+    async with engine.begin() as connection:
+        await PriceWriter(connection).track([TICKER], since)
+    settings = quick_settings(sim, db_url, backfill_interval_seconds=2)
+    sim.faults(TICKER, **{fault: 1.0})
+    async with DeribitHttpClient(sim.rpc_url, timeout=5, max_retries=0) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        (first,) = await runtime.repair_recent() or []
+        assert (first.filled, first.not_repairable) == (0, 0)
+        assert first.history_unavailable == first.missing > 250
+        window: dict[str, str | int] = {"ticker": TICKER, "from_ts": since, "to_ts": since + 200}
+        async with api_client(settings) as api:
+            gaps = (await api.get("/coverage", params=window)).json()["gaps"]
+        assert {gap["reason"] for gap in gaps} == {"history_unavailable"}
+        assert gaps[0]["detail"].startswith("attempt 1, retried after ")
+
+        # Backing off: the next run, at once, does not ask again for those slots.
+        (second,) = await runtime.repair_recent() or []
+        assert second.missing < 5  # only slots that have just become old enough
+        sim.reset()
+
+        async def repaired() -> bool:
+            (report,) = await runtime.repair_recent() or []
+            return report.filled > 250
+
+        await wait_until_async(repaired, 20, interval=0.5, what="the retry after the backoff")
+    async with api_client(settings) as api:
+        body = (await api.get("/coverage", params=window)).json()
+    assert (body["missing_slots"], body["gaps"]) == (0, [])
+
+
+async def test_the_repair_leaves_slots_whose_writes_may_still_be_pending(
+    sim: SimServer, engine: AsyncEngine, db_url: str
+) -> None:
+    since = int(time.time()) - 150
+    async with engine.begin() as connection:
+        await PriceWriter(connection).track([TICKER], since)
+    settings = quick_settings(sim, db_url, ingest_max_write_delay_seconds=30)
+    # A tick writes within 2 s of fetching plus 30 s of retries; a stream batch may wait 2 x 30 s.
+    assert pending_write_seconds(settings) == 60 + 15
+    async with DeribitHttpClient(sim.rpc_url, timeout=5, max_retries=0) as client:
+        runtime = IngestionRuntime(settings, engine, client, client)
+        (report,) = await runtime.backfill()
+    finished = time.time()
+    filled = [slot for slot, _, _, source in await polled_rows(engine) if source == "backfill"]
+    assert len(filled) == report.filled > 50
+    # No slot that ended within the bound of the run was touched.
+    assert max(filled) + 1 <= finished - pending_write_seconds(settings)
+    assert max(filled) + 1 >= finished - pending_write_seconds(settings) - 5

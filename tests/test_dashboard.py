@@ -3,6 +3,7 @@ shows is what the API says, gaps are drawn, new prices arrive live, no console e
 
 import hashlib
 import math
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -106,13 +107,35 @@ async def test_the_dashboard_shows_what_the_api_says_and_follows_it_live(
     assert [(p["time"], Decimal(str(p["value"]))) for p in values] == [
         (row["ts"], Decimal(str(row["price"]))) for row in stored
     ]
-    backfilled = [p for p in values if "color" in p]
-    assert len(backfilled) == sum(row["source"] == "backfill" for row in stored) > 0
+    # Back-filled rows have their colour, except the row before the gap: the segment leaving it
+    # (a line segment takes the colour of its first point) is transparent, so the line breaks.
+    before_gap = seeded["gap_start"] - 60
+    assert [p["time"] for p in values if p.get("color") == "transparent"] == [before_gap]
+    backfilled = [p["time"] for p in values if p.get("color") not in (None, "transparent")]
+    expected = [row["ts"] for row in stored if row["source"] == "backfill" and row["ts"] != before_gap]
+    assert backfilled == expected
+    assert len(backfilled) > 0
     coverage = api.get("/coverage", ticker="btc_usd", from_ts=drawn["points"][0]["time"]).json()
     assert [(g["from_ts"], g["slots"]) for g in drawn["gaps"]] == [(seeded["gap_start"], GAP_SLOTS)]
     assert [(g["from_ts"], g["slots"]) for g in coverage["gaps"]] == [(seeded["gap_start"], GAP_SLOTS)]
+    # Each missing slot is a whitespace point in the series itself: the line breaks there, and
+    # the gap is as wide on the time axis as the slots it lacks.
+    missing = [seeded["gap_start"] + 60 * n for n in range(GAP_SLOTS)]
     breaks = [p["time"] for p in drawn["points"] if "value" not in p]
-    assert breaks == [seeded["gap_start"]]
+    assert breaks == missing
+    before, after = missing[0] - 60, missing[-1] + 60
+    x = await page.evaluate(
+        "(times) => times.map((t) => window.dashboard.x(t))", [before - 60, before, after]
+    )
+    slot_width = x[1] - x[0]
+    assert slot_width > 0
+    assert x[2] - x[1] == pytest.approx((GAP_SLOTS + 1) * slot_width, abs=0.5)
+    # Zoomed in on the gap, for a person to look at.
+    await page.evaluate(f"() => window.dashboard.show({before - 1200}, {after + 1200})")
+    await page.wait_for_function(f"() => window.dashboard.x({after}) - window.dashboard.x({before}) > 100")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.locator("#chart").screenshot(path=ARTIFACTS / "dashboard-gap.png")
+    await page.evaluate("() => window.dashboard.fit()")
     assert "5 slots missing" in await page.locator("#gaps").inner_text()
 
     # A new price pushed through the stream appears without a reload.
@@ -162,3 +185,69 @@ def test_the_page_and_its_chart_library_are_served_offline(api: ApiServer) -> No
     assert hashlib.sha256(library.content).hexdigest() in recorded  # the pinned file, unedited
     for asset in ("/static/dashboard/dashboard.js", "/static/dashboard/dashboard.css"):
         assert api.get(asset).status_code == 200, asset
+
+
+# Records every text drawn on a canvas with its x and the animation frame it was drawn in: the
+# time axis's labels as the chart rendered them.
+RECORD_CANVAS_TEXT = """
+window.drawnText = [];
+let frame = 0;
+const count = () => { frame += 1; requestAnimationFrame(count); };
+requestAnimationFrame(count);
+const fillText = CanvasRenderingContext2D.prototype.fillText;
+CanvasRenderingContext2D.prototype.fillText = function (text, x, y, ...rest) {
+  window.drawnText.push({ text: String(text), x: Math.round(this.getTransform().e + x), frame });
+  return fillText.call(this, text, x, y, ...rest);
+};
+"""
+TIME_OF_DAY = re.compile(r"^\d\d:\d\d(:\d\d)?$")
+
+
+@pytest.fixture
+async def api_1s(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[tuple[ApiServer, set[int], int]]:
+    """Four minutes of one-second slots of sol_usdc, twenty of them missing."""
+    end = int(time.time()) - 2
+    start = end - 240
+    gap = set(range(end - 120, end - 100))
+    rows = [
+        NewPrice("sol_usdc", Decimal(f"{98 + math.sin(ts / 9):.4f}"), ts, ts)
+        for ts in range(start, end + 1)
+        if ts not in gap
+    ]
+    async with write_transaction(engine) as writer:
+        await writer.insert_many(rows)
+        await writer.track(["sol_usdc"], start)
+    env = {"DATABASE_URL": str(engine.url.render_as_string(hide_password=False)), "TICKERS": "sol_usdc"}
+    env["INGEST_INTERVAL_SECONDS"] = "1"
+    with ApiServer.command("api", env, tmp_path) as server:
+        yield server, gap, end
+
+
+async def test_a_short_span_labels_seconds_and_gives_each_missing_second_its_width(
+    api_1s: tuple[ApiServer, set[int], int], browser: Browser
+) -> None:
+    api, gap, end = api_1s
+    page = await browser.new_page()
+    await page.add_init_script(RECORD_CANVAS_TEXT)
+    await page.goto(api.url + "/")
+    await ready(page)
+    drawn = await state(page)
+    # One whitespace point per missing second: the gap, and the seconds since the last row.
+    whitespace = [p["time"] for p in drawn["points"] if "value" not in p]
+    assert [t for t in whitespace if t <= end] == sorted(gap)
+    assert whitespace[len(gap) :] == list(range(end + 1, end + 1 + len(whitespace) - len(gap)))
+    await page.wait_for_function("() => window.drawnText.some((t) => /^\\d\\d:\\d\\d/.test(t.text))")
+    two_frames = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
+    await page.evaluate(two_frames)
+    texts = await page.evaluate("() => window.drawnText")
+    labels = [t for t in texts if TIME_OF_DAY.match(t["text"])]
+    last_frame = max(t["frame"] for t in labels)
+    shown = [(t["x"], t["text"]) for t in labels if t["frame"] == last_frame]
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "dashboard-seconds.png", full_page=True)
+    texts_shown = [text for _, text in sorted(set(shown))]
+    assert len(texts_shown) >= 3, shown
+    # Every tick mark says a different time: no minute is repeated for ticks between minutes.
+    assert len(set(texts_shown)) == len(texts_shown), texts_shown
+    assert any(len(text) == 8 for text in texts_shown), texts_shown  # HH:MM:SS
+    await page.close()

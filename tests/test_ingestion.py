@@ -121,9 +121,10 @@ async def test_prices_wait_for_the_database_and_keep_their_time(
     engine = stoppable.engine
     settings = ingestion_settings(sim, stoppable.url, ingest_max_write_delay_seconds=60)
     stoppable.server.stop()
+    slot = await roomy_slot()  # may wait for the next slot: the fetch time is taken after it
     fetched_at = int(time.time())
     with capture_logs() as logs:
-        tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=await roomy_slot()))
+        tick = asyncio.create_task(ingest_tick(deribit, engine, settings, slot_ts=slot))
 
         async def retrying_the_write() -> bool:
             return any(line["event"].startswith("database unavailable") for line in logs)

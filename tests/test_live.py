@@ -145,10 +145,55 @@ async def test_every_configured_ticker_by_default_and_bad_requests_are_refused(
     unknown = api.get("/prices/stream", ticker="nope_usd")
     assert unknown.status_code == 404
     assert "nope_usd" in unknown.json()["detail"]
-    bad_id = httpx.get(api.url + "/prices/stream", headers={"Last-Event-ID": "abc"}, timeout=5)
-    assert bad_id.status_code == 422
-    assert "last-event-id" in bad_id.json()["detail"]
     assert "Traceback" not in api.output
+
+
+def test_a_last_event_id_that_is_no_id_of_the_stream_is_a_400(api: ApiServer) -> None:
+    garbage = [
+        "abc",
+        "-1",
+        "+5",
+        "1.0",
+        "1e3",
+        "0x10",
+        "5 s",
+        "1 2",
+        "12345678901234567890",
+        "9223372036854775808",
+    ]
+    for last_event_id in garbage:
+        response = httpx.get(api.url + "/prices/stream", headers={"Last-Event-ID": last_event_id}, timeout=5)
+        assert response.status_code == 400, (last_event_id, response.text)
+        detail = response.json()["detail"]
+        assert "Last-Event-ID" in detail
+        assert last_event_id in detail
+    assert "Traceback" not in api.output
+
+
+async def test_a_resume_point_beyond_the_newest_row_restarts_the_client_there_and_says_so(
+    api: ApiServer, engine: AsyncEngine
+) -> None:
+    """After a restore (or another database behind the API) a client's last id can lie beyond
+    every stored row: it is told, and then gets the rows stored from then on."""
+    await store(engine, "btc_usd", BASE_TS, BASE_TS + 60)
+    async with listening(api.url, ticker="btc_usd") as first:
+        await store(engine, "btc_usd", BASE_TS + 120)
+        await first.has(1)
+    newest = int(first.events[-1].id)
+
+    async with listening(api.url, last_event_id=str(newest + 1000), ticker="btc_usd") as ahead:
+        await ahead.has(1)
+        reset = ahead.events[0]
+        assert reset.event == "reset"
+        assert reset.id == str(newest)  # an EventSource resumes from here if it reconnects
+        assert json.loads(reset.data)["newest_seq"] == newest
+        assert json.loads(reset.data)["last_event_id"] == newest + 1000
+        await store(engine, "btc_usd", BASE_TS + 180)
+        await ahead.has(2)
+    assert ahead.events[1].event == "price"
+    assert json.loads(ahead.events[1].data)["ts"] == BASE_TS + 180
+    assert int(ahead.events[1].id) > newest
+    assert len(ahead.events) == 2
 
 
 async def test_writes_of_another_process_wake_listeners_through_postgres(postgresql_url: str) -> None:

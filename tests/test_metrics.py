@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import roomy_slot
 from tests.support.celery_stack import CeleryStack
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, Process, SimServer, ThrowawayRedis, crypto_client, free_port
@@ -161,9 +162,12 @@ async def test_celery_pool_processes_are_reported_by_the_worker(
         db_url=db_url,
         broker_url=redis_server.url,
         extra_env={"METRICS_PORT": str(port)},
+        # A slot long enough that the tick is never late, however slowly the pool starts.
+        interval=60,
     )
     try:
         stack.worker(concurrency=2)
+        await roomy_slot(60)
         stack.publish_tick()
 
         def stored() -> float:

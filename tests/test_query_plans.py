@@ -37,7 +37,7 @@ async def filled(postgresql_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.mark.parametrize(
     ("statement", "parameters"),
     [
-        (repository._LATEST, {}),
+        (repository._LATEST, {"not_after": MAX}),
         (repository._PAGE_JSON["postgresql"].statement, {"lower": -MAX, "upper": MAX, "offset": 0}),
         (repository._PAGE_JSON["postgresql"].statement, {"lower": 900_000, "upper": MAX, "offset": 0}),
         (repository._PAGE_JSON["postgresql"].statement, {"lower": 600_000, "upper": 686_399, "offset": 0}),

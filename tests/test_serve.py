@@ -1,5 +1,6 @@
 """`crypto-client serve`: the whole service in one process on a SQLite file."""
 
+import asyncio
 import json
 import signal
 import time
@@ -8,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from crypto_client.db import migrations
+from crypto_client.db.engine import create_engine
+from crypto_client.db.repository import PriceWriter
 from tests.support.services import ApiServer, SimServer
 from tests.support.waiting import wait_until
 
@@ -75,3 +79,44 @@ def test_serve_stores_local_time_when_deribits_clock_lies(sim: SimServer, tmp_pa
         rows = wait_until(three_rows, 20, what="3 rows")
     assert all(abs(row["ts"] - time.time()) < 30 for row in rows)
     assert "source time not used" in server.output
+
+
+def test_serve_runs_one_repair_at_a_time(tmp_path: Path) -> None:
+    """Deribit's history answers slower than the repair interval: a repair outlasts its
+    interval, and the next runs are skipped instead of asking Deribit again beside it."""
+    database = tmp_path / "repair.db"
+    url = f"sqlite:///{database}"
+    migrations.upgrade(url)
+
+    async def track() -> None:
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await PriceWriter(connection).track(["btc_usd"], int(time.time()) - 600)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(track())  # ten minutes of gaps to repair
+    sim = SimServer(tmp_path, 0, "--chart-step-scale", "0.1", "--latency-ms", "3000")
+    env = {
+        "DATABASE_URL": url,
+        "DERIBIT_RPC_URL": sim.rpc_url,
+        "TICKERS": "btc_usd",
+        "INGEST_INTERVAL_SECONDS": "60",
+        "INGEST_MAX_WRITE_DELAY_SECONDS": "0",
+        "DERIBIT_MAX_RETRIES": "0",
+        "BACKFILL_INTERVAL_SECONDS": "1",
+        "LOG_FORMAT": "json",
+    }
+    try:
+        with ApiServer.command("serve", env, tmp_path, ready_path="/health") as server:
+            wait_until(lambda: '"backfill finished"' in server.output, 30, what="the first repair")
+            chart = sim.stats()["methods"]["public/get_index_chart_data"]
+            output = server.output
+    finally:
+        sim.stop()
+    assert chart["max_in_flight"] == 1, chart
+    assert '"repair still running, skipping this run"' in output
+    # One history request per repair that had gaps to fill (every gap is in the 1h range).
+    finished = [json.loads(line) for line in output.splitlines() if '"backfill finished"' in line]
+    assert chart["requests"] == sum(1 for line in finished if line["missing"]), chart

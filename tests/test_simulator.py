@@ -155,6 +155,17 @@ def test_latency_outage_and_per_index_scope(sim: SimServer) -> None:
     assert get(sim, "get_index_price", index_name="btc_usd").status_code == 200
 
 
+def test_absurd_envelope_times_per_index(sim: SimServer) -> None:
+    huge = "9" * 300
+    sim.faults("eth_usd", us_out_literal=huge)
+    sim.faults("sol_usdc", us_out_literal='"' + "9" * 5000 + '"')
+    assert get(sim, "get_index_price", index_name="eth_usd").json()["usOut"] == int(huge)
+    served = get(sim, "get_index_price", index_name="sol_usdc").text
+    assert f'"usOut":"{"9" * 5000}"' in served.replace(" ", "")
+    untouched = get(sim, "get_index_price", index_name="btc_usd").json()
+    assert abs(untouched["usOut"] / 1e6 - time.time()) < 60
+
+
 def test_rates_are_drawn(sim: SimServer) -> None:
     sim.faults(error_rate=0.5)
     statuses = [get(sim, "get_index_price", index_name="btc_usd").status_code for _ in range(40)]
@@ -366,3 +377,88 @@ def test_stream_faults_from_the_command_line(tmp_path: Path) -> None:
     finally:
         hostile.stop()
         stalled.stop()
+
+
+def chart(sim: SimServer) -> list[object]:
+    response = httpx.get(
+        f"{sim.rpc_url}/public/get_index_chart_data",
+        params={"index_name": "btc_usd", "range": "1h"},
+        timeout=5,
+    )
+    assert response.status_code == 200, response.text
+    result: list[object] = json.loads(response.text)["result"]
+    return result
+
+
+def test_chart_answers_empty_or_out_of_window_at_run_time(sim: SimServer) -> None:
+    normal = chart(sim)
+    assert len(normal) > 100
+    sim.faults("btc_usd", chart_empty_rate=1.0)
+    assert chart(sim) == []
+    assert get(sim, "get_index_price", index_name="btc_usd").status_code == 200  # polls are unharmed
+    sim.reset()
+    sim.faults(chart_out_of_window_rate=1.0)
+    stale = chart(sim)
+    now_ms = time.time() * 1000
+    assert len(stale) > 100
+    # Every point lies before the 1h window that was asked for.
+    assert all(isinstance(p, list) and now_ms - 7_300_000 < p[0] < now_ms - 3_600_000 for p in stale)
+
+
+def test_chart_bad_points_are_null_zero_negative_or_strings(sim: SimServer) -> None:
+    sim.faults(chart_bad_point_rate=1.0)
+    points = chart(sim)
+    kinds = set()
+    for point in points[:10]:
+        if point is None:
+            kinds.add("null point")
+            continue
+        assert isinstance(point, list)
+        _ts, price = point
+        kinds.add(
+            "null"
+            if price is None
+            else "string"
+            if isinstance(price, str)
+            else "zero"
+            if price == 0
+            else "negative"
+            if price < 0
+            else "good"
+        )
+    assert kinds == {"null point", "null", "zero", "negative", "string"}
+    sim.faults(chart_bad_point_rate=0.3)
+    some = chart(sim)
+    good = [p for p in some if isinstance(p, list) and isinstance(p[1], float) and p[1] > 0]
+    assert 0.5 * len(some) < len(good) < 0.9 * len(some)
+
+
+def test_chart_faults_from_the_command_line(tmp_path: Path) -> None:
+    port = free_port()
+    process = Process(
+        crypto_client("sim", "--port", str(port), "--chart-empty-rate", "1"), {}, tmp_path / "sim.log"
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url}/_sim/stats").status_code == 200, 20, what="sim")
+        faults = httpx.get(f"{url}/_sim/faults").json()["default"]
+        assert (faults["chart_empty_rate"], faults["chart_bad_point_rate"]) == (1.0, 0.0)
+        response = httpx.get(
+            f"{url}/api/v2/public/get_index_chart_data", params={"index_name": "btc_usd", "range": "1h"}
+        )
+        assert response.json()["result"] == []
+        stats = httpx.get(f"{url}/_sim/stats").json()
+        assert stats["methods"]["public/get_index_chart_data"] == {"requests": 1, "max_in_flight": 1}
+    finally:
+        process.stop()
+
+
+def test_spoilt_chart_points_are_not_in_the_served_record(sim: SimServer) -> None:
+    start = served_so_far(sim)
+    sim.faults("eth_usd", chart_bad_point_rate=1.0)
+    answer = httpx.get(
+        f"{sim.rpc_url}/public/get_index_chart_data", params={"index_name": "eth_usd", "range": "1h"}
+    )
+    assert answer.status_code == 200
+    assert answer.json()["result"]  # every point spoilt, none missing
+    assert [r for r in served(sim, start) if r["kind"] == "chart"] == []

@@ -233,8 +233,10 @@ def backfill(
 ) -> None:
     """Fill missing slots from Deribit's own history (get_index_chart_data).
 
-    Exits 0 when every gap within reach of Deribit's history was filled (slots with no
-    history point inside them stay missing, as not_repairable), 1 when a ticker failed.
+    Slots that ended less than the bound on pending writes ago are left to ingestion. Exits
+    0 when every gap within reach of Deribit's history was filled (slots its history cannot
+    reach stay missing as not_repairable, slots it said nothing about as history_unavailable),
+    1 when a ticker failed.
     """
     from crypto_client.domain import parse_ticker
     from crypto_client.ingestion.backfill import BackfillReport
@@ -257,6 +259,7 @@ def backfill(
         line = (
             f"{report.ticker:<20} missing {report.missing:>7}  {verb} {report.filled:>7}"
             f"  not repairable {report.not_repairable:>7}"
+            f"  history unavailable {report.history_unavailable:>7}"
         )
         typer.echo(line + (f"  FAILED: {report.error}" if report.error else ""))
     raise typer.Exit(0 if all(report.ok for report in reports) else 1)
@@ -274,6 +277,13 @@ def sim(
     malformed_rate: Annotated[float, typer.Option(envvar="SIM_MALFORMED_RATE", min=0, max=1)] = 0.0,
     rate_limit_rate: Annotated[float, typer.Option(envvar="SIM_RATE_LIMIT_RATE", min=0, max=1)] = 0.0,
     outage: Annotated[bool, typer.Option(envvar="SIM_OUTAGE", help="Answer every request with 503.")] = False,
+    chart_empty_rate: Annotated[float, typer.Option(envvar="SIM_CHART_EMPTY_RATE", min=0, max=1)] = 0.0,
+    chart_out_of_window_rate: Annotated[
+        float, typer.Option(envvar="SIM_CHART_OUT_OF_WINDOW_RATE", min=0, max=1)
+    ] = 0.0,
+    chart_bad_point_rate: Annotated[
+        float, typer.Option(envvar="SIM_CHART_BAD_POINT_RATE", min=0, max=1)
+    ] = 0.0,
     chart_step_scale: Annotated[
         float,
         typer.Option(envvar="SIM_CHART_STEP_SCALE", min=0.001, help="Scale of the chart's point spacing."),
@@ -322,6 +332,9 @@ def sim(
         malformed_rate=malformed_rate,
         rate_limit_rate=rate_limit_rate,
         outage=outage,
+        chart_empty_rate=chart_empty_rate,
+        chart_out_of_window_rate=chart_out_of_window_rate,
+        chart_bad_point_rate=chart_bad_point_rate,
     )
     try:
         faults = faults.update(

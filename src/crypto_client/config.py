@@ -11,7 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from crypto_client.db.engine import check_database_url
-from crypto_client.domain import parse_ticker
+from crypto_client.domain import DAY_SECONDS, parse_ticker
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
 
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     stream_enabled: bool = False
     stream_stall_seconds: float = Field(default=30.0, ge=1, le=3600)
 
-    ingest_interval_seconds: int = Field(default=60, ge=1, le=86400)
+    ingest_interval_seconds: int = Field(default=60, ge=1, le=DAY_SECONDS)
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
 
     backfill_interval_seconds: int = Field(default=300, ge=0, le=86400)
@@ -124,6 +124,17 @@ class Settings(BaseSettings):
             if not tickers:
                 raise ValueError("at least one ticker is required")
             return tickers
+        return value
+
+    @field_validator("ingest_interval_seconds")
+    @classmethod
+    def _check_interval_divides_a_day(cls, value: int) -> int:
+        # Slots must tile every UTC day (and so every month partition): a slot that crossed
+        # midnight at a month's end would belong to two partitions and could get two rows.
+        if DAY_SECONDS % value:
+            fitting = [n for n in (value - 1, value + 1) if n >= 1 and DAY_SECONDS % n == 0]
+            hint = f" (e.g. {' or '.join(map(str, fitting))})" if fitting else ""
+            raise ValueError(f"must divide a day (86400 s) exactly{hint}, got {value}")
         return value
 
     @field_validator("cors_origins", mode="before")

@@ -18,6 +18,8 @@ _TICKER_RE = re.compile(TICKER_PATTERN)
 
 # 9999-12-31T23:59:59Z: every stored or requested time lies in [0, MAX_TS], far inside BIGINT.
 MAX_TS = 253_402_300_799
+# Schedule intervals divide a day, so slots tile every UTC day and month (and partition).
+DAY_SECONDS = 86_400
 
 # Prices both backends store exactly (PostgreSQL NUMERIC, SQLite decimal text) and every
 # client reads back unchanged: below 10^20, at most 18 decimal places (so at most 38
@@ -75,7 +77,12 @@ GapReason = Literal[
     "clock_skew",  # observed before its slot began: the scheduler's clock is ahead
     "invalid_value",  # a price this service cannot store exactly (or the database refused it)
     "database_unavailable",  # the database stayed out of reach past the write bound
-    "not_repairable",  # back-fill found no point of Deribit's history inside the slot
+    # Deribit's history cannot reach the slot: it is older than the history keeps, or the
+    # history covers it only with points farther apart than the slot (they only coarsen).
+    "not_repairable",
+    # The back-fill got no usable history around the slot yet (an empty answer, one that
+    # does not reach the slot, a hole in it): the automatic repair tries again, backing off.
+    "history_unavailable",
     "no_tick_ran",
 ]
 

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 from crypto_client import __version__, metrics
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
+from crypto_client.api.errors import UnknownTickerError, unknown_ticker_response
 from crypto_client.api.live import PriceFeed
 from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
 from crypto_client.api.routes import repeatable_router, router
@@ -190,6 +191,7 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(UnknownTickerError, unknown_ticker_response)
     for error in (DBAPIError, PoolTimeoutError, DatabaseUnavailableError, QueryTimeoutError):
         app.add_exception_handler(error, _database_error)
     if app.state.settings.cors_origins:

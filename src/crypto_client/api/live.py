@@ -4,12 +4,16 @@
 Each client has a bounded queue; one that falls `CLIENT_QUEUE_ROWS` behind is dropped (it
 reconnects with `Last-Event-ID` and loses nothing), so a client that never reads cannot grow
 the server's memory.
+
+A resume point beyond the newest stored row (the database was restored or swapped since the
+client's last event) restarts the client at the newest row, and the client is told so by a
+`ResumeReset` before anything else: it is never left waiting for ids that may never come.
 """
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import structlog
 from fastapi import Depends, Request
@@ -144,13 +148,32 @@ class PriceFeed:
                 self._subscriptions.discard(subscription)
 
 
+class ResumeReset(NamedTuple):
+    """A client's resume point lies beyond the newest stored row: it continues after `newest_seq`."""
+
+    requested_seq: int
+    newest_seq: int
+
+
 async def events(
     feed: PriceFeed, database: ReadDatabase, tickers: Sequence[str], after_seq: int | None
-) -> AsyncIterator[StoredRow]:
+) -> AsyncIterator[StoredRow | ResumeReset]:
     """The rows for one client: those stored after `after_seq` (its `Last-Event-ID`) from the
-    database, then live ones, each once and in `seq` order."""
+    database, then live ones, each once and in `seq` order. An `after_seq` beyond the newest
+    row yields a `ResumeReset` first and continues after the newest row."""
     async with feed.subscribe(tickers) as subscription:
         sent = after_seq
+        if after_seq is not None:
+            async with database.reader() as reader:
+                newest = await reader.newest_seq()
+            if after_seq > newest:
+                log.warning(
+                    "stream resume point beyond the newest row: restarting the client there",
+                    last_event_id=after_seq,
+                    newest_seq=newest,
+                )
+                yield ResumeReset(after_seq, newest)
+                sent = newest
         while sent is not None:
             async with database.reader() as reader:
                 backlog = await reader.stored_after(sent, tickers, limit=READ_BATCH_ROWS)

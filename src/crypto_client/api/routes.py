@@ -1,10 +1,12 @@
 """The read-only endpoints."""
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -12,6 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from crypto_client import exact_json, metrics
 from crypto_client.api import live
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
+from crypto_client.api.errors import UnknownTickerError
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
 from crypto_client.api.schemas import (
     CANDLE_SECONDS,
@@ -41,6 +44,8 @@ from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import CSV_HEADER, PriceReader
 from crypto_client.domain import MAX_TS, PriceRow
 
+log = structlog.get_logger(__name__)
+
 EXPORT_BATCH_ROWS = 10_000
 
 COVERAGE_WINDOW_SECONDS = 86_400
@@ -51,6 +56,14 @@ HEALTH_TIMEOUT_SECONDS = 1.0
 STREAM_PING_SECONDS = 15
 # A client whose connection accepts nothing for this long is gone.
 STREAM_SEND_TIMEOUT_SECONDS = 30
+# A `seq`: what an SSE `id` of this API can be; anything else is refused, not guessed at.
+_LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
+_MAX_SEQ = 2**63 - 1
+
+# How far a row's `ts` may lie ahead of this process's clock and still count as the newest
+# price (clocks of the writing and the reading hosts differ a little). A row further ahead is
+# not "now": it must not pin the newest price at age 0 while nothing is stored any more.
+FUTURE_TS_TOLERANCE_SECONDS = 5
 
 _INVALID: dict[int | str, dict[str, Any]] = {
     422: {"model": ValidationErrorOut, "description": "A parameter is missing, unknown or invalid."}
@@ -59,7 +72,7 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorOut, "description": "The database cannot be reached."}
 }
 _UNKNOWN: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorOut, "description": "The ticker is neither configured nor stored."}
+    404: {"model": ErrorOut, "description": "The ticker is neither configured nor stored (see /tickers)."}
 }
 _PAGED: dict[str, Any] = {
     "description": 'Rows oldest first. A `Link: <...>; rel="next"` header is present when more rows follow.',
@@ -87,13 +100,29 @@ def _with_age(row: PriceRow, now: float) -> dict[str, Any]:
     return {**row._asdict(), "age_seconds": _age(row.ts, now)}
 
 
+def _fresh_until(now: float) -> int:
+    """The newest `ts` that counts as a current price at `now`."""
+    return int(now) + FUTURE_TS_TOLERANCE_SECONDS
+
+
 async def _require_known(reader: PriceReader, settings: Settings, ticker: str) -> None:
-    """A 404 for a ticker neither configured nor stored: a typo must not look like "no data yet"."""
-    if ticker not in settings.tickers and await reader.latest(ticker) is None:
+    """`UnknownTickerError` for a ticker neither configured nor stored (nor tracked)."""
+    if ticker not in settings.tickers and not await reader.is_known(ticker):
+        raise UnknownTickerError(ticker)
+
+
+def _resume_point(last_event_id: str | None) -> int | None:
+    """The `seq` a client resumes after, from its `Last-Event-ID` (empty: none, as an
+    EventSource whose last event had no id would send it)."""
+    if last_event_id is None or last_event_id == "":
+        return None
+    if _LAST_EVENT_ID.fullmatch(last_event_id) is None or int(last_event_id) > _MAX_SEQ:
         raise HTTPException(
-            status_code=404,
-            detail=f"unknown ticker {ticker!r}: it is neither configured nor stored; /tickers lists them",
+            status_code=400,
+            detail=f"Last-Event-ID {last_event_id[:40]!r} is not an id this stream sent: "
+            f"send the `id` of the last event received (an integer from 0 to {_MAX_SEQ}), or none",
         )
+    return int(last_event_id)
 
 
 async def _recent_coverage(reader: PriceReader, settings: Settings, ticker: str, now: float) -> float | None:
@@ -147,21 +176,30 @@ async def list_prices(
     "/prices/latest",
     response_model=LatestOut,
     responses={
-        404: {"model": ErrorOut, "description": "No price stored for this ticker yet."},
+        404: {
+            "model": ErrorOut,
+            "description": "An unknown ticker, or no price stored for it yet (rows dated in the future "
+            "do not count).",
+        },
         **_INVALID,
         **_UNAVAILABLE,
     },
     summary="The most recent price of a ticker",
 )
 async def latest_price(
-    query: Annotated[TickerQuery, Query()], database: ReadDatabaseDep, cache: LatestCacheDep
+    query: Annotated[TickerQuery, Query()],
+    database: ReadDatabaseDep,
+    settings: SettingsDep,
+    cache: LatestCacheDep,
 ) -> JSONBytes:
     async def load() -> PriceRow | None:
         async with database.reader() as reader:
-            return await reader.latest(query.ticker)
+            return await reader.latest(query.ticker, not_after=_fresh_until(time.time()))
 
     row = await cache.get(query.ticker, load)
     if row is None:
+        async with database.reader() as reader:
+            await _require_known(reader, settings, query.ticker)
         raise HTTPException(status_code=404, detail=f"no price stored for ticker {query.ticker!r} yet")
     return _json(_with_age(row, time.time()))
 
@@ -231,16 +269,21 @@ async def candles(
     responses={
         404: {
             "model": ErrorOut,
-            "description": "No row at or before ts, or only one older than max_age_seconds.",
+            "description": "An unknown ticker, no row at or before ts, or only one older than "
+            "max_age_seconds.",
         },
         **_INVALID,
         **_UNAVAILABLE,
     },
     summary="The last price at or before a moment (as-of lookup)",
 )
-async def price_at(query: Annotated[AtQuery, Query()], database: ReadDatabaseDep) -> JSONBytes:
+async def price_at(
+    query: Annotated[AtQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
+) -> JSONBytes:
     async with database.reader() as reader:
         row = await reader.at(query.ticker, query.ts)
+        if row is None:
+            await _require_known(reader, settings, query.ticker)
     if row is None:
         raise HTTPException(
             status_code=404, detail=f"no price of {query.ticker!r} at or before ts={query.ts}"
@@ -258,16 +301,19 @@ async def price_at(query: Annotated[AtQuery, Query()], database: ReadDatabaseDep
 @repeatable_router.get(
     "/prices/snapshot",
     response_model=list[SnapshotOut],
-    responses={**_INVALID, **_UNAVAILABLE},
-    summary="The latest price of several tickers in one call (nulls for a ticker without data)",
+    responses={**_UNKNOWN, **_INVALID, **_UNAVAILABLE},
+    summary="The latest price of several tickers in one call (nulls for a known ticker without data)",
 )
 async def snapshot(
     query: Annotated[SnapshotQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
 ) -> JSONBytes:
     tickers = query.ticker or list(settings.tickers)
-    async with database.reader() as reader:
-        latest = await reader.latest_of(tickers)
     now = time.time()
+    async with database.reader() as reader:
+        latest = await reader.latest_of(tickers, not_after=_fresh_until(now))
+        for ticker in tickers:
+            if ticker not in latest:
+                await _require_known(reader, settings, ticker)
     empty = {"price": None, "ts": None, "source": None, "age_seconds": None}
     return _json([_with_age(latest[t], now) if t in latest else {"ticker": t, **empty} for t in tickers])
 
@@ -277,9 +323,12 @@ async def snapshot(
     responses={
         200: {
             "description": "Server-Sent Events: one `price` event per stored row, its `id` the row's "
-            "place in the order rows were stored.",
+            "place in the order rows were stored. A `Last-Event-ID` beyond the newest row (the "
+            "database was restored or replaced) first gets a `reset` event whose `id` is the newest "
+            "row's: the stream continues from there.",
             "content": {"text/event-stream": {}},
         },
+        400: {"model": ErrorOut, "description": "Last-Event-ID is not an id this stream sends."},
         **_UNKNOWN,
         **_INVALID,
         **_UNAVAILABLE,
@@ -292,10 +341,15 @@ async def stream(
     settings: SettingsDep,
     feed: live.PriceFeedDep,
     last_event_id: Annotated[
-        int | None,
-        Header(ge=0, le=2**63 - 1, description="The last event's `id` a client received: resume after it."),
+        str | None,
+        Header(
+            description="The last event's `id` a client received: resume after it.",
+            # Documented, checked by `_resume_point`: a bad id is a 400, as in every HTTP API.
+            json_schema_extra={"pattern": r"^[0-9]{0,19}$"},
+        ),
     ] = None,
 ) -> EventSourceResponse:
+    resume_after = _resume_point(last_event_id)
     tickers = query.ticker or list(settings.tickers)
     async with database.reader() as reader:
         for ticker in tickers:
@@ -303,10 +357,21 @@ async def stream(
     await feed.wait_ready()
 
     async def price_events() -> AsyncIterator[ServerSentEvent]:
-        async for stored in live.events(feed, database, tickers, last_event_id):
-            yield ServerSentEvent(
-                exact_json.dumps(stored.row._asdict()).decode(), event="price", id=str(stored.seq)
-            )
+        async for item in live.events(feed, database, tickers, resume_after):
+            if isinstance(item, live.ResumeReset):
+                notice = {
+                    "reason": "resume point beyond the newest stored row (the database was restored "
+                    "or replaced): continuing after the newest row; reload anything kept from before",
+                    "last_event_id": item.requested_seq,
+                    "newest_seq": item.newest_seq,
+                }
+                yield ServerSentEvent(
+                    exact_json.dumps(notice).decode(), event="reset", id=str(item.newest_seq)
+                )
+            else:
+                yield ServerSentEvent(
+                    exact_json.dumps(item.row._asdict()).decode(), event="price", id=str(item.seq)
+                )
 
     return EventSourceResponse(
         price_events(), ping=STREAM_PING_SECONDS, send_timeout=STREAM_SEND_TIMEOUT_SECONDS
@@ -319,7 +384,7 @@ async def prometheus_metrics(database: ReadDatabaseDep, settings: SettingsDep) -
     (the newest price of each configured ticker and its coverage over the last 24 hours)."""
     now = time.time()
     async with database.reader() as reader:
-        newest = await reader.latest_of(settings.tickers)
+        newest = await reader.latest_of(settings.tickers, not_after=_fresh_until(now))
         coverage = {
             ticker: await _recent_coverage(reader, settings, ticker, now) for ticker in settings.tickers
         }
@@ -353,16 +418,43 @@ async def export(
         # Keyset batches, each on a connection of its own: memory stays bounded whatever the
         # range, and a client that leaves stops the export between two batches.
         start: int | None = lower
+        rows_sent = 0
         if query.format == "csv":
             yield CSV_HEADER + "\n"
-        while start is not None:
-            async with database.reader() as reader:
-                page = await reader.export_batch(
-                    query.ticker, query.format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
-                )
-            if page.text:
-                yield page.text + "\n"
-            start = page.next_ts
+        try:
+            while start is not None:
+                async with database.reader() as reader:
+                    page = await reader.export_batch(
+                        query.ticker, query.format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
+                    )
+                if page.text:
+                    yield page.text + "\n"
+                rows_sent += page.rows
+                start = page.next_ts
+        except Exception as exc:
+            # The status line (200) is long sent: what is left is to end the body so that no
+            # client takes it for the whole file. NDJSON gets an error line a line reader
+            # sees; then the exception aborts the chunked body (no final zero-length chunk),
+            # which every HTTP/1.1 client reports as an incomplete read.
+            log.error(
+                "export cut short",
+                ticker=query.ticker,
+                format=query.format,
+                from_ts=lower,
+                to_ts=upper,
+                rows_sent=rows_sent,
+                resume_from_ts=start,
+                error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            )
+            if query.format == "ndjson":
+                problem = {
+                    "error": f"export incomplete after {rows_sent} rows: the database could not be read;"
+                    f" request from_ts={start} to continue",
+                    "rows_sent": rows_sent,
+                    "resume_from_ts": start,
+                }
+                yield exact_json.dumps(problem).decode() + "\n"
+            raise
 
     extension, media_type = (
         ("csv", "text/csv") if query.format == "csv" else ("ndjson", "application/x-ndjson")
@@ -380,7 +472,7 @@ async def export(
     response_model=CoverageOut,
     responses={
         200: {**_PAGED, "description": "Slot coverage; gaps oldest first, paged by Link."},
-        404: {"model": ErrorOut, "description": "The ticker is neither configured nor tracked."},
+        **_UNKNOWN,
         **_INVALID,
         **_UNAVAILABLE,
     },
@@ -394,11 +486,7 @@ async def coverage(
 ) -> JSONBytes:
     start_slot = decode_cursor(query.cursor) if query.cursor is not None else None
     async with database.reader() as reader:
-        if query.ticker not in settings.tickers and await reader.tracked_since(query.ticker) is None:
-            raise HTTPException(
-                status_code=404,
-                detail=f"ticker {query.ticker!r} is neither configured nor tracked: see /tickers",
-            )
+        await _require_known(reader, settings, query.ticker)
         result = await measure(
             reader,
             query.ticker,
@@ -505,7 +593,7 @@ async def readyz(request: Request, database: ReadDatabaseDep, settings: Settings
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), database.reader(queued=False) as reader:
             for ticker in settings.tickers:
-                row = await reader.latest(ticker)
+                row = await reader.latest(ticker, not_after=_fresh_until(now))
                 if row is None:
                     stale[ticker] = "no price stored yet"
                 elif _age(row.ts, now) > settings.stale_after:

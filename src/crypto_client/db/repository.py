@@ -18,8 +18,10 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     literal,
+    or_,
     select,
     text,
     tuple_,
@@ -110,9 +112,15 @@ class PriceReader:
         """Fails unless this connection can read `price_ticks` (reachable, migrated, allowed)."""
         await self._connection.execute(_PING)
 
-    async def latest(self, ticker: str) -> PriceRow | None:
-        row = (await self._connection.execute(_LATEST, {"ticker": ticker})).first()
+    async def latest(self, ticker: str, *, not_after: int = MAX_TS) -> PriceRow | None:
+        """The row with the largest `ts` up to `not_after` (one index seek): a bound below
+        MAX_TS keeps rows dated in the future from passing for the newest price."""
+        row = (await self._connection.execute(_LATEST, {"ticker": ticker, "not_after": not_after})).first()
         return None if row is None else PriceRow._make(row)
+
+    async def is_known(self, ticker: str) -> bool:
+        """Whether `ticker` has rows or is tracked (two index seeks)."""
+        return bool(await self._connection.scalar(_KNOWN, {"ticker": ticker}))
 
     async def page_json(
         self,
@@ -166,14 +174,15 @@ class PriceReader:
         row = (await self._connection.execute(_AT, {"ticker": ticker, "ts": ts})).first()
         return None if row is None else PriceRow._make(row)
 
-    async def latest_of(self, tickers: Sequence[str]) -> dict[str, PriceRow]:
-        """The latest row of each ticker, in one statement (an index seek per ticker)."""
+    async def latest_of(self, tickers: Sequence[str], *, not_after: int = MAX_TS) -> dict[str, PriceRow]:
+        """The latest row of each ticker up to `not_after` (as `latest`), in one statement
+        (an index seek per ticker)."""
         if not tickers:
             return {}
         # Each part is wrapped in a subquery: SQLite allows no LIMIT on a bare UNION member.
         newest = [
             select(*_ROW_COLUMNS)
-            .where(_c.ticker == literal(ticker, String))
+            .where(_c.ticker == literal(ticker, String), _c.ts <= literal(not_after, BigInteger))
             .order_by(_c.ts.desc())
             .limit(1)
             .subquery()
@@ -458,6 +467,20 @@ class PriceWriter:
         self.stored_rows = True
         return [(ticker, ts) for ticker, ts, _, _ in new_rows]
 
+    async def stored_exactly(self, prices: Sequence[NewPrice]) -> set[tuple[str, int]]:
+        """The `(ticker, ts)` of those `prices` the table holds exactly as given (same slot,
+        price and source): how a writer whose COMMIT went unanswered recognises its own rows."""
+        if not prices:
+            return set()
+        keys = [(price.ticker, price.ts) for price in prices]
+        result = await self._connection.execute(_ROWS_AT, {"keys": keys})
+        stored = {(ticker, ts): (price, slot_ts, source) for ticker, ts, price, slot_ts, source in result}
+        return {
+            (price.ticker, price.ts)
+            for price in prices
+            if stored.get((price.ticker, price.ts)) == (price.price, price.slot_ts, price.source)
+        }
+
     async def track(self, tickers: Sequence[str], since_slot_ts: int) -> None:
         """Start tracking `tickers` at `since_slot_ts`, unless they are tracked already."""
         if tickers:
@@ -498,9 +521,15 @@ _PING = select(literal(1)).select_from(_table).limit(1)
 _ROW_COLUMNS = [_c[name] for name in PriceRow._fields]
 _LATEST = (
     select(*_ROW_COLUMNS)
-    .where(_c.ticker == bindparam("ticker", type_=String))
+    .where(_c.ticker == bindparam("ticker", type_=String), _c.ts <= bindparam("not_after", type_=BigInteger))
     .order_by(_c.ts.desc())
     .limit(1)
+)
+_KNOWN = select(
+    or_(
+        exists().where(_c.ticker == bindparam("ticker", type_=String)),
+        exists().where(_tracked.c.ticker == bindparam("ticker", type_=String)),
+    )
 )
 _PAGE_ROWS = (
     select(*_ROW_COLUMNS)
@@ -628,6 +657,9 @@ _INSERT = {
     .returning(_c.ticker, _c.ts, _c.price, _c.source),
     "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts, _c.price, _c.source),
 }
+_ROWS_AT = select(_c.ticker, _c.ts, _c.price, _c.slot_ts, _c.source).where(
+    tuple_(_c.ticker, _c.ts).in_(bindparam("keys", expanding=True))
+)
 _HOURS = (
     select(
         _hours.c.bucket,

@@ -2,15 +2,28 @@
 
 For each missing slot within reach, the first history point whose time lies inside the slot
 is stored with its own time and exact price, tagged `source = 'backfill'`. The finest range
-that reaches a slot is used. A slot with no point inside it stays missing and is recorded as
-`not_repairable` with the resolution that was available. Nothing is overwritten, duplicated,
-or interpolated.
+that reaches a slot is used. Nothing is overwritten, duplicated, or interpolated.
+
+A slot's observation wins over history: a slot is repaired only once its end lies
+`pending_write_seconds` in the past, the longest a polled or streamed price may still wait
+in some process's memory to be written (see `IngestionRuntime.pending_write_seconds`).
+
+A slot the history cannot reach (older than it keeps, or inside it only with points farther
+apart than the slot) is recorded `not_repairable`, for good: the history only coarsens. A
+slot the answer does not say anything about (it was empty, did not reach the slot, or has a
+hole there) is recorded `history_unavailable` with its attempts and the time of its next try:
+the automatic repair tries it again then, backing off (the wait after the k-th attempt is
+`retry_backoff_seconds * 2^(k-1)`), for at most `MAX_AUTOMATIC_ATTEMPTS` attempts.
 """
 
+import math
+import re
 import statistics
 import time
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import pairwise
 
@@ -21,13 +34,22 @@ from crypto_client import metrics
 from crypto_client.clients.source import HistoryPoint, HistorySource
 from crypto_client.coverage import expected_window
 from crypto_client.db.repository import PriceReader, write_transaction
-from crypto_client.domain import NewPrice, SlotFailure, canonical_price
+from crypto_client.domain import GapReason, NewPrice, SlotFailure, canonical_price
 
 log = structlog.get_logger(__name__)
 
 # At most this many missing slots are examined per ticker and run (the newest first).
 MAX_SLOTS_PER_RUN = 200_000
 _SPANS_PER_QUERY = 10_000
+# The automatic repair gives a `history_unavailable` slot this many attempts; by hand
+# (`crypto-client backfill`) every missing slot is tried.
+MAX_AUTOMATIC_ATTEMPTS = 12
+# Points this many times farther apart than usual around a slot are a hole in the answer,
+# not the history's resolution.
+_HOLE_FACTOR = 2
+_ISO = "%Y-%m-%dT%H:%M:%SZ"
+_RETRY = re.compile(r"^attempt (\d+), (?:retried after (\S+)|not retried automatically): ")
+_BEFORE = "; before: "
 
 
 @dataclass(slots=True)
@@ -36,12 +58,51 @@ class BackfillReport:
     missing: int = 0  # missing slots examined
     filled: int = 0
     not_repairable: int = 0
+    history_unavailable: int = 0  # to be tried again
     ranges: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    interval: int
+    retry_backoff_seconds: float
+    automatic: bool
+    now: float
+
+    def due(self, earlier: SlotFailure | None) -> bool:
+        """Whether the run tries a missing slot with this ledger entry."""
+        if not self.automatic or earlier is None:
+            return True
+        if earlier.reason == "not_repairable":
+            return False
+        if earlier.reason != "history_unavailable":
+            return True
+        attempts, retry_at = _retry(earlier)
+        # An entry without the count (written by hand, or by an older version) is tried.
+        return attempts == 0 or (retry_at is not None and self.now >= retry_at)
+
+    def retry_at(self, attempts: int) -> float | None:
+        """When the automatic repair tries a slot again after `attempts` that found no
+        history: the wait doubles from one attempt to the next, up to the last attempt."""
+        if attempts >= MAX_AUTOMATIC_ATTEMPTS or not self.retry_backoff_seconds:
+            return None
+        return self.now + self.retry_backoff_seconds * (1 << (attempts - 1))
+
+
+def _retry(failure: SlotFailure) -> tuple[int, float | None]:
+    """The attempts and the next retry's time that a `history_unavailable` entry records at
+    the start of its detail (the ledger is the repair's only memory between runs)."""
+    found = _RETRY.match(failure.detail)
+    if found is None:
+        return 0, None
+    retry_at = found.group(2)
+    when = datetime.strptime(retry_at, _ISO).replace(tzinfo=UTC).timestamp() if retry_at else None
+    return int(found.group(1)), when
 
 
 def finest_range(ranges: Mapping[str, int | None], age_seconds: float) -> str:
@@ -58,33 +119,31 @@ async def backfill(
     tickers: Sequence[str],
     *,
     interval_seconds: int,
+    pending_write_seconds: float,
+    retry_backoff_seconds: float,
     from_ts: int | None = None,
     to_ts: int | None = None,
     dry_run: bool = False,
-    retry_unrepairable: bool = True,
+    automatic: bool = False,
     now: float | None = None,
 ) -> list[BackfillReport]:
-    """Repair the missing slots of `tickers` within the bounds (default: their tracked span).
+    """Repair the missing slots of `tickers` within the bounds (default: their tracked span)
+    whose end lies `pending_write_seconds` in the past.
 
-    `retry_unrepairable=False` skips slots already recorded `not_repairable`: Deribit's
-    history of a slot only coarsens with time, so asking again finds nothing new.
+    `automatic` is the automatic repair's rule: skip `not_repairable` slots, and retry a
+    `history_unavailable` one only when its backoff (`retry_backoff_seconds`, doubling) is
+    over. By hand, every missing slot is tried.
     """
     moment = time.time() if now is None else now
+    rules = _Rules(interval_seconds, retry_backoff_seconds, automatic, moment)
+    # The newest slot that may be repaired: one that ended `pending_write_seconds` ago.
+    newest = int(moment - pending_write_seconds) - interval_seconds
+    to_ts = newest if to_ts is None else min(to_ts, newest)
     reports = []
     for ticker in tickers:
         report = BackfillReport(ticker)
         try:
-            await _backfill_ticker(
-                engine,
-                history,
-                report,
-                interval_seconds,
-                from_ts,
-                to_ts,
-                dry_run=dry_run,
-                retry_unrepairable=retry_unrepairable,
-                now=moment,
-            )
+            await _backfill_ticker(engine, history, report, rules, from_ts, to_ts, dry_run=dry_run)
         except Exception as exc:
             # One ticker's failure is its own; the history fetch was retried already.
             report.error = str(exc) or repr(exc)
@@ -95,6 +154,7 @@ async def backfill(
             missing=report.missing,
             filled=report.filled,
             not_repairable=report.not_repairable,
+            history_unavailable=report.history_unavailable,
             ranges=report.ranges,
             dry_run=dry_run,
         )
@@ -106,59 +166,47 @@ async def _backfill_ticker(
     engine: AsyncEngine,
     history: HistorySource,
     report: BackfillReport,
-    interval: int,
+    rules: _Rules,
     from_ts: int | None,
-    to_ts: int | None,
+    to_ts: int,
     *,
     dry_run: bool,
-    retry_unrepairable: bool,
-    now: float,
 ) -> None:
     ticker = report.ticker
+    interval = rules.interval
     async with engine.connect() as connection:
         reader = PriceReader(connection)
         window = expected_window(
-            await reader.tracked_since(ticker), interval, from_ts=from_ts, to_ts=to_ts, now=now
+            await reader.tracked_since(ticker), interval, from_ts=from_ts, to_ts=to_ts, now=rules.now
         )
         if window is None:
             return
         missing = await _missing_slots(reader, ticker, *window, interval)
         known = {f.slot_ts: f for f in await reader.slot_failures(ticker, *window)}
-    if not retry_unrepairable:
-        missing = [slot for slot in missing if slot not in known or known[slot].reason != "not_repairable"]
+    missing = [slot for slot in missing if rules.due(known.get(slot))]
     report.missing = len(missing)
     by_range: dict[str, list[int]] = {}
     for slot in missing:
-        by_range.setdefault(finest_range(history.history_ranges, now - slot), []).append(slot)
+        by_range.setdefault(finest_range(history.history_ranges, rules.now - slot), []).append(slot)
 
     rows: list[NewPrice] = []
     unfilled: list[SlotFailure] = []
     for range_name, slots in by_range.items():
         report.ranges.append(range_name)
-        points = await history.fetch_history(ticker, range_name)
-        chosen = _first_point_per_slot(points, set(slots), interval)
+        answer = _Answer(
+            range_name,
+            history.history_ranges[range_name],
+            _usable(ticker, range_name, await history.fetch_history(ticker, range_name)),
+        )
+        chosen = answer.first_point_per_slot(set(slots), interval)
         rows.extend(
             NewPrice(ticker, price, ts, slot, "backfill") for slot, (ts, price) in sorted(chosen.items())
         )
-        resolution = _resolution(points)
         for slot in slots:
             if slot not in chosen:
-                earlier = known.get(slot)
-                why = (
-                    f"{earlier.reason}: {earlier.detail}; "
-                    if earlier and earlier.reason != "not_repairable"
-                    else ""
-                )
-                unfilled.append(
-                    SlotFailure(
-                        ticker,
-                        slot,
-                        "not_repairable",
-                        f"{why}no point of Deribit's history inside the slot "
-                        f"(range {range_name}, points about {resolution} apart)",
-                    )
-                )
-    report.not_repairable = len(unfilled)
+                unfilled.append(_unfilled(ticker, slot, known.get(slot), answer, rules))
+    report.not_repairable = sum(1 for f in unfilled if f.reason == "not_repairable")
+    report.history_unavailable = len(unfilled) - report.not_repairable
     if dry_run:
         report.filled = len(rows)
         return
@@ -166,6 +214,90 @@ async def _backfill_ticker(
         report.filled = len(await writer.insert_many(rows))
         await writer.record_failures(unfilled)
     metrics.BACKFILLED_ROWS.labels(metrics.ticker_label(ticker)).inc(report.filled)
+
+
+def _usable(ticker: str, range_name: str, points: Sequence[HistoryPoint]) -> list[tuple[int, Decimal]]:
+    """`(ts_ms, price)` of the points this service can store, oldest first."""
+    usable = []
+    for point in sorted(points, key=lambda p: p.ts_ms):
+        try:
+            usable.append((point.ts_ms, canonical_price(point.price)))
+        except ValueError as exc:
+            log.warning(
+                "history point skipped", ticker=ticker, range=range_name, ts_ms=point.ts_ms, error=str(exc)
+            )
+    return usable
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One range's answer: its usable points and what they say about a slot without one."""
+
+    range_name: str
+    reach: int | None
+    points: list[tuple[int, Decimal]]
+
+    def first_point_per_slot(self, slots: set[int], interval: int) -> dict[int, tuple[int, Decimal]]:
+        chosen: dict[int, tuple[int, Decimal]] = {}
+        for ts_ms, price in self.points:
+            ts = ts_ms // 1000
+            slot = ts // interval * interval
+            if slot in slots and slot not in chosen:
+                chosen[slot] = (ts, price)
+        return chosen
+
+    def why_unfilled(self, slot: int, now: float) -> tuple[GapReason, str]:
+        """Why the answer fills no `slot`: the history cannot reach it (`not_repairable`), or
+        the answer says nothing about it (`history_unavailable`)."""
+        where = f"range {self.range_name}"
+        if self.reach is not None and now - slot > self.reach:
+            return "not_repairable", f"older than Deribit's history reaches ({where})"
+        times = [ts_ms for ts_ms, _ in self.points]
+        if not times:
+            return "history_unavailable", f"Deribit's history ({where}) answered no usable point"
+        after = bisect_left(times, slot * 1000)
+        if after == 0:
+            return (
+                "history_unavailable",
+                f"Deribit's history ({where}) starts after the slot, at {_iso(times[0] / 1000)}",
+            )
+        if after == len(times):
+            return (
+                "history_unavailable",
+                f"Deribit's history ({where}) ends before the slot, at {_iso(times[-1] / 1000)}",
+            )
+        spacing = statistics.median(b - a for a, b in pairwise(times))
+        hole = times[after] - times[after - 1]
+        apart = f"points about {spacing / 1000:g} s apart"
+        if hole <= _HOLE_FACTOR * spacing:
+            return "not_repairable", f"no point of Deribit's history inside the slot ({where}, {apart})"
+        return (
+            "history_unavailable",
+            f"a hole of {hole / 1000:g} s in Deribit's history around the slot ({where}, {apart})",
+        )
+
+
+def _unfilled(
+    ticker: str, slot: int, earlier: SlotFailure | None, answer: _Answer, rules: _Rules
+) -> SlotFailure:
+    """The ledger entry of a slot the answer did not fill, keeping why it went missing."""
+    reason, finding = answer.why_unfilled(slot, rules.now)
+    cause = ""
+    if earlier is not None and earlier.reason == "history_unavailable":
+        cause = earlier.detail.partition(_BEFORE)[2]
+    elif earlier is not None and earlier.reason != "not_repairable":
+        cause = f"{earlier.reason}: {earlier.detail}"
+    if reason == "not_repairable":
+        return SlotFailure(ticker, slot, reason, f"{cause}; {finding}" if cause else finding)
+    attempts = (_retry(earlier)[0] if earlier is not None and earlier.reason == reason else 0) + 1
+    retry_at = rules.retry_at(attempts)
+    then = "not retried automatically" if retry_at is None else f"retried after {_iso(math.ceil(retry_at))}"
+    detail = f"attempt {attempts}, {then}: {finding}"
+    return SlotFailure(ticker, slot, reason, f"{detail}{_BEFORE}{cause}" if cause else detail)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime(_ISO)
 
 
 async def _missing_slots(reader: PriceReader, ticker: str, first: int, last: int, interval: int) -> list[int]:
@@ -177,25 +309,3 @@ async def _missing_slots(reader: PriceReader, ticker: str, first: int, last: int
         for span in spans:
             slots.extend(range(span.first_slot, span.last_slot + 1, interval))
     return slots[-MAX_SLOTS_PER_RUN:]
-
-
-def _first_point_per_slot(
-    points: Sequence[HistoryPoint], slots: set[int], interval: int
-) -> dict[int, tuple[int, Decimal]]:
-    chosen: dict[int, tuple[int, Decimal]] = {}
-    for point in sorted(points, key=lambda p: p.ts_ms):
-        ts = point.ts_ms // 1000
-        slot = ts // interval * interval
-        if slot in slots and slot not in chosen:
-            try:
-                chosen[slot] = (ts, canonical_price(point.price))
-            except ValueError:
-                continue  # a point this service cannot store is no point
-    return chosen
-
-
-def _resolution(points: Sequence[HistoryPoint]) -> str:
-    if len(points) < 2:
-        return "unknown (fewer than two points)"
-    gaps = [b.ts_ms - a.ts_ms for a, b in pairwise(points)]
-    return f"{statistics.median(gaps) / 1000:g} s"

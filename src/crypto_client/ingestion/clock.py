@@ -57,9 +57,11 @@ class SourceClock:
         server_us = observation.server_time_us
         if server_us is None:
             return Timing(local, "local", "usOut missing or not an integer")
+        # Compared as integers first: an integer of hundreds of digits is no float.
+        if not 0 <= server_us <= MAX_TS * 1_000_000:
+            shown = str(server_us) if abs(server_us) < 10**24 else f"of {server_us.bit_length()} bits"
+            return Timing(local, "local", f"usOut {shown} is not a time in microseconds")
         server = server_us / 1_000_000
-        if not 0 <= server <= MAX_TS:
-            return Timing(local, "local", f"usOut {server_us} is not a time in microseconds")
         sample = server - (observation.sent_at + observation.received_at) / 2
         if abs(sample) <= MAX_CLOCK_OFFSET_SECONDS:
             self._offsets.append(sample)

@@ -5,6 +5,7 @@ The embedded scheduler, the Celery task, `crypto-client ingest` and the benchmar
 """
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client import metrics
-from crypto_client.clients.deribit.http import DeribitHttpClient
+from crypto_client.clients.deribit.http import MAX_BACKOFF_SECONDS, DeribitHttpClient
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
 from crypto_client.config import Settings
@@ -32,10 +33,8 @@ log = structlog.get_logger(__name__)
 # A tick writes in one transaction; a second connection lets the next tick start while a
 # slow one still holds the first.
 WRITE_POOL_SIZE = 2
-# The automatic repair looks this far back, and leaves the newest slots to ingestion (a tick
-# may still be writing them).
+# The automatic repair looks this far back.
 RECENT_REPAIR_SECONDS = 86_400
-RECENT_REPAIR_SKIPS_SLOTS = 2
 # A crashed stream consumer is started again after this, doubled per crash in a row (up to
 # the maximum); a run that delivered prices ends the row.
 STREAM_RESTART_BACKOFF_SECONDS = 1.0
@@ -59,6 +58,27 @@ class StreamHealth:
         return "connected" if self.stream.connected.is_set() else "connecting"
 
 
+# What a write may take beyond the write bound: the last backoff before it (the tick's store
+# waits at most 5 s between attempts) and one attempt (a pool wait and a connect, 5 s each).
+LAST_WRITE_ATTEMPT_SECONDS = 15.0
+
+
+def pending_write_seconds(settings: Settings) -> float:
+    """How long after its slot ends a polled or streamed price may still wait in memory to be
+    written, in any process of the deployment; the back-fill leaves a slot alone until then,
+    so that the observation wins its slot.
+
+    A tick writes once every ticker's fetch is over (in rounds of `DERIBIT_MAX_CONCURRENCY`,
+    each with its retries), then retries the write for `INGEST_MAX_WRITE_DELAY_SECONDS`; a
+    stream batch may first wait for the batch before it to finish retrying.
+    """
+    rounds = math.ceil(len(settings.tickers) / settings.deribit_max_concurrency)
+    retries = settings.deribit_max_retries
+    fetch = rounds * (retries + 1) * settings.deribit_timeout_seconds + retries * MAX_BACKOFF_SECONDS
+    delay = settings.ingest_max_write_delay_seconds
+    return max(fetch + delay, 2 * delay) + LAST_WRITE_ATTEMPT_SECONDS
+
+
 def deribit_http_client(settings: Settings) -> DeribitHttpClient:
     return DeribitHttpClient(
         settings.deribit_rpc_url,
@@ -79,6 +99,8 @@ class IngestionRuntime:
     clock: SourceClock = field(default_factory=SourceClock)
     # Ledger entries waiting for the database.
     unrecorded: list[SlotFailure] = field(default_factory=list)
+    # Held while the automatic repair runs: one at a time per process.
+    repairing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         metrics.set_tickers(self.settings.tickers)
@@ -102,17 +124,19 @@ class IngestionRuntime:
         from_ts: int | None = None,
         to_ts: int | None = None,
         dry_run: bool = False,
-        retry_unrepairable: bool = True,
+        automatic: bool = False,
     ) -> list[BackfillReport]:
         return await backfill(
             self.engine,
             self.history,
             tickers or self.settings.tickers,
             interval_seconds=self.settings.ingest_interval_seconds,
+            pending_write_seconds=pending_write_seconds(self.settings),
+            retry_backoff_seconds=self.settings.backfill_interval_seconds,
             from_ts=from_ts,
             to_ts=to_ts,
             dry_run=dry_run,
-            retry_unrepairable=retry_unrepairable,
+            automatic=automatic,
         )
 
     async def run_stream(self, health: StreamHealth | None = None) -> None:
@@ -164,13 +188,14 @@ class IngestionRuntime:
             interval_seconds=self.settings.ingest_interval_seconds,
         )
 
-    async def repair_recent(self) -> list[BackfillReport]:
-        """The automatic repair: the recent gaps of every configured ticker."""
-        now = int(time.time())
-        newest = now - RECENT_REPAIR_SKIPS_SLOTS * self.settings.ingest_interval_seconds
-        return await self.backfill(
-            from_ts=now - RECENT_REPAIR_SECONDS, to_ts=newest, retry_unrepairable=False
-        )
+    async def repair_recent(self) -> list[BackfillReport] | None:
+        """The automatic repair: the recent gaps of every configured ticker. None when the
+        previous repair of this process still runs (two would fetch the same history)."""
+        if self.repairing.locked():
+            log.info("repair still running, skipping this run")
+            return None
+        async with self.repairing:
+            return await self.backfill(from_ts=int(time.time()) - RECENT_REPAIR_SECONDS, automatic=True)
 
 
 @asynccontextmanager

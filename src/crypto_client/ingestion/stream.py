@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.clients.source import Observation
 from crypto_client.domain import NewPrice, current_slot
 from crypto_client.ingestion.clock import SourceClock
-from crypto_client.ingestion.tick import TickerOutcome, count_outcomes, place, store
+from crypto_client.ingestion.tick import TickerOutcome, WriteResult, count_outcomes, log_lost, place, store
 
 log = structlog.get_logger(__name__)
 
@@ -57,22 +57,23 @@ class StreamWriter:
         rows, self._pending = self._pending, []
         if not rows:
             return
-        try:
-            inserted, rejected = await store(
-                self._engine, rows, self._max_write_delay, log.bind(source="stream")
-            )
-        except Exception as exc:
-            lost = [{"ticker": row.ticker, "price": str(row.price), "ts": row.ts} for row in rows]
-            log.error("stream batch lost: database write failed", error=repr(exc), rows=lost)
-            return
-        self.stored += len(inserted)
-        count_outcomes(
-            "stream",
-            (
-                TickerOutcome(row.ticker, "failed", reason="invalid_value")
-                if row.ticker in rejected
-                else TickerOutcome(row.ticker, "stored" if (row.ticker, row.ts) in inserted else "duplicate")
-                for row in rows
-            ),
+        bound = log.bind(source="stream")
+        written = await store(self._engine, rows, self._max_write_delay, bound)
+        log_lost(bound, rows, written)
+        self.stored += len(written.committed)
+        count_outcomes("stream", (_outcome(row, written) for row in rows))
+        log.debug(
+            "stream batch written",
+            rows=len(rows),
+            stored=len(written.committed),
+            refused=len(written.rejected),
+            lost=written.error is not None,
         )
-        log.debug("stream batch written", rows=len(rows), stored=len(inserted), refused=len(rejected))
+
+
+def _outcome(row: NewPrice, written: WriteResult) -> TickerOutcome:
+    status = written.status_of(row)
+    if status != "failed":
+        return TickerOutcome(row.ticker, status)
+    refused = row.ticker in written.rejected
+    return TickerOutcome(row.ticker, status, reason="invalid_value" if refused else "database_unavailable")

@@ -113,37 +113,24 @@ async def ingest_tick(
     if task is not None:
         WRITING.add(task)
     if rows:
-        try:
-            inserted, rejected = await store(engine, rows, max_write_delay_seconds, bound)
-        except Exception as exc:
-            database_lost = True
-            # The prices go into the log line: it is the last place they exist.
-            lost = [{"ticker": row.ticker, "price": str(row.price), "ts": row.ts} for row in rows]
-            bound.error("tick lost: database write failed", error=repr(exc), rows=lost)
-            summary.outcomes.extend(
-                TickerOutcome(
-                    row.ticker,
-                    "failed",
-                    row.price,
-                    row.ts,
-                    f"database write failed: {exc!r}",
-                    "database_unavailable",
+        written = await store(engine, rows, max_write_delay_seconds, bound)
+        database_lost = written.error is not None
+        lost = log_lost(bound, rows, written)
+        for row in rows:
+            if row in lost:
+                in_doubt = " (its COMMIT went unanswered)" if (row.ticker, row.ts) in written.in_doubt else ""
+                error = f"database write failed{in_doubt}: {written.error!r}"
+                summary.outcomes.append(
+                    TickerOutcome(row.ticker, "failed", row.price, row.ts, error, "database_unavailable")
                 )
-                for row in rows
-            )
-        else:
-            for row in rows:
-                if row.ticker in rejected:
-                    error = f"the database refused the row: {rejected[row.ticker]}"
-                    bound.error(
-                        "ticker failed", ticker=row.ticker, price=str(row.price), ts=row.ts, error=error
-                    )
-                    summary.outcomes.append(
-                        TickerOutcome(row.ticker, "failed", row.price, row.ts, error, "invalid_value")
-                    )
-                else:
-                    status: Status = "stored" if (row.ticker, row.ts) in inserted else "duplicate"
-                    summary.outcomes.append(TickerOutcome(row.ticker, status, row.price, row.ts))
+            elif row.ticker in written.rejected:
+                error = f"the database refused the row: {written.rejected[row.ticker]}"
+                bound.error("ticker failed", ticker=row.ticker, price=str(row.price), ts=row.ts, error=error)
+                summary.outcomes.append(
+                    TickerOutcome(row.ticker, "failed", row.price, row.ts, error, "invalid_value")
+                )
+            else:
+                summary.outcomes.append(TickerOutcome(row.ticker, written.status_of(row), row.price, row.ts))
 
     if slot_ts is not None:
         unrecorded.extend(
@@ -208,7 +195,26 @@ def place(
     source: Source = "poll",
 ) -> NewPrice | TickerOutcome:
     """The row for `observation` inside its slot, or why there is none: the rules every
-    source's prices go through (exact value, the clock rule, a time inside the slot)."""
+    source's prices go through (exact value, the clock rule, a time inside the slot).
+
+    Whatever an observation holds, it fails alone: an error placing it is its own ticker's
+    `invalid_value`, never the whole tick's."""
+    try:
+        return _place(observation, clock, slot_ts, interval_seconds, bound, source)
+    except Exception as exc:
+        error = f"observation not usable: {exc!r}"
+        bound.exception("ticker failed", ticker=observation.ticker, error=error, reason="invalid_value")
+        return TickerOutcome(observation.ticker, "failed", error=error, reason="invalid_value")
+
+
+def _place(
+    observation: Observation,
+    clock: SourceClock,
+    slot_ts: int | None,
+    interval_seconds: int,
+    bound: structlog.stdlib.BoundLogger,
+    source: Source,
+) -> NewPrice | TickerOutcome:
     ticker = observation.ticker
     try:
         price = canonical_price(observation.price)
@@ -244,20 +250,37 @@ def place(
     return NewPrice(ticker, price, ts, slot_ts, source)
 
 
+@dataclass(slots=True)
+class WriteResult:
+    """What `store` knows about its rows once it returns."""
+
+    committed: set[tuple[str, int]] = field(default_factory=set)  # `(ticker, ts)` known to be stored
+    rejected: dict[str, str] = field(default_factory=dict)  # per ticker, why the database refused it
+    # Rows whose COMMIT was sent but never answered: stored or not, nobody knows (yet).
+    in_doubt: set[tuple[str, int]] = field(default_factory=set)
+    error: Exception | None = None  # set when the write gave up: rows not committed are lost
+
+    def status_of(self, row: NewPrice) -> Status:
+        if row.ticker in self.rejected or ((row.ticker, row.ts) not in self.committed and self.error):
+            return "failed"
+        return "stored" if (row.ticker, row.ts) in self.committed else "duplicate"
+
+
 async def store(
     engine: AsyncEngine,
     rows: list[NewPrice],
     max_write_delay_seconds: float,
     bound: structlog.stdlib.BoundLogger,
-) -> tuple[set[tuple[str, int]], dict[str, str]]:
-    """Write `rows` in one transaction; returns the `(ticker, ts)` inserted and, per ticker,
-    why the database refused a row.
+) -> WriteResult:
+    """Write `rows` in one transaction, retrying while the database is unavailable for up to
+    `max_write_delay_seconds`; only a committed row counts as stored.
 
     A refusal for a data reason (not an availability one) fails the whole transaction, so the
     rows are then written one by one: the good ones are kept and only the bad one reported.
+    A COMMIT whose answer was lost may have committed: the retry finds such a row already
+    there (the insert skips it), and a row identical to the one written is this write's own.
     """
-    inserted: set[tuple[str, int]] = set()
-    rejected: dict[str, str] = {}
+    result = WriteResult()
 
     def log_retry(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -270,11 +293,27 @@ async def store(
         )
 
     async def write(batch: list[NewPrice]) -> None:
-        async with write_transaction(engine) as writer:
-            inserted.update(await writer.insert_many(batch))
+        new: list[tuple[str, int]] = []
+        committing = False
+        try:
+            async with write_transaction(engine) as writer:
+                new = await writer.insert_many(batch)
+                doubtful = [row for row in batch if (row.ticker, row.ts) in result.in_doubt]
+                new += await writer.stored_exactly(doubtful)
+                committing = True
+        except Exception:
+            if committing:
+                result.in_doubt.update(new)
+            raise
+        result.committed.update(new)
+        result.in_doubt.difference_update((row.ticker, row.ts) for row in batch)
 
     async def write_all() -> None:
-        pending = [row for row in rows if (row.ticker, row.ts) not in inserted and row.ticker not in rejected]
+        pending = [
+            row
+            for row in rows
+            if (row.ticker, row.ts) not in result.committed and row.ticker not in result.rejected
+        ]
         try:
             await write(pending)
             return
@@ -287,7 +326,7 @@ async def store(
             except Exception as exc:
                 if is_database_unavailable(exc):
                     raise
-                rejected[row.ticker] = repr(exc)
+                result.rejected[row.ticker] = repr(exc)
 
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_database_unavailable),
@@ -296,7 +335,33 @@ async def store(
         before_sleep=log_retry,
         reraise=True,
     )
-    async for attempt in retrying:
-        with attempt:
-            await write_all()
-    return inserted, rejected
+    try:
+        async for attempt in retrying:
+            with attempt:
+                await write_all()
+    except Exception as exc:
+        result.error = exc
+    return result
+
+
+def log_lost(
+    bound: structlog.stdlib.BoundLogger, rows: Iterable[NewPrice], result: WriteResult
+) -> list[NewPrice]:
+    """Log the rows `result` could not store (the log line is the last place their prices
+    exist) and return them; a row whose COMMIT went unanswered is marked `in_doubt`."""
+    lost = [row for row in rows if result.status_of(row) == "failed" and row.ticker not in result.rejected]
+    if lost:
+        bound.error(
+            "tick lost: database write failed",
+            error=repr(result.error),
+            rows=[
+                {
+                    "ticker": row.ticker,
+                    "price": str(row.price),
+                    "ts": row.ts,
+                    **({"in_doubt": True} if (row.ticker, row.ts) in result.in_doubt else {}),
+                }
+                for row in lost
+            ],
+        )
+    return lost

@@ -2,6 +2,7 @@
 
 import asyncio
 import bisect
+import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from crypto_client import exact_json
-from crypto_client.sim.faults import FaultKind, FaultPlan, Faults
+from crypto_client.sim.faults import BAD_CHART_POINTS, ChartFault, FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
 from crypto_client.sim.served import ServedLog
 from crypto_client.sim.stream import ConnectionRecord, serve_stream
@@ -90,6 +91,11 @@ class Simulator:
         self._frozen_us: dict[str | None, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        # Per JSON-RPC method: requests answered or failed, and how many were ever served at once.
+        self.method_requests: Counter[str] = Counter()
+        self.method_in_flight: Counter[str] = Counter()
+        self.method_max_in_flight: Counter[str] = Counter()
+        self._bad_points = itertools.cycle(BAD_CHART_POINTS)
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             "public/get_index_price": self._get_index_price,
             "public/get_index_price_names": lambda _params: self.walk.names,
@@ -120,7 +126,7 @@ class Simulator:
         self.served.setdefault(name, deque(maxlen=_SERVED_KEPT)).append((time.time_ns() // 1_000_000, price))
         return price
 
-    def _get_index_chart_data(self, params: Mapping[str, Any]) -> list[tuple[int, Any]]:
+    def _get_index_chart_data(self, params: Mapping[str, Any]) -> list[Any]:
         """One point per step of the range, oldest first: the first price served within the
         step (so the chart agrees with what get_index_price said), else a synthetic one."""
         name = params.get("index_name")
@@ -138,18 +144,50 @@ class Simulator:
         reach, step = reach_and_step
         step = max(1, round(step * self.chart_step_scale))
         now = time.time_ns() // 1_000_000
+        fault = self.faults.draw_chart(name)
+        if fault is not None:
+            log.info(
+                "sim injecting fault", fault=str(fault), method="public/get_index_chart_data", index=name
+            )
+        if fault is ChartFault.EMPTY:
+            return []
+        if fault is ChartFault.OUT_OF_WINDOW:
+            now -= reach  # true points, of the window before the one asked for
         served = list(self.served.get(name, ()))
         times = [served_ms for served_ms, _ in served]
-        points: list[tuple[int, Any]] = []
+        points: list[Any] = []
+        genuine: list[tuple[int, Any]] = []
         start = (now - reach) // step * step + step
         for bucket in range(start, now + 1, step):
             first = bisect.bisect_left(times, bucket)
             if first < len(times) and times[first] < bucket + step:
-                points.append(served[first])
+                point: tuple[int, Any] = served[first]
             else:
-                points.append((bucket, self.walk.price_at(name, bucket)))
-        self.record.add_chart_points(name, points)
+                point = (bucket, self.walk.price_at(name, bucket))
+            if self.faults.draw_bad_point(name):
+                points.append(self._bad_point(point))
+            else:
+                points.append(point)
+                genuine.append(point)
+        # A spoilt point is a fault, never one of the simulator's values: it is not recorded.
+        self.record.add_chart_points(name, genuine)
         return points
+
+    def _bad_point(self, point: tuple[int, Any]) -> Any:
+        """`point` spoilt, each kind of bad point in turn."""
+        ts_ms, price = point
+        match next(self._bad_points):
+            case "null_point":
+                return None
+            case "null_price":
+                return (ts_ms, None)
+            case "zero_price":
+                return (ts_ms, 0)
+            case "negative_price":
+                return (ts_ms, Decimal("-1.5"))
+            case _:  # "string_price"
+                text = price.contents if isinstance(price, orjson.Fragment) else str(price)
+                return (ts_ms, text if isinstance(text, str) else text.decode())
 
     async def answer(
         self,
@@ -160,6 +198,7 @@ class Simulator:
     ) -> Response:
         index = params.get("index_name") if isinstance(params.get("index_name"), str) else None
         self.requests[index or method] += 1
+        self.method_requests[method] += 1
         latency_ms, fault = self.faults.draw(index)
         if fault is FaultKind.TIMEOUT:
             # A hung request is not being served: it does not count as in flight.
@@ -168,6 +207,10 @@ class Simulator:
             return Response(status_code=504)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.method_in_flight[method] += 1
+        self.method_max_in_flight[method] = max(
+            self.method_max_in_flight[method], self.method_in_flight[method]
+        )
         try:
             if latency_ms:
                 await asyncio.sleep(latency_ms / 1000)
@@ -177,6 +220,7 @@ class Simulator:
             return self._rpc_response(method, params, request_id, index)
         finally:
             self.in_flight -= 1
+            self.method_in_flight[method] -= 1
 
     async def answer_post(
         self, raw: bytes, client_left: Callable[[], Awaitable[bool]] | None = None
@@ -283,6 +327,10 @@ class Simulator:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "ws_connections": [record.as_dict() for record in self.ws_connections],
+            "methods": {
+                method: {"requests": count, "max_in_flight": self.method_max_in_flight[method]}
+                for method, count in self.method_requests.items()
+            },
         }
 
     def reset_faults(self) -> None:
@@ -293,6 +341,8 @@ class Simulator:
         self.requests.clear()
         self.max_in_flight = self.in_flight
         self.ws_connections.clear()
+        self.method_requests.clear()
+        self.method_max_in_flight = self.method_in_flight.copy()
 
 
 def create_sim_app(simulator: Simulator | None = None) -> Starlette:

@@ -30,6 +30,29 @@ class HostileFrame(StrEnum):
     INDEX_NAME_MISMATCH = "index_name_mismatch"  # a subscribed channel carrying another index
 
 
+class ChartFault(StrEnum):
+    """What can be wrong with a well-formed get_index_chart_data answer."""
+
+    EMPTY = "empty"  # no points at all
+    OUT_OF_WINDOW = "out_of_window"  # the points of a window one range-reach earlier
+
+
+# The bad points a chart answer can carry, in turn: a null point, and prices that are null,
+# zero, negative, or a string.
+BAD_CHART_POINTS = ("null_point", "null_price", "zero_price", "negative_price", "string_price")
+
+_RATES = (
+    "error_rate",
+    "timeout_rate",
+    "drop_rate",
+    "malformed_rate",
+    "rate_limit_rate",
+    "chart_empty_rate",
+    "chart_out_of_window_rate",
+    "chart_bad_point_rate",
+)
+
+
 @dataclass
 class Faults:
     latency_ms: float = 0.0
@@ -61,6 +84,11 @@ class Faults:
     # Every connection also gets notifications for these channels, subscribed or not.
     ws_unsubscribed_channels: tuple[str, ...] = ()
     ws_drop_after: int = 0  # each connection is closed after this many notifications (0: never)
+    # get_index_chart_data: answers that are empty or lie outside the range's window, and
+    # points (each drawn alone) replaced by a bad one.
+    chart_empty_rate: float = 0.0
+    chart_out_of_window_rate: float = 0.0
+    chart_bad_point_rate: float = 0.0
 
     def update(self, changes: dict[str, Any]) -> "Faults":
         known = {f.name for f in fields(self)}
@@ -70,7 +98,7 @@ class Faults:
         updated = replace(self, **changes)
         if not 0 <= updated.latency_ms <= 600_000:
             raise ValueError("latency_ms must be between 0 and 600000")
-        for name in ("error_rate", "timeout_rate", "drop_rate", "malformed_rate", "rate_limit_rate"):
+        for name in _RATES:
             if not 0.0 <= getattr(updated, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")
         if updated.fail_next < 0:
@@ -134,6 +162,21 @@ class FaultPlan:
             if rate and self._rng.random() < rate:
                 return faults.latency_ms, kind
         return faults.latency_ms, None
+
+    def draw_chart(self, index: str) -> ChartFault | None:
+        """What is wrong with the next chart answer for `index`, if anything."""
+        faults = self.for_index(index)
+        for kind, rate in (
+            (ChartFault.EMPTY, faults.chart_empty_rate),
+            (ChartFault.OUT_OF_WINDOW, faults.chart_out_of_window_rate),
+        ):
+            if rate and self._rng.random() < rate:
+                return kind
+        return None
+
+    def draw_bad_point(self, index: str) -> bool:
+        rate = self.for_index(index).chart_bad_point_rate
+        return bool(rate) and self._rng.random() < rate
 
     def as_dict(self) -> dict[str, Any]:
         return {

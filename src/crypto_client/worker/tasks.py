@@ -107,10 +107,11 @@ def repair_recent_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] 
     runtime = _process_runtime()
 
     async def repair() -> dict[str, int]:
-        reports = await runtime.ingestion.repair_recent()
+        reports = await runtime.ingestion.repair_recent() or []
         return {
             "filled": sum(report.filled for report in reports),
             "not_repairable": sum(report.not_repairable for report in reports),
+            "history_unavailable": sum(report.history_unavailable for report in reports),
             "failed_tickers": sum(1 for report in reports if not report.ok),
         }
 

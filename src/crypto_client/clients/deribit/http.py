@@ -36,7 +36,9 @@ from crypto_client.clients.source import FetchResult, HistoryPoint, Observation
 
 log = structlog.get_logger(__name__)
 
-_MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 30.0
+# A chart answer full of bad points is logged with this many of them, and their count.
+_SKIPPED_POINTS_LOGGED = 10
 _KEEPALIVE_SECONDS = 3.0
 
 T = TypeVar("T")
@@ -68,7 +70,7 @@ class DeribitHttpClient:
         self._base_url = base_url.rstrip("/")
         self._max_retries = max_retries
         self._backoff_seconds = backoff_seconds
-        self._backoff = wait_random_exponential(multiplier=backoff_seconds, max=_MAX_BACKOFF_SECONDS)
+        self._backoff = wait_random_exponential(multiplier=backoff_seconds, max=MAX_BACKOFF_SECONDS)
         self._concurrency = asyncio.Semaphore(max_concurrency)
         self._http = httpx.AsyncClient(
             timeout=timeout,
@@ -110,7 +112,17 @@ class DeribitHttpClient:
         """Deribit's own history of `ticker` over `range_name` (`get_index_chart_data`)."""
 
         def parse(envelope: RpcEnvelope) -> list[HistoryPoint]:
-            return [HistoryPoint(ts_ms, price) for ts_ms, price in parse_chart_data(envelope.result)]
+            data = parse_chart_data(envelope.result)
+            if data.skipped:
+                log.warning(
+                    "history points skipped",
+                    ticker=ticker,
+                    range=range_name,
+                    skipped=len(data.skipped),
+                    kept=len(data.points),
+                    points=data.skipped[:_SKIPPED_POINTS_LOGGED],
+                )
+            return [HistoryPoint(ts_ms, price) for ts_ms, price in data.points]
 
         params = {"index_name": ticker, "range": range_name}
         return await self.call("public/get_index_chart_data", params, parse)
@@ -124,6 +136,10 @@ class DeribitHttpClient:
             except RetriesExhaustedError as exc:
                 return FetchResult(ticker, error=exc, attempts=exc.attempts)
             except DeribitError as exc:
+                return FetchResult(ticker, error=exc)
+            except Exception as exc:
+                # An answer nothing above foresaw still costs only its own ticker, never the tick.
+                log.exception("unexpected error fetching a price", ticker=ticker)
                 return FetchResult(ticker, error=exc)
 
         return list(await asyncio.gather(*(fetch(ticker) for ticker in tickers)))
@@ -152,12 +168,12 @@ class DeribitHttpClient:
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
         if isinstance(error, TransientDeribitError) and error.retry_after is not None:
-            return min(error.retry_after, _MAX_BACKOFF_SECONDS)
+            return min(error.retry_after, MAX_BACKOFF_SECONDS)
         wait = float(self._backoff(state))
         if isinstance(error, RateLimitedError):
             # Full jitter may draw ~0; a rate limit needs at least the exponential floor.
             floor = self._backoff_seconds * 2 ** (state.attempt_number - 1)
-            wait = max(wait, min(floor, _MAX_BACKOFF_SECONDS))
+            wait = max(wait, min(floor, MAX_BACKOFF_SECONDS))
         return wait
 
     def _log_retry(self, method: str, params: Mapping[str, str], state: RetryCallState) -> None:

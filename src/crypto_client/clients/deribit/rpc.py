@@ -3,7 +3,7 @@ each error means for the caller. The HTTP client uses it; a WebSocket client can
 
 import json
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -71,7 +71,7 @@ def decode_envelope(content: bytes | str) -> RpcEnvelope | None:
     try:
         body = json.loads(content, parse_float=Decimal, parse_constant=_reject_constant)
         envelope = RpcEnvelope.model_validate(body)
-    except (ValueError, ValidationError):
+    except (ValueError, ValidationError, RecursionError):  # RecursionError: nested too deep
         return None
     if "result" not in body and envelope.error is None:
         return None
@@ -111,27 +111,43 @@ CHART_RANGES: dict[str, int | None] = {
 }
 
 
-def parse_chart_data(result: object) -> list[tuple[int, Decimal]]:
-    """`get_index_chart_data`'s `[[timestamp_ms, price], ...]`, checked point by point."""
+class ChartData(NamedTuple):
+    points: list[tuple[int, Decimal]]
+    # The points left out, each as `point: what is wrong with it` (the text shortened).
+    skipped: list[str]
+
+
+def parse_chart_data(result: object) -> ChartData:
+    """`get_index_chart_data`'s `[[timestamp_ms, price], ...]`, checked point by point: a bad
+    point (not a pair, a time that is not a whole number of milliseconds within `MAX_TS`, a
+    price that is null, zero, negative or a string) is left out, so one does not cost the rest."""
     if not isinstance(result, list):
         raise TransientDeribitError("malformed get_index_chart_data result: expected a list of points")
-    points = []
+    data = ChartData([], [])
     for point in result:
-        if (
-            not isinstance(point, list)
-            or len(point) != 2
-            or isinstance(point[0], bool)
-            or not isinstance(point[0], int)
-        ):
-            raise TransientDeribitError(f"malformed get_index_chart_data point: {point!r}")
-        try:
+        problem = _chart_point_problem(point)
+        if problem is None:
             price = IndexPriceResult.model_validate({"index_price": point[1]}).index_price
-        except ValidationError as exc:
-            raise TransientDeribitError(
-                f"malformed get_index_chart_data price: {first_problem(exc)}"
-            ) from None
-        points.append((point[0], price))
-    return points
+            data.points.append((point[0], price))
+        else:
+            data.skipped.append(f"{repr(point)[:_SHOWN_POINT_CHARS]}: {problem}")
+    return data
+
+
+_SHOWN_POINT_CHARS = 120
+
+
+def _chart_point_problem(point: object) -> str | None:
+    if not isinstance(point, list) or len(point) != 2:
+        return "not a [timestamp_ms, price] pair"
+    ts_ms, price = point
+    if isinstance(ts_ms, bool) or not isinstance(ts_ms, int) or not 0 <= ts_ms <= MAX_TS * 1000:
+        return "the timestamp is not a time in milliseconds"
+    try:
+        IndexPriceResult.model_validate({"index_price": price})
+    except ValidationError:
+        return "the price is not a positive finite JSON number"
+    return None
 
 
 PRICE_INDEX_CHANNEL = "deribit_price_index."
@@ -203,7 +219,10 @@ def server_time_us(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # beyond Python's limit on digits converted: no time either
+            return None
     return None
 
 

@@ -1,6 +1,7 @@
 // The dashboard: latest prices, a chart of one ticker (line or candles) with its missing
 // slots, kept live by /prices/stream. Plain script, no build step; everything it shows comes
-// from the public API. `window.dashboard` holds what is drawn (the browser test reads it).
+// from the public API. `window.dashboard` holds what is drawn (the browser test reads it, and
+// its `seriesData` and `x` ask the chart itself what it holds and where it puts a time).
 "use strict";
 
 (() => {
@@ -12,6 +13,10 @@
   const RAW_LINE_MAX_SPAN = 86400;
   const MAX_GAP_ITEMS = 50;
   const MAX_BACKFILL_MARKERS = 500;
+  // Every missing slot is a whitespace point: the line breaks there and the gap is as wide as
+  // the slots it lacks. Beyond this many, a point stands for several slots (memory stays bounded).
+  const MAX_WHITESPACE_POINTS = 20000;
+  const GAP_COLOR = "transparent";
 
   const state = {
     tickers: [],
@@ -21,6 +26,7 @@
     mode: "line",
     points: [],
     gaps: [],
+    interval: null,
     ready: false,
     draws: 0,
   };
@@ -104,11 +110,23 @@
     autoSize: true,
     layout: { background: { color: color("--bg") }, textColor: color("--fg") },
     grid: { vertLines: { color: color("--line") }, horzLines: { color: color("--line") } },
-    timeScale: { timeVisible: true, secondsVisible: false, borderColor: color("--line") },
+    timeScale: { timeVisible: true, secondsVisible: true, tickMarkFormatter: tickLabel, borderColor: color("--line") },
     rightPriceScale: { borderColor: color("--line") },
   });
   let series = null;
   let markers = null;
+  state.seriesData = () => (series ? series.data() : []);
+  state.x = (time) => chart.timeScale().timeToCoordinate(time);
+  state.show = (from, to) => chart.timeScale().setVisibleRange({ from, to });
+  state.fit = () => chart.timeScale().fitContent();
+
+  function tickLabel(time, type) {
+    // Times of day in UTC: seconds only on ticks between whole minutes, so a short span reads
+    // 12:00:30, 12:01, 12:01:30 rather than the same minute twice. Dates: the library's own.
+    if (type !== LWC.TickMarkType.Time && type !== LWC.TickMarkType.TimeWithSeconds) return null;
+    const text = new Date(time * 1000).toISOString().slice(11, 19);
+    return text.endsWith(":00") ? text.slice(0, 5) : text;
+  }
 
   function candleInterval() {
     return CANDLES_FOR_SPAN[state.span];
@@ -118,8 +136,12 @@
     return state.mode === "line" && state.span !== "all" && Number(state.span) <= RAW_LINE_MAX_SPAN;
   }
 
+  function bucketSeconds() {
+    return rawLine() ? null : INTERVAL_SECONDS[candleInterval()];
+  }
+
   function bucketOf(ts) {
-    return rawLine() ? ts : ts - (ts % INTERVAL_SECONDS[candleInterval()]);
+    return rawLine() ? ts : ts - (ts % bucketSeconds());
   }
 
   function linePoint(ts, price, backfilled) {
@@ -155,20 +177,28 @@
   async function loadGaps(ticker, from) {
     const bounds = from === null ? "" : `&from_ts=${Math.max(0, from)}`;
     const { body } = await getJson(`/coverage?ticker=${encodeURIComponent(ticker)}${bounds}&limit=1000`);
-    return body.gaps;
+    return body;
   }
 
-  function withGaps(points, gaps) {
-    // A point without a value breaks the line where slots are missing; the marker says so.
+  function withGaps(points, gaps, interval) {
+    // A point without a value (whitespace) for each missing slot, or each bucket without a
+    // row: the line breaks there, and the time axis, which gives every point the same width,
+    // keeps the gap as wide as the time it lacks. A marker names the gap.
     const times = new Set(points.map((point) => point.time));
     const breaks = [];
     const gapMarkers = [];
+    const missing = gaps.reduce((sum, gap) => sum + gap.slots, 0);
+    const stride = Math.max(1, Math.ceil(missing / MAX_WHITESPACE_POINTS));
+    const step = Math.max(interval * stride, bucketSeconds() ?? 0);
     for (const gap of gaps) {
-      const time = bucketOf(gap.from_ts);
-      if (!times.has(time)) {
-        times.add(time);
-        breaks.push({ time });
+      for (let slot = gap.from_ts; slot <= gap.to_ts; slot += step) {
+        const time = bucketOf(slot);
+        if (!times.has(time)) {
+          times.add(time);
+          breaks.push({ time });
+        }
       }
+      const time = bucketOf(gap.from_ts);
       gapMarkers.push({
         time,
         position: "aboveBar",
@@ -186,6 +216,15 @@
             .map((point) => ({ time: point.time, position: "inBar", shape: "circle", size: 0.6, color: point.color }))
         : [];
     const all = points.concat(breaks).sort((a, b) => a.time - b.time);
+    // A line joins the points on either side of whitespace, in the colour of the one before:
+    // transparent, so that nothing is drawn across missing slots.
+    if (state.mode === "line") {
+      for (let i = 0; i + 1 < all.length; i += 1) {
+        if (all[i].value !== undefined && all[i + 1].value === undefined) {
+          all[i] = { ...all[i], color: GAP_COLOR };
+        }
+      }
+    }
     const allMarkers = gapMarkers.concat(backfillMarkers).sort((a, b) => a.time - b.time);
     return { all, gapMarkers: allMarkers };
   }
@@ -235,15 +274,17 @@
     const from = state.span === "all" ? null : now() - Number(state.span);
     setStatus(`Loading ${ticker}…`);
     try {
-      const [points, gaps] = await Promise.all([loadPoints(ticker, from), loadGaps(ticker, from)]);
+      const [points, coverage] = await Promise.all([loadPoints(ticker, from), loadGaps(ticker, from)]);
       if (mine !== drawing) return; // a newer choice was made meanwhile
-      const { all, gapMarkers } = withGaps(points, gaps);
+      const gaps = coverage.gaps;
+      const { all, gapMarkers } = withGaps(points, gaps, coverage.interval_seconds);
       newSeries();
       series.setData(all);
       markers.setMarkers(gapMarkers);
       chart.timeScale().fitContent();
       state.points = all;
       state.gaps = gaps;
+      state.interval = coverage.interval_seconds;
       renderGaps();
       $("chart-title").textContent = ticker;
       $("chart").setAttribute("aria-label", `${ticker}: ${points.length} points, ${gaps.length} gaps`);
@@ -320,6 +361,9 @@
       }
       applyLive(row);
     });
+    // The API restarted this stream at its newest row (its database was restored or
+    // replaced): what is drawn may no longer be what is stored.
+    stream.addEventListener("reset", () => draw());
   }
 
   // Light or dark follows the system, also when it changes while the page is open.
