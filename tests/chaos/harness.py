@@ -32,12 +32,14 @@ from tests.support.services import (
     crypto_client,
     free_port,
 )
+from tests.support.small_filesystem import SmallFilesystem
 from tests.support.waiting import wait_until
 
 TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
 INTERVAL = 1
 BACKFILL_EVERY_SECONDS = 4
 START_ATTEMPTS = 5
+SQLITE_DISK_BYTES = 64 << 20  # room for hours of three tickers at 1 s slots
 # The chart's points one slot apart, so a missed slot can be repaired from Deribit's history.
 CHART_STEP_SCALE = str(1 / 6)
 
@@ -84,6 +86,7 @@ HOSTILE_FRAMES = (
 UNCONFIGURED = "ltc_usd"  # an index the simulator knows and the service does not track
 SQLITE_FAULTS = (
     "kill_serve",
+    "disk_full",
     "sim_outage",
     "sim_rate_limit",
     "sim_garbage",
@@ -175,6 +178,7 @@ class Run:
     proxy: PgProxy | None = None
     postgres: ThrowawayPostgres | None = None
     redis: ThrowawayRedis | None = None
+    disk: SmallFilesystem | None = None
     rng: random.Random = field(default_factory=random.Random)
     notes: list[str] = field(default_factory=list)
 
@@ -246,6 +250,11 @@ class Run:
             time.sleep(seconds)
             self.postgres.start()
             return f"down {seconds}s"
+        if kind == "disk_full" and self.disk is not None:
+            taken = self.disk.fill()
+            time.sleep(seconds)
+            self.disk.free()
+            return f"{taken} free bytes taken for {seconds}s"
         if kind == "redis_restart" and self.redis is not None:
             self.redis.stop()
             time.sleep(seconds)
@@ -413,9 +422,10 @@ def postgres_run(tmp: Path, seed: int) -> Iterator[Run]:
 
 @contextlib.contextmanager
 def sqlite_run(tmp: Path, seed: int) -> Iterator[Run]:
-    """The embedded `serve` on SQLite."""
+    """The embedded `serve` on SQLite, its file on a small filesystem that can be filled."""
     sim = SimServer(tmp, seed, "--chart-step-scale", CHART_STEP_SCALE)
-    database = tmp / "chaos.db"
+    disk = SmallFilesystem(SQLITE_DISK_BYTES)
+    database = disk.path / "chaos.db"
     env = {**_base_env(sim, f"sqlite:///{database}"), "STREAM_ENABLED": "true"}
     port = free_port()
 
@@ -440,11 +450,13 @@ def sqlite_run(tmp: Path, seed: int) -> Iterator[Run]:
         database=str(database),
         log_paths=[tmp / "serve.log"],
         rng=random.Random(seed),
+        disk=disk,
     )
     try:
         yield run
     finally:
         run.stop()
+        disk.close()
         sim.stop()
 
 
