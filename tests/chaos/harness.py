@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
 INTERVAL = 1
 BACKFILL_EVERY_SECONDS = 4
 START_ATTEMPTS = 5
+START_UP_FAILURE = "crypto-client: cannot use the database"  # the start-up check's one line
 SQLITE_DISK_BYTES = 64 << 20  # room for hours of three tickers at 1 s slots
 # The chart's points one slot apart, so a missed slot can be repaired from Deribit's history.
 CHART_STEP_SCALE = str(1 / 6)
@@ -181,6 +183,8 @@ class Run:
     disk: SmallFilesystem | None = None
     rng: random.Random = field(default_factory=random.Random)
     notes: list[str] = field(default_factory=list)
+    deaths: list[tuple[str, float, str]] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def start_all(self) -> None:
         for name in self.starters:
@@ -198,11 +202,28 @@ class Run:
     def kill9(self, name: str) -> None:
         """SIGKILL the process and everything it started (a worker's pool too), then start
         it again."""
-        process = self.processes[name]
-        process.signal_group(signal.SIGKILL)
-        process.popen.wait(10)
-        process.stop()
-        self.processes[name] = self.supervised_start(name)
+        with self.lock:
+            process = self.processes[name]
+            process.signal_group(signal.SIGKILL)
+            process.popen.wait(10)
+            process.stop()
+            self.processes[name] = self.supervised_start(name)
+
+    def supervise_once(self) -> None:
+        """What systemd or compose does: a process that exited on its own is started again.
+        An exit at start-up (the start-up check found the database unreachable) is noted; any
+        other exit is a death, and a finding."""
+        with self.lock:
+            for name, process in list(self.processes.items()):
+                if process.popen.poll() is None:
+                    continue
+                tail = process.output[-600:].replace("\n", " | ")
+                process.stop()
+                if START_UP_FAILURE in tail:
+                    self.notes.append(f"{name} exited at start, started again: {tail[-300:]}")
+                else:
+                    self.deaths.append((name, time.time(), tail))
+                self.processes[name] = self.supervised_start(name)
 
     def supervised_start(self, name: str) -> Process:
         """Start `name` as a supervisor (systemd, compose) would: a start-up check that fails
@@ -303,14 +324,6 @@ class Run:
             self._sim(ws_malformed_next=3)
             return "the next 3 notifications are truncated JSON"
         raise ValueError(f"unknown fault kind {kind!r}")
-
-    def dead_processes(self) -> dict[str, str]:
-        """Processes that exited though nothing stopped them, with the end of their logs."""
-        return {
-            name: process.output[-600:].replace("\n", " | ")
-            for name, process in self.processes.items()
-            if process.popen.poll() is not None
-        }
 
     def fault_kinds(self) -> tuple[str, ...]:
         """This run's fault kinds: its backend's, and those the simulator has knobs for."""
@@ -475,6 +488,14 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
     # The span begins once a slot has run with everything up, and ends a few slots before
     # the faults stop being repaired.
     wait_until(lambda: checker.read_rows(run.database), 60, 0.5, what="the first row")
+    supervising = threading.Event()
+
+    def supervise() -> None:
+        while not supervising.wait(0.5):
+            run.supervise_once()
+
+    supervisor = threading.Thread(target=supervise, name="supervisor", daemon=True)
+    supervisor.start()
     run.measure_rss_start()  # once the first row is in: every process has started up
     began = time.time()
     first_slot = (int(began) // INTERVAL + 2) * INTERVAL
@@ -507,7 +528,9 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
         return gaps, candles
 
     rss = run.rss_end()
-    died = run.dead_processes()
+    supervising.set()
+    supervisor.join(10)
+    run.supervise_once()  # a death since the last look counts too
     rows, (gaps, candles) = checker.settled_read(run.database, read_api, to_ts)
     report = Report(notes=list(run.notes))
     # The rows first, then the record: every row's value was served before it was read.
@@ -519,8 +542,12 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
     checker.check_log_claims(report, every_row, stored_claims, lost_claims, INTERVAL, run.injected)
     checker.check_candles(report, rows, candles, to_ts)
     checker.check_sse(report, every_row, clients, TICKERS)
-    for name, tail in died.items():
-        report.add(checker.Finding("process died unkilled", None, None, f"{name}, its log ends: {tail}"))
+    for name, when, tail in run.deaths:
+        evidence = f"{name} exited at {when:.1f} with nothing killing it; its log ends: {tail}"
+        near = tuple(
+            f"{f.kind}@{f.started:.1f}" for f in run.injected if f.started - 30 <= when <= f.ended + 5
+        )
+        report.add(checker.Finding("process died unkilled", None, None, evidence, near))
     return Summary(
         run.backend,
         run.seed,
