@@ -22,13 +22,13 @@ def _judge(summary: Summary) -> None:
 
 def test_chaos_postgresql(tmp_path: Path) -> None:
     with postgres_run(tmp_path, SEED) as run:
-        summary = execute(run, fault_seconds=35, quiet_seconds=12)
-    assert sum(summary.faults.values()) >= 6
+        summary = execute(run, fault_seconds=30, quiet_seconds=10)
+    assert sum(summary.faults.values()) >= 5
     _judge(summary)
 
 
 def test_chaos_sqlite(tmp_path: Path) -> None:
     with sqlite_run(tmp_path, SEED) as run:
-        summary = execute(run, fault_seconds=22, quiet_seconds=10)
-    assert sum(summary.faults.values()) >= 4
+        summary = execute(run, fault_seconds=20, quiet_seconds=8)
+    assert sum(summary.faults.values()) >= 3
     _judge(summary)
