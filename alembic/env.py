@@ -2,7 +2,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import text
+from sqlalchemy import Table, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
@@ -16,6 +16,15 @@ if config.config_file_name is not None and not config.attributes.get("configured
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+
+
+def _include_object(
+    item: object, name: str | None, kind: str, reflected: bool, compare_to: object | None
+) -> bool:
+    """Autogenerate against PostgreSQL leaves alone the tables only SQLite has."""
+    if kind == "table" and isinstance(item, Table) and item.info.get("sqlite_only"):
+        return bool(context.get_context().dialect.name == "sqlite")
+    return True
 
 
 def _url() -> str:
@@ -45,7 +54,12 @@ def _run_with(connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
         connection.commit()
     # Batch mode lets later revisions alter SQLite tables, which have no ALTER COLUMN.
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=True,
+        include_object=_include_object,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

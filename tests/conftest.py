@@ -97,7 +97,8 @@ async def empty_database(url: str) -> None:
     try:
         async with engine.begin() as connection:
             for table in Base.metadata.sorted_tables:
-                await connection.execute(table.delete())
+                if connection.dialect.name == "sqlite" or not table.info.get("sqlite_only"):
+                    await connection.execute(table.delete())
     finally:
         await engine.dispose()
 

@@ -148,7 +148,12 @@ async def test_tickers(api: httpx.AsyncClient, engine: AsyncEngine) -> None:
 async def test_health_ok(api: httpx.AsyncClient) -> None:
     response = await api.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok"}
+    assert response.json() == {
+        "status": "ok",
+        "database": "ok",
+        "data_origin": None,
+        "data_origin_overrides": [],
+    }
 
 
 async def test_request_id_is_echoed_or_made(api: httpx.AsyncClient) -> None:

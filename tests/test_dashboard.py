@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.repository import write_transaction
 from crypto_client.domain import NewPrice, Source
-from tests.support.services import ApiServer, unavailable
+from tests.support.services import ApiServer, free_port, unavailable
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)]
 
@@ -251,3 +252,33 @@ async def test_a_short_span_labels_seconds_and_gives_each_missing_second_its_wid
     assert len(set(texts_shown)) == len(texts_shown), texts_shown
     assert any(len(text) == 8 for text in texts_shown), texts_shown  # HH:MM:SS
     await page.close()
+
+
+async def test_without_prices_the_dashboard_says_why_instead_of_an_empty_chart(
+    browser: Browser, engine: AsyncEngine, db_url: str, tmp_path: Path
+) -> None:
+    del engine  # an empty database
+    env = {
+        "DATABASE_URL": db_url,
+        "TICKERS": "btc_usd",
+        "DERIBIT_RPC_URL": f"http://127.0.0.1:{free_port()}/api/v2",  # nothing listens there
+        "DERIBIT_MAX_RETRIES": "0",
+        "INGEST_INTERVAL_SECONDS": "1",
+        "BACKFILL_INTERVAL_SECONDS": "0",
+    }
+    with ApiServer.command("serve", env, tmp_path, ready_path="/livez") as serve:
+        wait_until(
+            lambda: serve.get("/coverage", ticker="btc_usd").json().get("gaps"), 30, what="a failed slot"
+        )
+        page = await browser.new_page()
+        await page.goto(serve.url + "/")
+        await ready(page)
+        empty = page.locator("#empty")
+        await empty.wait_for(state="visible", timeout=10_000)
+        text = await empty.inner_text()
+        assert "No price of btc_usd is stored" in text
+        assert "deribit failed: " in text
+        assert "connection failed" in text
+        assert "crypto-client serve --simulate" in text
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-offline.png"))

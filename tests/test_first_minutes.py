@@ -4,7 +4,6 @@ demo in one command, offline API docs, and the small things around them."""
 import asyncio
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,32 +16,11 @@ from structlog.testing import capture_logs
 from crypto_client import __version__
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from tests.conftest import api_client, make_settings
+from tests.support.commands import assert_one_clear_line, run
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def run(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        crypto_client(*args),
-        env={"PATH": "/usr/bin:/bin", **env},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def assert_one_clear_line(result: subprocess.CompletedProcess[str], *expected: str) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert 1 <= len(lines) <= 2, result.stderr  # the problem, and a hint
-    assert lines[0].startswith("crypto-client: ")
-    for text in expected:
-        assert text in result.stderr, result.stderr
-    return result.stderr
 
 
 def test_version() -> None:
@@ -50,7 +28,7 @@ def test_version() -> None:
     assert (result.returncode, result.stdout.strip()) == (0, f"crypto-client {__version__}")
 
 
-@pytest.mark.parametrize("command", ["migrate", "serve", "api"])
+@pytest.mark.parametrize("command", ["migrate", "serve", "ingest", "backfill"])
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
@@ -65,7 +43,7 @@ def test_version() -> None:
 def test_every_database_failure_at_start_is_one_line(
     command: str, url: str, expected: str, tmp_path: Path
 ) -> None:
-    args = [command] if command == "migrate" else [command, "--port", str(free_port())]
+    args = [command, "--port", str(free_port())] if command == "serve" else [command]
     result = run(*args, cwd=tmp_path, DATABASE_URL=url.format(closed=free_port()))
     assert_one_clear_line(result, expected, "DATABASE_URL")
 
@@ -108,7 +86,8 @@ def test_serve_simulate_shows_prices_offline_within_seconds(tmp_path: Path) -> N
         "INGEST_INTERVAL_SECONDS": "2",
         "LOG_FORMAT": "json",
     }
-    args = crypto_client("serve", "--simulate", "--port", str(port))
+    sim_port = free_port()
+    args = crypto_client("serve", "--simulate", "--port", str(port), "--sim-port", str(sim_port))
     with ApiServer(args, env, tmp_path / "demo.log", port=port, ready_path="/health") as server:
 
         def latest() -> dict[str, Any] | None:
@@ -124,6 +103,9 @@ def test_serve_simulate_shows_prices_offline_within_seconds(tmp_path: Path) -> N
             assert field in started
         assert "setup plugin" not in server.output
         assert "made up" in server.output
+        assert f'"simulator": "http://127.0.0.1:{sim_port}"' in server.output
+        faults = httpx.put(f"http://127.0.0.1:{sim_port}/_sim/faults", json={"latency_ms": 1}, timeout=5)
+        assert faults.status_code == 200
 
 
 async def test_api_docs_are_served_without_a_network(db_url: str) -> None:

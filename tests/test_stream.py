@@ -22,8 +22,10 @@ from structlog.testing import capture_logs
 from crypto_client.clients.deribit import ws
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import Observation
+from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.clock import SourceClock
+from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.serve import create_embedded_app
 from crypto_client.sim.faults import HostileFrame
 from tests.conftest import empty_database, make_settings
@@ -451,3 +453,32 @@ async def test_a_crashed_consumer_is_restarted_and_readyz_says_so(
     crash = next(line for line in logs if line["event"] == "price stream consumer crashed, restarting")
     assert crash["log_level"] == "error"
     assert crash["wait_seconds"] > 0
+
+
+async def test_the_consumer_says_every_period_what_it_received_stored_and_reconnected(
+    fast_sim: SimServer, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'stream.db'}",
+        tickers="btc_usd,eth_usd",
+        deribit_ws_url=fast_sim.ws_url,
+        ingest_interval_seconds=1,
+    )
+    await asyncio.to_thread(migrations.upgrade, settings.database_url_value)
+    fast_sim.faults(ws_drop_after=5)  # every connection is dropped after five notifications
+    with capture_logs() as logs:
+        async with open_runtime(settings) as runtime:
+            task = asyncio.create_task(runtime.run_stream(report_every_seconds=0.5))
+            try:
+
+                async def reports() -> list[MutableMapping[str, Any]]:
+                    found = [line for line in logs if line["event"] == "stream running"]
+                    return found if sum(line["reconnects"] for line in found) >= 1 and len(found) >= 3 else []
+
+                seen = await wait_until_async(reports, 30, what="reports with a reconnect")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    assert sum(line["prices_received"] for line in seen) > 0
+    assert sum(line["rows_stored"] for line in seen) > 0
+    assert all(line["log_level"] == "info" and line["period_seconds"] == 0.5 for line in seen)

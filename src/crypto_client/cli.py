@@ -8,15 +8,20 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
+from pydantic import SecretStr
 
 from crypto_client import __version__
-from crypto_client.config import Settings, SettingsError, database_origin, get_settings
+from crypto_client.config import DEMO_SQLITE_URL, Settings, SettingsError, get_settings
 from crypto_client.logging import setup_logging
+
+if TYPE_CHECKING:
+    from crypto_client.startup import Need
 
 app = typer.Typer(
     help="Keeps a complete, exact history of Deribit index prices and serves it over HTTP.",
@@ -50,30 +55,46 @@ def _fail(message: str, hint: str | None = None) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _require_database(settings: Settings, *, reading: bool = False) -> None:
-    """Stop with one line (and a hint) when the configured database (the one the API reads,
-    when `reading`) cannot be reached."""
-    from crypto_client.db.engine import database_problem, describe_database
+def _warn_without_database(settings: Settings) -> None:
+    """The API outlives its database: it starts anyway and answers 503 until it is there."""
+    from crypto_client.startup import database_need, first_problem
 
-    url = settings.database_read_url_value if reading else settings.database_url_value
-    problem = asyncio.run(database_problem(url))
-    if problem is None:
-        return
-    origin = database_origin(settings, reading=reading)
-    hint = "check the setting, or run `crypto-client serve` without it for a local SQLite file"
-    if "(in .env)" in origin:
-        hint = "the .env file sets it (docker compose's values?); change or remove it for a local run"
-    raise _fail(f"cannot use the database {describe_database(url)} ({origin}): {problem}", hint)
+    problem = asyncio.run(first_problem([database_need(settings, reading=True)]))
+    if problem is not None:
+        log.warning(f"{problem}; starting anyway: /health and data endpoints answer 503 until it answers")
 
 
-def _require_free_port(host: str, port: int) -> None:
+def _require(needs: "Sequence[Need]", *, wait_seconds: float = 0) -> None:
+    """Stop with one line unless every need is met (waiting up to `wait_seconds` for them)."""
+    from crypto_client.startup import StartupError, require
+
+    try:
+        require(needs, wait_seconds=wait_seconds)
+    except StartupError as exc:
+        raise _fail(str(exc), exc.hint) from None
+
+
+def _require_data_origin(settings: Settings, *, poll: bool = True, stream: bool = False) -> None:
+    """Stop with one line when the database holds prices of another origin than this runner's
+    sources (see `crypto_client.origin`); each write checks again."""
+    from crypto_client.db.origins import DataOriginError
+    from crypto_client.ingestion.runtime import check_data_origin
+
+    try:
+        asyncio.run(check_data_origin(settings, poll=poll, stream=stream))
+    except DataOriginError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _require_free_port(host: str, port: int, *, option: str = "--port") -> None:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise _fail(f"port {port} on {host} is in use", "pass --port, or set API_PORT") from None
+                hint = "pass --port, or set API_PORT" if option == "--port" else f"pass another {option}"
+                raise _fail(f"port {port} on {host} is in use", hint) from None
             raise _fail(
                 f"cannot listen on {host}:{port}: {exc.strerror}", "check --host / API_HOST"
             ) from None
@@ -115,9 +136,10 @@ Port = Annotated[int | None, typer.Option(help="Port to bind (default: API_PORT)
 def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Bring the database schema up to date (alembic upgrade)."""
     from crypto_client.db import migrations
+    from crypto_client.startup import database_need
 
     settings = _settings()
-    _require_database(settings)
+    _require([database_need(settings, migrated=False)])
     migrations.upgrade(settings.database_url_value, revision)
     typer.echo(f"database migrated to {revision}")
 
@@ -131,7 +153,7 @@ def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Opti
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
-    _require_database(settings, reading=True)
+    _warn_without_database(settings)
     _log_start("api", settings, host, port)
     http_server.serve(
         "crypto_client.api.app:create_app_from_environment", host=host, port=port, workers=workers
@@ -146,18 +168,29 @@ def serve(
         bool,
         typer.Option("--simulate", help="Ingest from a built-in Deribit simulator (no internet needed)."),
     ] = False,
+    sim_port: Annotated[
+        int,
+        typer.Option(min=0, max=65535, help="With --simulate: the simulator's port (0: any free one)."),
+    ] = 0,
 ) -> None:
     """Run everything in one process: the API plus an in-process scheduler (default SQLite)."""
     from crypto_client import http_server
     from crypto_client.serve import start_simulator
+    from crypto_client.startup import database_need
 
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
-    _require_database(settings)
+    if simulate and settings.database_url is None and not settings.postgres_host:
+        # The demo's made-up prices get a file of their own (the server worker reads it anew).
+        os.environ["DATABASE_URL"] = DEMO_SQLITE_URL
+        settings = settings.model_copy(update={"database_url": SecretStr(DEMO_SQLITE_URL)})
+    _require([database_need(settings, migrated=False)])  # serve migrates it
     if simulate:
+        if sim_port:
+            _require_free_port("127.0.0.1", sim_port, option="--sim-port")
         # The server's worker process reads its settings anew: hand it the simulator's URLs.
-        simulator = start_simulator()
+        simulator = start_simulator(sim_port)
         os.environ.update(simulator)
         settings = settings.model_copy(
             update={
@@ -167,9 +200,12 @@ def serve(
         )
         log.warning(
             "ingesting from the built-in simulator: the prices are made up",
+            simulator=settings.deribit_rpc_url.removesuffix("/api/v2"),
             deribit=settings.deribit_rpc_url,
             stream=settings.deribit_ws_url,
+            faults="PUT <simulator>/_sim/faults (see the simulator's page in the docs)",
         )
+    _require_data_origin(settings, stream=settings.stream_enabled)
     _log_start("serve", settings, host, port)
     http_server.serve("crypto_client.serve:create_embedded_app_from_environment", host=host, port=port)
 
@@ -183,8 +219,11 @@ def ingest() -> None:
     from crypto_client.domain import current_slot
     from crypto_client.ingestion.runtime import open_runtime
     from crypto_client.ingestion.tick import TickSummary
+    from crypto_client.startup import database_need
 
     settings = _settings()
+    _require([database_need(settings)])
+    _require_data_origin(settings)
 
     async def run() -> TickSummary:
         async with open_runtime(settings) as runtime:
@@ -205,9 +244,11 @@ def stream() -> None:
     """
     from crypto_client import metrics
     from crypto_client.ingestion.runtime import open_runtime
+    from crypto_client.startup import database_need
 
     settings = _settings()
-    _require_database(settings)
+    _require([database_need(settings)], wait_seconds=settings.startup_wait_seconds)
+    _require_data_origin(settings, poll=False, stream=True)
     metrics.serve_on_port(settings.metrics_port)
 
     async def run() -> None:
@@ -241,6 +282,7 @@ def backfill(
     from crypto_client.domain import parse_ticker
     from crypto_client.ingestion.backfill import BackfillReport
     from crypto_client.ingestion.runtime import open_runtime
+    from crypto_client.startup import database_need
 
     settings = _settings()
     try:
@@ -248,6 +290,8 @@ def backfill(
     except ValueError as exc:
         typer.echo(f"crypto-client: --ticker: {exc}", err=True)
         raise typer.Exit(2) from None
+    _require([database_need(settings)])
+    _require_data_origin(settings)
 
     async def run() -> list[BackfillReport]:
         async with open_runtime(settings) as runtime:
@@ -391,9 +435,10 @@ MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 def _celery(argv: list[str]) -> None:
     import click
 
-    _settings()
+    settings = _settings()
     if argv[0] == "worker":
         _share_metrics_between_processes()
+        _require_data_origin(settings)
     from crypto_client.worker.celery_app import celery_app
 
     try:

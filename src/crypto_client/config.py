@@ -7,13 +7,15 @@ from typing import Annotated, Literal
 from urllib.parse import quote
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from crypto_client.db.engine import check_database_url
+from crypto_client.db.engine import check_broker_url, check_database_url
 from crypto_client.domain import DAY_SECONDS, parse_ticker
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
+# `serve --simulate`'s default: made-up prices never go into the real default file.
+DEMO_SQLITE_URL = "sqlite+aiosqlite:///crypto-client-demo.db"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
     deribit_ws_url: str = "wss://www.deribit.com/ws/api/v2"
     stream_enabled: bool = False
     stream_stall_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # Write into a database whose prices came from another origin (see `crypto_client.origin`).
+    allow_origin_change: bool = False
 
     ingest_interval_seconds: int = Field(default=60, ge=1, le=DAY_SECONDS)
     ingest_max_write_delay_seconds: int = Field(default=300, ge=0, le=86400)
@@ -67,11 +71,15 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1, le=200)
     # API processes read here (a replica) when set; writers always use DATABASE_URL.
     database_read_url: SecretStr | None = None
+    # /readyz fails when the replica it reads is further behind than this.
+    database_read_max_lag_seconds: float = Field(default=30.0, gt=0, le=86400)
 
     celery_broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     celery_result_backend: SecretStr | None = None
     # Unset: derived from the interval (see `celery_visibility_timeout`).
     celery_visibility_timeout_seconds: int | None = Field(default=None, ge=2, le=86400)
+    # How long worker, beat and stream wait at start for their database and broker.
+    startup_wait_seconds: float = Field(default=300.0, ge=0, le=86400)
 
     api_latest_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     api_statement_timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
@@ -112,6 +120,29 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             check_database_url(value.get_secret_value())
+        return value
+
+    @field_validator("database_read_url")
+    @classmethod
+    def _check_database_read_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            url = value.get_secret_value()
+            check_database_url(url)
+            if not url.startswith(("postgresql", "postgres:")):
+                raise ValueError("must be a PostgreSQL URL (a streaming replica of DATABASE_URL)")
+        return value
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: SecretStr) -> SecretStr:
+        check_broker_url(value.get_secret_value())
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str):
+            return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
         return value
 
     @field_validator("tickers", mode="before")
@@ -211,6 +242,11 @@ def _where(name: str, env_file: Path) -> str:
         if candidate in from_file:
             return f"{candidate.upper()} (in {env_file})"
     return names[0].upper()
+
+
+def setting_origin(settings: Settings, field: str) -> str:
+    """The variable behind `field`, as the user spelled it, and where it was set."""
+    return _where(field, Path(str(Settings.model_config.get("env_file") or ".env")))
 
 
 def database_origin(settings: Settings, *, reading: bool = False) -> str:

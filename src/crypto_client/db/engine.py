@@ -4,7 +4,7 @@ as the database being out of reach."""
 import asyncio
 import socket
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
@@ -29,13 +29,28 @@ def async_url(url: str | URL) -> URL:
 def check_database_url(url: str) -> None:
     """Raise `ValueError` saying what is wrong when `url` is not a PostgreSQL or SQLite URL."""
     try:
-        async_url(url)
+        parsed = async_url(url)
     except ValueError:
         raise
     except Exception as exc:  # SQLAlchemy's parser raises several kinds
         raise ValueError(
             f"not a database URL ({exc}); e.g. postgresql://user:pass@host/db or sqlite:///path.db"
         ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        # An in-memory database would be a different, empty one in every connection.
+        raise ValueError("a SQLite URL needs a file path, e.g. sqlite:///crypto-client.db")
+
+
+def check_broker_url(url: str) -> None:
+    """Raise `ValueError` unless `url` is a Redis URL (the broker also holds slot claims and
+    locks, so it must be Redis)."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+        raise ValueError("must be a Redis URL, e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS)")
+    try:
+        parsed.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError("the port is not a number; e.g. redis://127.0.0.1:6379/0") from None
 
 
 def describe_database(url: str) -> str:

@@ -3,11 +3,29 @@
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Dialect, Index, MetaData, Numeric, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
-from crypto_client.domain import MAX_TS, TICKER_MAX_LENGTH, TICKER_PATTERN, plain_decimal
+from crypto_client.domain import (
+    MAX_PRICE_INTEGER_DIGITS,
+    MAX_TS,
+    TICKER_MAX_LENGTH,
+    TICKER_PATTERN,
+    plain_decimal,
+)
 
 # Revision 0002's PostgreSQL checks, which revision 0006 repeats on every time partition.
 TICKER_CHECK = f"ticker ~ '{TICKER_PATTERN}'"
@@ -22,6 +40,36 @@ def partition_rules(table: str) -> list[str]:
         f'ALTER TABLE "{table}" ADD CONSTRAINT "ck_{table}_ticker" CHECK ({TICKER_CHECK})',
         f'ALTER TABLE "{table}" ADD CONSTRAINT "ck_{table}_ts" CHECK ({TS_CHECK})',
     ]
+
+
+def roll_up_triggers(table: str) -> list[str]:
+    """Revision 0007's PostgreSQL triggers that keep `price_candles_1h` true, on `price_ticks`
+    or one of its partitions. A statement on the parent fires only the parent's statement
+    triggers, and one naming a partition only that partition's, so every table gets its own."""
+    return [
+        f'CREATE TRIGGER price_ticks_roll_up_insert AFTER INSERT ON "{table}"'
+        " REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION price_ticks_roll_up_insert()",
+        f'CREATE TRIGGER price_ticks_roll_up_update AFTER UPDATE ON "{table}"'
+        " REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
+        " FOR EACH STATEMENT EXECUTE FUNCTION price_ticks_roll_up_update()",
+        f'CREATE TRIGGER price_ticks_roll_up_delete AFTER DELETE ON "{table}"'
+        " REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION price_ticks_roll_up_delete()",
+        f'CREATE TRIGGER price_ticks_roll_up_truncate AFTER TRUNCATE ON "{table}"'
+        " FOR EACH STATEMENT EXECUTE FUNCTION price_ticks_roll_up_truncate()",
+    ]
+
+
+def sqlite_price_order(price: str) -> str:
+    """A text that sorts as the SQLite price text `price` (an SQL expression) does by value,
+    exactly: the integer part padded to 20 digits (the domain's bound), then the point and the
+    decimal places (`1.5` sorts before `1.51`; equal values written differently, `1.5` and
+    `1.50`, are in either order). A REAL would round beyond 15 or 16 significant digits."""
+    integer_digits = f"(CASE WHEN instr({price}, '.') THEN instr({price}, '.') - 1 ELSE length({price}) END)"
+    zeros = "0" * MAX_PRICE_INTEGER_DIGITS
+    return (
+        f"(substr('{zeros}' || {price}, {integer_digits} + 1)"
+        f" || CASE WHEN instr({price}, '.') THEN '' ELSE '.' END)"
+    )
 
 
 class ExactDecimal(TypeDecorator[Decimal]):
@@ -70,7 +118,8 @@ class PriceTick(Base):
 
     `seq` numbers rows in the order their transactions committed (revision 0004: a sequence on
     PostgreSQL, whose writers take a lock so that numbers and commits agree; a trigger on
-    SQLite). Live readers follow it and resume from it; rows older than 0004 have none.
+    SQLite, counting in `price_ticks_seq` since revision 0007). A number is never reused. Live
+    readers follow it and resume from it; rows older than 0004 have none.
     """
 
     __tablename__ = "price_ticks"
@@ -108,9 +157,10 @@ class SlotFailureRecord(Base):
 
 
 class HourCandle(Base):
-    """The roll-up behind hour-aligned candles: one row per ticker per UTC hour with rows,
-    kept by the writer in the transaction that inserts them (revision 0005). Candles of an
-    hour or more read these instead of every row."""
+    """The roll-up behind hour-aligned candles: one row per ticker per UTC hour with rows
+    (revision 0005). The database keeps it true for every write to `price_ticks`, whoever
+    makes it (revision 0007: statement triggers on PostgreSQL, row triggers on SQLite).
+    Candles of an hour or more read these instead of every row."""
 
     __tablename__ = "price_candles_1h"
 
@@ -124,3 +174,37 @@ class HourCandle(Base):
     close: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
     rows: Mapped[int] = mapped_column(BigInteger, nullable=False)
     backfilled: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class SeqCounter(Base):
+    """SQLite only (revision 0007): the last `seq` handed out, so that no number is handed
+    out twice, even after the row that had it was deleted. PostgreSQL has a sequence."""
+
+    __tablename__ = "price_ticks_seq"
+    __table_args__ = {"info": {"sqlite_only": True}}  # noqa: RUF012 - read once by the mapper
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # the one row: 1
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class DataOriginRecord(Base):
+    """Where this database's prices come from (revision 0008): the origin of its first write
+    (`by_override` false; the partial unique index allows one such row, so two writers racing
+    on an empty database cannot both claim it), and each other origin that has written here
+    under `ALLOW_ORIGIN_CHANGE`, with when it first did."""
+
+    __tablename__ = "data_origin"
+
+    origin: Mapped[str] = mapped_column(String(255), primary_key=True)
+    first_write_ts: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    by_override: Mapped[bool] = mapped_column(Boolean, nullable=False)
+
+    __table_args__ = (
+        Index(
+            None,
+            "by_override",
+            unique=True,
+            postgresql_where=text("NOT by_override"),
+            sqlite_where=text("NOT by_override"),
+        ),
+    )

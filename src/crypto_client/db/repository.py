@@ -2,21 +2,18 @@
 write through `PriceWriter`; neither builds a query of its own."""
 
 import re
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple, cast
 
 from sqlalchemy import (
     BigInteger,
-    ColumnElement,
-    Float,
     Integer,
     Select,
     String,
     Table,
     bindparam,
-    case,
     delete,
     exists,
     func,
@@ -28,7 +25,6 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -44,7 +40,10 @@ from crypto_client.db.models import (
     SlotFailureRecord,
     TrackedTicker,
     partition_rules,
+    roll_up_triggers,
+    sqlite_price_order,
 )
+from crypto_client.db.origins import OriginRegistry, StoredOrigins
 from crypto_client.domain import MAX_TS, GapReason, NewPrice, PriceRow, SlotFailure
 
 _table: Table = PriceTick.__table__  # type: ignore[assignment]
@@ -92,6 +91,19 @@ class StoredRow(NamedTuple):
 
     seq: int
     row: PriceRow
+
+
+class Replication(NamedTuple):
+    streaming: bool
+    lag_seconds: float
+
+
+_REPLICATION = text(
+    "SELECT pg_is_in_recovery() AS replica,"
+    " (SELECT status FROM pg_stat_wal_receiver) AS receiver,"
+    " pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() AS caught_up,"
+    " EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) AS since_replay"
+)
 
 
 class TickerStats(NamedTuple):
@@ -286,6 +298,23 @@ class PriceReader:
             StoredRow(seq, PriceRow(ticker, price, ts, source)) for seq, ticker, price, ts, source in result
         ]
 
+    async def replication(self) -> Replication | None:
+        """None on a primary (and on SQLite); on a streaming replica, whether it streams and
+        how far its replay is behind the primary."""
+        if self._connection.dialect.name != "postgresql":
+            return None
+        row = (await self._connection.execute(_REPLICATION)).one()
+        if not row.replica:
+            return None
+        # A replica that has replayed all it received is current, however long ago the
+        # primary last wrote; only then is "time since the last replayed write" no lag.
+        lag = 0.0 if row.caught_up else float(row.since_replay or 0.0)
+        return Replication(streaming=row.receiver == "streaming", lag_seconds=lag)
+
+    async def data_origins(self) -> StoredOrigins:
+        """Where this database's prices come from (see `db.origins`)."""
+        return await OriginRegistry(self._connection).stored()
+
     async def ticker_stats(self) -> list[TickerStats]:
         query = (
             select(_c.ticker, func.count(), func.min(_c.ts), func.max(_c.ts))
@@ -315,33 +344,6 @@ def _merge_candles(candles: Sequence[Candle], size: int, origin: int) -> list[Ca
         else:
             merged.append(candle._replace(ts=bucket))
     return merged
-
-
-def _hour_rollups(rows: Sequence[tuple[str, int, Decimal, str]]) -> list[dict[str, Any]]:
-    """The roll-up rows of newly inserted `(ticker, ts, price, source)` rows."""
-    hours: dict[tuple[str, int], dict[str, Any]] = {}
-    for ticker, ts, price, source in sorted(rows, key=lambda row: (row[0], row[1])):
-        hour = hours.get((ticker, ts - ts % HOUR))
-        if hour is None:
-            hours[(ticker, ts - ts % HOUR)] = {
-                "ticker": ticker,
-                "bucket": ts - ts % HOUR,
-                "open_ts": ts,
-                "open": price,
-                "high": price,
-                "low": price,
-                "close_ts": ts,
-                "close": price,
-                "rows": 1,
-                "backfilled": int(source == "backfill"),
-            }
-            continue
-        hour["high"] = max(hour["high"], price)
-        hour["low"] = min(hour["low"], price)
-        hour["close_ts"], hour["close"] = ts, price
-        hour["rows"] += 1
-        hour["backfilled"] += source == "backfill"
-    return list(hours.values())
 
 
 class Partition(NamedTuple):
@@ -402,13 +404,28 @@ class PartitionAdmin:
         await self._connection.execute(
             text(f"ALTER TABLE price_ticks ATTACH PARTITION {name} FOR VALUES FROM ({lower}) TO ({upper})")
         )
+        for trigger in roll_up_triggers(partition.name):
+            await self._connection.execute(text(trigger))
+        if moved.rowcount:
+            # Deleting them from the default partition took their hours out of the roll-up
+            # while the new partition was not yet attached: put them back from the rows.
+            await self._connection.execute(
+                text(
+                    "SELECT price_candles_1h_recompute(array_agg(ticker), array_agg(bucket))"  # noqa: S608
+                    f" FROM (SELECT DISTINCT ticker, ts - ts % 3600 AS bucket FROM {name}) hours"
+                )
+            )
         return int(moved.rowcount)
 
     async def drop(self, partition: Partition) -> None:
-        """Drop `partition`. (DETACH ... CONCURRENTLY would take no exclusive lock, but
-        PostgreSQL refuses it beside a default partition.)"""
+        """Drop `partition` and its roll-up hours (a DROP fires no trigger; partitions hold
+        whole hours). (DETACH ... CONCURRENTLY would take no exclusive lock, but PostgreSQL
+        refuses it beside a default partition.)"""
         await self._wait_briefly_for_locks()
         await self._connection.execute(text(f"DROP TABLE {self._quote(partition.name)}"))
+        await self._connection.execute(
+            _DROP_HOURS, {"lower": int(partition.lower), "upper": int(partition.upper)}
+        )
 
     async def _wait_briefly_for_locks(self) -> None:
         # Creating and dropping partitions take exclusive locks for an instant, but a lock
@@ -421,6 +438,10 @@ class PartitionAdmin:
 
 
 _LOCK_TIMEOUT = "200ms"
+_DROP_HOURS = delete(_hours).where(
+    _hours.c.bucket >= bindparam("lower", type_=BigInteger),
+    _hours.c.bucket < bindparam("upper", type_=BigInteger),
+)
 _BOUND = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
 _RANGE_PARTITIONS = text(
     "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
@@ -443,6 +464,15 @@ class PriceWriter:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
         self.stored_rows = False
+        self._origin_checked: set[bool] = set()  # the `claim` values checked in this transaction
+
+    async def _check_origin(self, *, claim: bool) -> None:
+        """The writer's declared origin against the database's (see `db.origins`), once per
+        transaction; `claim`: prices follow, so their origin may become the database's."""
+        if claim in self._origin_checked or True in self._origin_checked:
+            return
+        await OriginRegistry(self._connection).check_declared(claim=claim)
+        self._origin_checked.add(claim)
 
     async def insert_many(self, prices: Sequence[NewPrice]) -> list[tuple[str, int]]:
         """Insert `prices`, skipping any whose `(ticker, ts)` or `(ticker, slot_ts)` is taken.
@@ -451,6 +481,7 @@ class PriceWriter:
         """
         if not prices:
             return []
+        await self._check_origin(claim=True)
         dialect = self._connection.dialect.name
         if dialect == "postgresql" and not self.stored_rows:
             # Writers take `seq` numbers and commit one at a time, so a number is visible only
@@ -458,14 +489,14 @@ class PriceWriter:
             await self._connection.execute(_SERIALIZE_WRITERS)
         # One compiled statement, sent as multi-row VALUES batches (SQLAlchemy's insertmanyvalues).
         result = await self._connection.execute(_INSERT[dialect], [price._asdict() for price in prices])
-        new_rows = [(ticker, ts, price, source) for ticker, ts, price, source in result]
+        # The database's triggers fold them into the candle roll-up (revision 0007).
+        new_rows = [(ticker, ts) for ticker, ts in result]
         if not new_rows:
             return []
-        await self._connection.execute(_MERGE_HOURS[dialect], _hour_rollups(new_rows))
         if not self.stored_rows and dialect == "postgresql":
             await self._connection.execute(_NOTIFY_STORED)  # delivered when the transaction commits
         self.stored_rows = True
-        return [(ticker, ts) for ticker, ts, _, _ in new_rows]
+        return new_rows
 
     async def stored_exactly(self, prices: Sequence[NewPrice]) -> set[tuple[str, int]]:
         """The `(ticker, ts)` of those `prices` the table holds exactly as given (same slot,
@@ -484,6 +515,7 @@ class PriceWriter:
     async def track(self, tickers: Sequence[str], since_slot_ts: int) -> None:
         """Start tracking `tickers` at `since_slot_ts`, unless they are tracked already."""
         if tickers:
+            await self._check_origin(claim=False)
             await self._connection.execute(
                 _TRACK[self._connection.dialect.name],
                 [{"ticker": ticker, "since_slot_ts": since_slot_ts} for ticker in tickers],
@@ -497,11 +529,10 @@ class PriceWriter:
         )
         return int(result.rowcount)
 
-    async def expire_before(self, cutoff_hour: int, first_slot: int) -> None:
-        """What describes rows before `cutoff_hour` (an hour's start) goes with them: their
-        roll-up hours and ledger entries; tracking starts again at `first_slot`, so that
-        coverage does not count the removed slots as missing."""
-        await self._connection.execute(delete(_hours).where(_hours.c.bucket < cutoff_hour))
+    async def expire_before(self, first_slot: int) -> None:
+        """What describes rows before `first_slot` goes with them: their ledger entries
+        (their roll-up hours went with the rows: the database's triggers); tracking starts
+        again at `first_slot`, so that coverage does not count the removed slots as missing."""
         await self._connection.execute(delete(_failures).where(_failures.c.slot_ts < first_slot))
         await self._connection.execute(
             update(_tracked).where(_tracked.c.since_slot_ts < first_slot).values(since_slot_ts=first_slot)
@@ -510,6 +541,7 @@ class PriceWriter:
     async def record_failures(self, failures: Sequence[SlotFailure]) -> None:
         """Write ledger entries; a slot's newer entry replaces its older one."""
         if failures:
+            await self._check_origin(claim=False)
             await self._connection.execute(
                 _RECORD_FAILURE[self._connection.dialect.name],
                 [failure._asdict() for failure in failures],
@@ -608,6 +640,7 @@ _CANDLE_COLUMNS = {
     "rows": Integer,
     "backfilled": Integer,
 }
+_SQLITE_ORDER = sqlite_price_order("price")
 # Typed by name: the SELECT lists below name their columns so, or prices stay SQLite's text.
 _CANDLES: dict[str, TextualSelect] = {
     # Open and close are the rows at the bucket's first and last ts: primary-key lookups.
@@ -629,10 +662,10 @@ _CANDLES: dict[str, TextualSelect] = {
         ORDER BY agg.bucket
         """
     ).columns(**_CANDLE_COLUMNS),
-    # Prices are text on SQLite: compare them as numbers, return the stored text (a bare
-    # column beside a single max() or min() comes from that row).
+    # Prices are text on SQLite: compare them exactly by value, return the stored text (a
+    # bare column beside a single max() or min() comes from that row).
     "sqlite": text(
-        """
+        f"""
         WITH r AS (
             SELECT ts, price, source, ts - ((((ts - :origin) % :size) + :size) % :size) AS bucket
             FROM price_ticks WHERE ticker = :ticker AND ts BETWEEN :lower AND :upper),
@@ -640,22 +673,20 @@ _CANDLES: dict[str, TextualSelect] = {
             SELECT bucket, min(ts) AS first_ts, max(ts) AS last_ts, count(*) AS rows,
                    sum(source = 'backfill') AS backfilled
             FROM r GROUP BY bucket),
-        hi AS (SELECT bucket, max(CAST(price AS REAL)) AS v, price FROM r GROUP BY bucket),
-        lo AS (SELECT bucket, min(CAST(price AS REAL)) AS v, price FROM r GROUP BY bucket)
+        hi AS (SELECT bucket, max({_SQLITE_ORDER}) AS v, price FROM r GROUP BY bucket),
+        lo AS (SELECT bucket, min({_SQLITE_ORDER}) AS v, price FROM r GROUP BY bucket)
         SELECT agg.bucket AS ts, o.price AS open, hi.price AS high, lo.price AS low,
                c.price AS close, agg.rows AS rows, agg.backfilled AS backfilled
         FROM agg JOIN hi ON hi.bucket = agg.bucket JOIN lo ON lo.bucket = agg.bucket
         JOIN price_ticks o ON o.ticker = :ticker AND o.ts = agg.first_ts
         JOIN price_ticks c ON c.ticker = :ticker AND c.ts = agg.last_ts
         ORDER BY agg.bucket
-        """
+        """  # noqa: S608 - a constant expression of `models`
     ).columns(**_CANDLE_COLUMNS),
 }
 _INSERT = {
-    "postgresql": postgresql.insert(_table)
-    .on_conflict_do_nothing()
-    .returning(_c.ticker, _c.ts, _c.price, _c.source),
-    "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts, _c.price, _c.source),
+    "postgresql": postgresql.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
+    "sqlite": sqlite.insert(_table).on_conflict_do_nothing().returning(_c.ticker, _c.ts),
 }
 _ROWS_AT = select(_c.ticker, _c.ts, _c.price, _c.slot_ts, _c.source).where(
     tuple_(_c.ticker, _c.ts).in_(bindparam("keys", expanding=True))
@@ -677,31 +708,6 @@ _HOURS = (
     .order_by(_hours.c.bucket)
 )
 
-
-def _merge_hours(insert: Any, value: Callable[[ColumnElement[Any]], ColumnElement[Any]]) -> Executable:
-    """Fold new roll-up rows into existing ones; `value` makes a price comparable (SQLite
-    stores text)."""
-    new, old = insert.excluded, _hours.c
-    statement: Executable = insert.on_conflict_do_update(
-        index_elements=[old.ticker, old.bucket],
-        set_={
-            "open_ts": case((new.open_ts < old.open_ts, new.open_ts), else_=old.open_ts),
-            "open": case((new.open_ts < old.open_ts, new.open), else_=old.open),
-            "close_ts": case((new.close_ts > old.close_ts, new.close_ts), else_=old.close_ts),
-            "close": case((new.close_ts > old.close_ts, new.close), else_=old.close),
-            "high": case((value(new.high) > value(old.high), new.high), else_=old.high),
-            "low": case((value(new.low) < value(old.low), new.low), else_=old.low),
-            "rows": old.rows + new.rows,
-            "backfilled": old.backfilled + new.backfilled,
-        },
-    )
-    return statement
-
-
-_MERGE_HOURS = {
-    "postgresql": _merge_hours(postgresql.insert(_hours), lambda price: price),
-    "sqlite": _merge_hours(sqlite.insert(_hours), lambda price: sql_cast(price, Float)),
-}
 
 _oldest = (
     select(_c.ticker, _c.ts)

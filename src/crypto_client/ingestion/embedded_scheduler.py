@@ -11,7 +11,7 @@ from crypto_client.config import Settings
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
 from crypto_client.ingestion.runtime import StreamHealth, open_runtime
-from crypto_client.ingestion.tick import WRITING
+from crypto_client.ingestion.tick import WRITING, TickSummary
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +70,15 @@ class IntervalScheduler:
             return None
 
 
+def _deribit_unreachable(summary: TickSummary) -> bool:
+    """Every ticker failed because no connection to Deribit could be made (no network, DNS,
+    a proxy), not because of an answer."""
+    return bool(summary.outcomes) and all(
+        outcome.reason == "deribit_failed" and "connection failed" in (outcome.error or "")
+        for outcome in summary.outcomes
+    )
+
+
 @asynccontextmanager
 async def embedded_ingestion(
     settings: Settings, stream_health: StreamHealth | None = None
@@ -79,7 +88,23 @@ async def embedded_ingestion(
     database must be migrated). With `STREAM_ENABLED` the stream consumer runs too, its
     state in `stream_health`."""
     async with open_runtime(settings) as runtime:
-        scheduler = IntervalScheduler(settings.ingest_interval_seconds, runtime.run_tick)
+        offline_said = False
+
+        async def tick(slot: int) -> TickSummary:
+            nonlocal offline_said
+            summary = await runtime.run_tick(slot)
+            if not offline_said and _deribit_unreachable(summary):
+                offline_said = True
+                log.warning(
+                    "Deribit is unreachable: no price can be fetched. Without internet, "
+                    "`crypto-client serve --simulate` is the offline demo",
+                    deribit=settings.deribit_rpc_url,
+                    setting="DERIBIT_RPC_URL",
+                    error=summary.outcomes[0].error,
+                )
+            return summary
+
+        scheduler = IntervalScheduler(settings.ingest_interval_seconds, tick)
         schedulers = [scheduler]
         if settings.backfill_interval_seconds:
 

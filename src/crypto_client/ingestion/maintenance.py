@@ -153,4 +153,4 @@ async def _delete_expired(
                 break
     first_slot = -(-cutoff // interval_seconds) * interval_seconds
     async with write_transaction(engine) as writer:
-        await writer.expire_before(cutoff, first_slot)
+        await writer.expire_before(first_slot)

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,13 +21,23 @@ from crypto_client.clients.deribit.http import MAX_BACKOFF_SECONDS, DeribitHttpC
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
 from crypto_client.config import Settings
-from crypto_client.db.engine import create_engine
+from crypto_client.db.engine import create_engine, describe_database, is_database_unavailable
+from crypto_client.db.origins import (
+    OVERRIDE_SETTING,
+    DataOriginError,
+    WriterOrigin,
+    declare_origin,
+    stored_origins,
+)
 from crypto_client.domain import SlotFailure
 from crypto_client.ingestion.backfill import BackfillReport, backfill
 from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.maintenance import MaintenanceReport, maintain_storage
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
+from crypto_client.origin import is_deribit_host, origin_of
+
+log = structlog.get_logger(__name__)
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +50,8 @@ RECENT_REPAIR_SECONDS = 86_400
 # the maximum); a run that delivered prices ends the row.
 STREAM_RESTART_BACKOFF_SECONDS = 1.0
 STREAM_RESTART_MAX_BACKOFF_SECONDS = 60.0
+# How often a running stream consumer says what it did: operators see it is alive.
+STREAM_REPORT_SECONDS = 300.0
 
 
 @dataclass
@@ -47,6 +60,12 @@ class StreamHealth:
 
     stream: DeribitStream | None = None  # None while it is not running
     crash: str | None = None  # why it last stopped, while it waits to start again
+    restarts: int = 0
+    earlier_reconnects: int = 0  # of the consumers that crashed
+
+    @property
+    def reconnects(self) -> int:
+        return self.earlier_reconnects + (self.stream.reconnects if self.stream else 0)
 
     @property
     def running(self) -> bool:
@@ -56,6 +75,39 @@ class StreamHealth:
         if self.stream is None:
             return f"not running: {(self.crash or 'not started')[:200]}"
         return "connected" if self.stream.connected.is_set() else "connecting"
+
+
+class _LatestStream:
+    """The stream consumer running now, as the origin check sees it: a crashed consumer is
+    replaced by a new one on the same URL."""
+
+    def __init__(self, stream: DeribitStream) -> None:
+        self.stream = stream
+
+    @property
+    def origin(self) -> str:
+        return self.stream.origin
+
+    @property
+    def answered(self) -> bool:
+        return self.stream.answered
+
+
+async def _report_stream(writer: StreamWriter, health: StreamHealth, every_seconds: float) -> None:
+    last = (0, 0, 0)
+    while True:
+        await asyncio.sleep(every_seconds)
+        now = (writer.received, writer.stored, health.reconnects)
+        log.info(
+            "stream running",
+            state=health.describe(),
+            prices_received=now[0] - last[0],
+            rows_stored=now[1] - last[1],
+            reconnects=now[2] - last[2],
+            restarts=health.restarts,
+            period_seconds=every_seconds,
+        )
+        last = now
 
 
 # What a write may take beyond the write bound: the last backoff before it (the tick's store
@@ -139,29 +191,39 @@ class IngestionRuntime:
             automatic=automatic,
         )
 
-    async def run_stream(self, health: StreamHealth | None = None) -> None:
+    async def run_stream(
+        self, health: StreamHealth | None = None, *, report_every_seconds: float = STREAM_REPORT_SECONDS
+    ) -> None:
         """Store Deribit's WebSocket prices of every configured ticker until cancelled; a
-        consumer that crashes is started again (with backoff), its state in `health`."""
+        consumer that crashes is started again (with backoff), its state in `health`. Every
+        `report_every_seconds` one line says what the stream did since the last."""
+        first = self._new_stream()
+        latest = _LatestStream(first)
+        origin = WriterOrigin(latest, "DERIBIT_WS_URL", self.settings.allow_origin_change)
         # The stream's timestamps are another clock than HTTP's usOut: measured apart.
         writer = StreamWriter(
-            self.engine,
+            declare_origin(self.engine, origin),
             self.settings.ingest_interval_seconds,
             self.settings.ingest_max_write_delay_seconds,
             SourceClock(),
         )
+        health = health or StreamHealth()
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._consume(writer, health or StreamHealth()))
+                tasks.create_task(self._consume(writer, health, latest))
                 tasks.create_task(writer.flush_forever())
+                tasks.create_task(_report_stream(writer, health, report_every_seconds))
         finally:
             await writer.flush()  # what arrived before the stop is kept
 
-    async def _consume(self, writer: StreamWriter, health: StreamHealth) -> None:
+    def _new_stream(self) -> DeribitStream:
+        return DeribitStream(self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds)
+
+    async def _consume(self, writer: StreamWriter, health: StreamHealth, latest: "_LatestStream") -> None:
         crashes = 0
+        stream = latest.stream
         while True:
-            stream = DeribitStream(
-                self.settings.deribit_ws_url, stall_seconds=self.settings.stream_stall_seconds
-            )
+            latest.stream = stream
             health.stream, health.crash = stream, None
             try:
                 await stream.run(self.settings.tickers, writer.on_observation)
@@ -171,6 +233,8 @@ class IngestionRuntime:
                     STREAM_RESTART_MAX_BACKOFF_SECONDS, STREAM_RESTART_BACKOFF_SECONDS * 2 ** (crashes - 1)
                 )
                 health.stream, health.crash = None, f"{type(exc).__name__}: {exc}"
+                health.restarts += 1
+                health.earlier_reconnects += stream.reconnects
                 metrics.STREAM_RESTARTS.inc()
                 log.exception(
                     "price stream consumer crashed, restarting",
@@ -179,6 +243,7 @@ class IngestionRuntime:
                     wait_seconds=round(wait, 2),
                 )
                 await asyncio.sleep(wait)
+                stream = self._new_stream()
 
     async def maintain_storage(self) -> MaintenanceReport:
         """Partitions ahead of time, and what `RETENTION_DAYS` no longer keeps."""
@@ -203,8 +268,58 @@ async def open_runtime(settings: Settings) -> AsyncIterator[IngestionRuntime]:
     """The engine and Deribit client of one process (one event loop), closed on exit."""
     engine = create_engine(settings.database_url_value, pool_size=WRITE_POOL_SIZE)
     source = deribit_http_client(settings)
+    origin = WriterOrigin(source, "DERIBIT_RPC_URL", settings.allow_origin_change)
     try:
-        yield IngestionRuntime(settings, engine, source, source)
+        yield IngestionRuntime(settings, declare_origin(engine, origin), source, source)
     finally:
         await source.aclose()
         await engine.dispose()
+
+
+async def check_data_origin(settings: Settings, *, poll: bool = True, stream: bool = False) -> None:
+    """Before a runner writes: raise `DataOriginError` when the database holds prices of
+    another origin than its sources' (the polled source, and the stream when `stream`), unless
+    `ALLOW_ORIGIN_CHANGE` (then it says so). Every write checks again: this only fails early."""
+    url = settings.database_url_value
+    engine = create_engine(url, pool_size=1)
+    try:
+        stored = await stored_origins(engine)
+    except Exception as exc:
+        if not is_database_unavailable(exc):
+            raise
+        log.warning("data origin not checked at start: the database is unreachable", error=repr(exc))
+        return
+    finally:
+        await engine.dispose()
+    if stored.first is None:
+        return
+    sources = [("DERIBIT_RPC_URL", settings.deribit_rpc_url)] if poll else []
+    sources += [("DERIBIT_WS_URL", settings.deribit_ws_url)] if stream else []
+    for setting, source_url in sources:
+        origin = await _origin_before_writing(source_url, settings)
+        if origin is None:
+            log.warning("data origin not checked at start: the source did not answer", setting=setting)
+        elif origin != stored.first:
+            if not settings.allow_origin_change:
+                database = f"the database {describe_database(url)}"
+                raise DataOriginError(stored.first, origin, setting, database)
+            log.warning(
+                f"writing prices of another origin: {OVERRIDE_SETTING} is set",
+                database_origin=stored.first,
+                writer_origin=origin,
+                setting=setting,
+            )
+
+
+async def _origin_before_writing(url: str, settings: Settings) -> str | None:
+    """The origin of the source at `url`: a Deribit host's by its name; any other server's by
+    its own answer to `public/test` (over HTTP on the same host, for a WebSocket URL); None
+    when it did not answer."""
+    if is_deribit_host(url):
+        return origin_of(url, simulator=False)
+    parts = urlsplit(url)
+    if parts.scheme in ("ws", "wss"):
+        url = f"{parts.scheme.replace('ws', 'http')}://{parts.netloc}/api/v2"
+    client = DeribitHttpClient(url, timeout=settings.deribit_timeout_seconds, max_retries=0)
+    async with client:
+        return client.origin if await client.identify() else None

@@ -31,9 +31,11 @@ class StreamWriter:
         self._taken: dict[str, list[int]] = {}
         self._pending: list[NewPrice] = []
         self._arrived = asyncio.Event()
+        self.received = 0
         self.stored = 0
 
     async def on_observation(self, observation: Observation) -> None:
+        self.received += 1
         slot = current_slot(self._interval, observation.received_at)
         taken = self._taken.setdefault(observation.ticker, [])
         if slot in taken:

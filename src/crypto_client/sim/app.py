@@ -12,13 +12,15 @@ from typing import Any
 import orjson
 import structlog
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from crypto_client import exact_json
+from crypto_client import __version__, exact_json
+from crypto_client.origin import SIMULATOR_HEADER
 from crypto_client.sim.faults import BAD_CHART_POINTS, ChartFault, FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
 from crypto_client.sim.served import ServedLog
@@ -345,6 +347,24 @@ class Simulator:
         self.method_max_in_flight = self.method_in_flight.copy()
 
 
+class _IdentifiesItself:
+    """Marks every answer, the WebSocket handshake included, as the simulator's: the service
+    records the origin of its data from this header, never from the URL it was given."""
+
+    _HEADER = (SIMULATOR_HEADER.lower().encode(), __version__.encode())
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def marked(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                message = {**message, "headers": [*message.get("headers", ()), self._HEADER]}
+            await send(message)
+
+        await self._app(scope, receive, marked)
+
+
 def create_sim_app(simulator: Simulator | None = None) -> Starlette:
     sim = simulator or Simulator()
 
@@ -422,6 +442,6 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
         Route("/_sim/stats", admin_stats, methods=["GET", "DELETE"]),
         Route("/_sim/served", admin_served, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(_IdentifiesItself)])
     app.state.simulator = sim
     return app

@@ -4,12 +4,14 @@ Every setting below is chosen for one periodic, idempotent task over Redis.
 """
 
 import os
+import sys
 import time
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from celery import Celery, signals
+from celery.beat import Service as Beat
 from celery.schedules import schedstate, schedule
 
 from crypto_client import metrics
@@ -139,6 +141,24 @@ def _stamp_slot(sender: str | None = None, headers: dict[str, Any] | None = None
     # slot rather than the one current when it finally runs.
     if sender == INGEST_TASK and headers is not None:
         headers.setdefault(SLOT_HEADER, current_slot(settings.ingest_interval_seconds))
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _wait_for_what_it_needs(sender: object = None, **_kwargs: Any) -> None:
+    # After Celery has parsed its options, before it says "ready" or consumes anything. Beat
+    # only publishes: the broker is all it needs; a worker writes too. SystemExit is the one
+    # exception Celery's signal dispatch lets through.
+    from crypto_client.startup import StartupError, broker_need, database_need, require
+
+    needs = [broker_need(settings)]
+    if not isinstance(sender, Beat):
+        needs.append(database_need(settings))
+    try:
+        require(needs, wait_seconds=settings.startup_wait_seconds)
+    except StartupError as exc:
+        print(f"crypto-client: {exc}\n  hint: {exc.hint}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 @signals.worker_init.connect

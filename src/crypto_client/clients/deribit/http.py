@@ -1,6 +1,7 @@
 """Deribit over HTTP: `GET /api/v2/public/<method>` with retries, as a `PriceSource`."""
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
@@ -33,6 +34,7 @@ from crypto_client.clients.deribit.rpc import (
     server_time_us,
 )
 from crypto_client.clients.source import FetchResult, HistoryPoint, Observation
+from crypto_client.origin import SIMULATOR_HEADER, origin_of
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +74,8 @@ class DeribitHttpClient:
         self._backoff_seconds = backoff_seconds
         self._backoff = wait_random_exponential(multiplier=backoff_seconds, max=MAX_BACKOFF_SECONDS)
         self._concurrency = asyncio.Semaphore(max_concurrency)
+        # Whether the last answer came from this project's simulator; None before any answer.
+        self._simulator: bool | None = None
         self._http = httpx.AsyncClient(
             timeout=timeout,
             # Idle connections are dropped before a server would close them (uvicorn, and so the
@@ -93,6 +97,23 @@ class DeribitHttpClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    @property
+    def answered(self) -> bool:
+        """Whether the server has answered yet (so that `origin` is its own word)."""
+        return self._simulator is not None
+
+    @property
+    def origin(self) -> str:
+        """The origin of this client's prices (see `crypto_client.origin`)."""
+        return origin_of(self._base_url, simulator=bool(self._simulator))
+
+    async def identify(self) -> bool:
+        """Ask the server once (`public/test`, Deribit's own liveness probe) so that `origin`
+        is the server's word; False when it did not answer."""
+        with contextlib.suppress(DeribitError):
+            await self._call_once("public/test", {})
+        return self.answered
 
     async def get_index_price(self, index_name: str) -> Observation:
         sent_at = time.time()
@@ -200,6 +221,7 @@ class DeribitHttpClient:
                     raise TransientDeribitError(f"timed out ({type(exc).__name__})") from exc
                 except httpx.TransportError as exc:
                     raise TransientDeribitError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+                self._simulator = SIMULATOR_HEADER in response.headers
                 envelope = _check(method, response)
             except DeribitError as exc:
                 _observe(method, _outcome(exc), started)

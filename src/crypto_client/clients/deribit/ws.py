@@ -29,6 +29,7 @@ from crypto_client.clients.deribit.rpc import (
 )
 from crypto_client.clients.source import Observation
 from crypto_client.logging import RateLimitedLog
+from crypto_client.origin import SIMULATOR_HEADER, origin_of
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,17 @@ class DeribitStream:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self.prices = 0  # price notifications delivered, over every session
+        # Whether the last handshake was the simulator's; None before any.
+        self._simulator: bool | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self._simulator is not None
+
+    @property
+    def origin(self) -> str:
+        """The origin of this stream's prices (see `crypto_client.origin`)."""
+        return origin_of(self.url, simulator=bool(self._simulator))
 
     def _connection(self) -> connect:
         """One connection to the stream (an async context manager)."""
@@ -88,6 +100,8 @@ class DeribitStream:
             while True:
                 try:
                     async with self._connection() as websocket:
+                        handshake = websocket.response
+                        self._simulator = handshake is not None and SIMULATOR_HEADER in handshake.headers
                         await self._session(websocket, tickers, on_observation)
                 except _CONNECTION_FAILURES as exc:
                     self._disconnected()

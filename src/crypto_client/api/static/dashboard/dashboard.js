@@ -250,6 +250,17 @@
     list.replaceChildren(...shown);
   }
 
+  // Why a span has no price at all, from the ledger: an empty chart says nothing.
+  function emptyReason(ticker, gaps) {
+    if (gaps.length === 0) return `No price of ${ticker} is stored in this span, and no tick has run for it yet.`;
+    const latest = gaps.reduce((a, b) => (b.to_ts > a.to_ts ? b : a));
+    const why = latest.reason.replaceAll("_", " ") + (latest.detail ? `: ${latest.detail}` : "");
+    const offline = /connection failed/.test(latest.detail || "")
+      ? " Deribit cannot be reached from here; without internet, `crypto-client serve --simulate` is the offline demo."
+      : "";
+    return `No price of ${ticker} is stored in this span. The latest slots are missing because ${why}.${offline}`;
+  }
+
   function newSeries() {
     if (series) chart.removeSeries(series);
     series =
@@ -286,6 +297,9 @@
       state.gaps = gaps;
       state.interval = coverage.interval_seconds;
       renderGaps();
+      const empty = $("empty");
+      empty.hidden = points.length > 0;
+      empty.textContent = points.length > 0 ? "" : emptyReason(ticker, gaps);
       $("chart-title").textContent = ticker;
       $("chart").setAttribute("aria-label", `${ticker}: ${points.length} points, ${gaps.length} gaps`);
       state.ready = true;

@@ -1,0 +1,122 @@
+"""The origin of a database's prices: recorded at the first write, checked at every write.
+
+A writer declares its origin on its engine (`declare_origin`); every write transaction of
+that engine that stores prices or ledger entries checks it against `data_origin` inside the
+transaction (`PriceWriter`), so a process that started before another origin wrote first is
+refused all the same. Engines without a declared origin (tools, tests) are not checked.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import structlog
+from sqlalchemy import Table, inspect, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from crypto_client.db.models import DataOriginRecord
+
+log = structlog.get_logger(__name__)
+
+_table: Table = DataOriginRecord.__table__  # type: ignore[assignment]
+_OPTION = "crypto_client_writer_origin"
+OVERRIDE_SETTING = "ALLOW_ORIGIN_CHANGE"
+
+
+class OriginSource(Protocol):
+    """What a price source tells about itself (`clients.deribit`'s clients do)."""
+
+    @property
+    def origin(self) -> str: ...
+
+    @property
+    def answered(self) -> bool:
+        """Whether `origin` is the server's word (it has answered), not only its URL's."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class WriterOrigin:
+    source: OriginSource
+    setting: str  # the setting that chose the source, for messages: DERIBIT_RPC_URL
+    allow_change: bool = False
+
+
+class DataOriginError(Exception):
+    """The database holds prices of another origin than this writer's."""
+
+    def __init__(self, stored: str, writer: str, setting: str, database: str = "the database") -> None:
+        super().__init__(
+            f"{database} holds prices from {stored!r}, this writer's origin is {writer!r} "
+            f"({setting}); set {OVERRIDE_SETTING}=true to write into it anyway"
+        )
+        self.stored = stored
+        self.writer = writer
+
+
+class StoredOrigins(NamedTuple):
+    first: str | None  # the origin of the first write; None: nothing written yet
+    by_override: list[str]  # other origins that wrote under ALLOW_ORIGIN_CHANGE, oldest first
+
+
+async def stored_origins(engine: AsyncEngine) -> StoredOrigins:
+    """The database's origins; none before revision 0008 (`serve` migrates after its checks)."""
+    async with engine.connect() as connection:
+        if not await connection.run_sync(lambda sync: inspect(sync).has_table(_table.name)):
+            return StoredOrigins(None, [])
+        return await OriginRegistry(connection).stored()
+
+
+def declare_origin(engine: AsyncEngine, origin: WriterOrigin) -> AsyncEngine:
+    """`engine` (sharing its pool) whose write transactions check `origin`."""
+    return engine.execution_options(**{_OPTION: origin})
+
+
+class OriginRegistry:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+
+    async def stored(self) -> StoredOrigins:
+        rows = (await self._connection.execute(_STORED)).all()
+        first = next((origin for origin, by_override in rows if not by_override), None)
+        return StoredOrigins(first, [origin for origin, by_override in rows if by_override])
+
+    async def check_declared(self, *, claim: bool) -> None:
+        """Raise `DataOriginError` unless this connection's declared writer origin may
+        write here; `claim`: record it when the database has none yet (a write of prices
+        whose source has answered)."""
+        sync = self._connection.sync_connection
+        declared = None if sync is None else sync.get_execution_options().get(_OPTION)
+        if not isinstance(declared, WriterOrigin):
+            return
+        writer, confirmed = declared.source.origin, declared.source.answered
+        stored = await self.stored()
+        if stored.first is None and claim and confirmed:
+            await self._insert(writer, by_override=False)
+            stored = await self.stored()
+        if stored.first is None or stored.first == writer:
+            return
+        if not declared.allow_change:
+            raise DataOriginError(stored.first, writer, declared.setting)
+        if confirmed and writer not in stored.by_override:
+            await self._insert(writer, by_override=True)
+            log.warning(
+                f"writing prices of another origin: {OVERRIDE_SETTING} is set",
+                database_origin=stored.first,
+                writer_origin=writer,
+            )
+
+    async def _insert(self, origin: str, *, by_override: bool) -> None:
+        # Racing writers: the primary key and the one-first-origin index let one row win.
+        await self._connection.execute(
+            _INSERT[self._connection.dialect.name],
+            {"origin": origin, "first_write_ts": int(time.time()), "by_override": by_override},
+        )
+
+
+_STORED = select(_table.c.origin, _table.c.by_override).order_by(_table.c.first_write_ts, _table.c.origin)
+_INSERT = {
+    "postgresql": postgresql.insert(_table).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(_table).on_conflict_do_nothing(),
+}
