@@ -4,7 +4,9 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -188,6 +190,77 @@ def test_start_time_faults_from_the_command_line(tmp_path: Path) -> None:
         assert response.status_code == 503
     finally:
         process.stop()
+
+
+def served(sim: SimServer, after: int) -> list[dict[str, Any]]:
+    response = httpx.get(f"{sim.url}/_sim/served", params={"after": after})
+    response.raise_for_status()
+    records: list[dict[str, Any]] = response.json()["served"]
+    return records
+
+
+def served_so_far(sim: SimServer) -> int:
+    total: int = httpx.get(f"{sim.url}/_sim/served", params={"limit": 1}).json()["total"]
+    return total
+
+
+def test_served_record_holds_every_price_with_its_envelope(sim: SimServer) -> None:
+    start = served_so_far(sim)
+    answers = [get(sim, "get_index_price", index_name="btc_usd") for _ in range(3)]
+    sim.faults("btc_usd", fail_next=1, fail_next_kind="bad_result")
+    assert get(sim, "get_index_price", index_name="btc_usd").status_code == 200  # a fault: not a price
+    sim.faults("eth_usd", clock_offset_seconds=-30)
+    lied = get(sim, "get_index_price", index_name="eth_usd")
+    records = served(sim, start)
+    assert [r["kind"] for r in records] == ["index_price"] * 4
+    for answer, record in zip(answers, records, strict=False):
+        body = json.loads(answer.text, parse_float=Decimal)
+        assert Decimal(record["price"]) == body["result"]["index_price"]
+        assert (record["us_in"], record["us_out"]) == (body["usIn"], body["usOut"])
+        assert abs(record["served_ms"] - body["usOut"] // 1000) < 1000
+    envelope = lied.json()
+    assert records[3]["us_out"] == envelope["usOut"]
+    assert records[3]["served_ms"] - envelope["usOut"] // 1000 > 29_000  # the true time, not the lie
+    assert served(sim, start + 3) == records[3:]
+
+
+def test_served_record_holds_chart_points_once_and_stream_notifications(sim: SimServer) -> None:
+    start = served_so_far(sim)
+    get(sim, "get_index_price", index_name="btc_usd")
+    points = sim.chart("btc_usd", "1h")
+    sim.chart("btc_usd", "1h")
+    charted = [r for r in served(sim, start) if r["kind"] == "chart"]
+    assert len(charted) <= len(points)  # points charted by an earlier test are not repeated
+    assert len(charted) == len({(r["ts_ms"], r["price"]) for r in charted})
+    assert {(r["ts_ms"], Decimal(r["price"])) for r in charted} <= set(points)
+    assert any(r["ts_ms"] == points[-1][0] for r in charted)  # the newest point is new
+
+    sim.faults(stream_interval_ms=50)
+    with ws_connect(sim.ws_url) as websocket:
+        websocket.send(
+            json.dumps(
+                {
+                    "id": 1,
+                    "method": "public/subscribe",
+                    "params": {"channels": ["deribit_price_index.eth_usd"]},
+                }
+            )
+        )
+        notifications: list[dict[str, Any]] = []
+        while len(notifications) < 3:
+            message = json.loads(websocket.recv(), parse_float=Decimal)
+            if message.get("method") == "subscription":
+                notifications.append(message["params"]["data"])
+    streamed = [r for r in served(sim, start) if r["kind"] == "ws"][:3]
+    assert [(r["index"], Decimal(r["price"]), r["timestamp"]) for r in streamed] == [
+        (n["index_name"], n["price"], n["timestamp"]) for n in notifications
+    ]
+
+
+def test_served_record_rejects_bad_positions(sim: SimServer) -> None:
+    response = httpx.get(f"{sim.url}/_sim/served", params={"after": "-1"})
+    assert response.status_code == 422
+    assert "after" in response.json()["detail"]
 
 
 @contextlib.contextmanager
@@ -398,3 +471,14 @@ def test_max_connections_refuses_the_next_connection_with_a_bare_429(tmp_path: P
         for client in held:
             client.close()
         capped.stop()
+
+
+def test_spoilt_chart_points_are_not_in_the_served_record(sim: SimServer) -> None:
+    start = served_so_far(sim)
+    sim.faults("eth_usd", chart_bad_point_rate=1.0)
+    answer = httpx.get(
+        f"{sim.rpc_url}/public/get_index_chart_data", params={"index_name": "eth_usd", "range": "1h"}
+    )
+    assert answer.status_code == 200
+    assert answer.json()["result"]  # every point spoilt, none missing
+    assert [r for r in served(sim, start) if r["kind"] == "chart"] == []

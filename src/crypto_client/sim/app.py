@@ -24,6 +24,7 @@ from crypto_client.origin import SIMULATOR_HEADER
 from crypto_client.sim.connections import ConnectionCount
 from crypto_client.sim.faults import BAD_CHART_POINTS, ChartFault, FaultKind, FaultPlan, Faults
 from crypto_client.sim.prices import PriceWalk
+from crypto_client.sim.served import ServedLog
 from crypto_client.sim.stream import ConnectionRecord, serve_stream
 
 log = structlog.get_logger(__name__)
@@ -87,6 +88,8 @@ class Simulator:
         self.served: dict[str, deque[tuple[int, Decimal | orjson.Fragment]]] = {}
         self.faults = FaultPlan(seed=seed, default=faults or Faults())
         self.requests: Counter[str] = Counter()
+        self.record = ServedLog()
+        self._sent_us_out: int | str = 0  # the last envelope's usOut, as sent
         self.ws_connections: deque[ConnectionRecord] = deque(maxlen=_CONNECTIONS_KEPT)
         self._frozen_us: dict[str | None, int] = {}
         self.in_flight = 0
@@ -157,6 +160,7 @@ class Simulator:
         served = list(self.served.get(name, ()))
         times = [served_ms for served_ms, _ in served]
         points: list[Any] = []
+        genuine: list[tuple[int, Any]] = []
         start = (now - reach) // step * step + step
         for bucket in range(start, now + 1, step):
             first = bisect.bisect_left(times, bucket)
@@ -164,7 +168,13 @@ class Simulator:
                 point: tuple[int, Any] = served[first]
             else:
                 point = (bucket, self.walk.price_at(name, bucket))
-            points.append(self._bad_point(point) if self.faults.draw_bad_point(name) else point)
+            if self.faults.draw_bad_point(name):
+                points.append(self._bad_point(point))
+            else:
+                points.append(point)
+                genuine.append(point)
+        # A spoilt point is a fault, never one of the simulator's values: it is not recorded.
+        self.record.add_chart_points(name, genuine)
         return points
 
     def _bad_point(self, point: tuple[int, Any]) -> Any:
@@ -244,7 +254,17 @@ class Simulator:
         try:
             if handler is None:
                 raise JsonRpcError(-32601, "Method not found")
-            return self._envelope({"result": handler(params)}, us_in, request_id, index=index)
+            result = handler(params)
+            response = self._envelope({"result": result}, us_in, request_id, index=index)
+            if method == "public/get_index_price":
+                self.record.add(
+                    "index_price",
+                    str(params["index_name"]),
+                    result["index_price"],
+                    us_in=us_in,
+                    us_out=self._sent_us_out,
+                )
+            return response
         except JsonRpcError as failure:
             error: dict[str, Any] = {"code": failure.code, "message": failure.message}
             if failure.data is not None:
@@ -273,6 +293,7 @@ class Simulator:
         index: str | None = None,
     ) -> Response:
         us_out = self._clock_us(index)
+        self._sent_us_out = us_out
         body: dict[str, Any] = {"jsonrpc": "2.0", **fields}
         if request_id is not None:
             body["id"] = request_id
@@ -280,6 +301,7 @@ class Simulator:
         literal = self.faults.for_index(index).us_out_literal
         if literal is not None:
             body["usOut"] = orjson.Fragment(literal.encode())
+            self._sent_us_out = literal
         content = exact_json.dumps(body)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 
@@ -395,6 +417,17 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             sim.reset_stats()
         return JSONResponse(sim.stats())
 
+    async def admin_served(request: Request) -> Response:
+        """What the simulator served, oldest first, from record `after` on (a page at most)."""
+        try:
+            after = int(request.query_params.get("after", "0"))
+            limit = int(request.query_params.get("limit", "10000"))
+            if after < 0 or not 1 <= limit <= 100_000:
+                raise ValueError("after must be >= 0 and limit 1 to 100000")
+        except ValueError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        return Response(orjson.dumps(sim.record.after(after, limit)), media_type="application/json")
+
     async def stream(websocket: WebSocket) -> None:
         await serve_stream(
             websocket,
@@ -403,6 +436,7 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
             clock_ms=sim.clock_ms,
             known=lambda name: name in sim.walk,
             connections=sim.ws_connections,
+            served=sim.record,
         )
 
     routes = [
@@ -412,6 +446,7 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
         Route("/_sim/faults", admin_faults, methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/_sim/prices", admin_prices, methods=["PUT", "DELETE"]),
         Route("/_sim/stats", admin_stats, methods=["GET", "DELETE"]),
+        Route("/_sim/served", admin_served, methods=["GET"]),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(_IdentifiesItself)])
     app.state.simulator = sim

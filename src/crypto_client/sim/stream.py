@@ -15,6 +15,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from crypto_client import exact_json
 from crypto_client.sim.faults import HostileFrame
+from crypto_client.sim.served import ServedLog
 
 log = structlog.get_logger(__name__)
 
@@ -84,9 +85,11 @@ class StreamSession:
         clock_ms: ClockMs,
         known: Callable[[str], bool],
         record: ConnectionRecord,
+        served: ServedLog,
     ) -> None:
         self.websocket = websocket
         self._known = known
+        self._served = served
         self._faults = faults
         self._price_of = price_of
         self._clock_ms = clock_ms
@@ -219,6 +222,7 @@ class StreamSession:
         await self._send(
             {"jsonrpc": "2.0", "method": "subscription", "params": {"channel": channel, "data": data}}
         )
+        self._served.add("ws", name, data["price"], timestamp=data["timestamp"])
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.websocket.send_text(exact_json.dumps(message).decode())
@@ -231,6 +235,7 @@ async def serve_stream(
     clock_ms: ClockMs,
     known: Callable[[str], bool],
     connections: MutableSequence[ConnectionRecord],
+    served: ServedLog,
 ) -> None:
     if faults().ws_refuse:
         await websocket.close(code=1013)  # before accepting: the handshake is refused
@@ -238,4 +243,4 @@ async def serve_stream(
     await websocket.accept()
     record = ConnectionRecord(opened=time.time())
     connections.append(record)
-    await StreamSession(websocket, faults, price_of, clock_ms, known, record).run()
+    await StreamSession(websocket, faults, price_of, clock_ms, known, record, served).run()
