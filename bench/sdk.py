@@ -43,10 +43,9 @@ def walk_by_hand(base_url: str) -> tuple[int, Decimal]:
         response = http.get("/prices/range", params={"ticker": TICKER, "limit": PAGE})
         while True:
             response.raise_for_status()
-            page = json.loads(response.content, parse_float=Decimal)
-            rows += len(page)
-            if page:
-                last = page[-1]["price"]
+            for row in json.loads(response.content, parse_float=Decimal):
+                rows += 1
+                last = row["price"]
             link = response.links.get("next")
             if link is None:
                 return rows, last

@@ -65,22 +65,33 @@ def _optional_exact(value: Any) -> Decimal | None:
 
 
 def price(row: Mapping[str, Any], event_id: int | None = None) -> Price:
-    return Price(row["ticker"], exact(row["price"]), row["ts"], row["source"], event_id=event_id)
+    return Price(row["ticker"], exact(row["price"]), row["ts"], row["source"], event_id)
 
 
 def prices_of(body: Any) -> list[Price]:
-    # The walk's hot loop: a local alias keeps the per-row cost to the object's construction.
-    make = Price
+    # The hot loop of a long walk, so built as cheaply as Python can: the tuple made directly
+    # (no keyword handling), the conversion called only for the rare integer literal.
+    new, kind, decimal = tuple.__new__, Price, Decimal
     try:
-        return [make(r["ticker"], exact(r["price"]), r["ts"], r["source"]) for r in body]
+        return [
+            new(
+                kind,
+                (
+                    r["ticker"],
+                    p if (p := r["price"]).__class__ is decimal else exact(p),
+                    r["ts"],
+                    r["source"],
+                    None,
+                ),
+            )
+            for r in body
+        ]
     except (KeyError, TypeError) as exc:
         raise ProtocolError(f"not a list of prices: {exc!r}") from exc
 
 
 def latest_of(body: Any) -> LatestPrice:
-    return LatestPrice(
-        body["ticker"], exact(body["price"]), body["ts"], body["source"], age_seconds=body["age_seconds"]
-    )
+    return LatestPrice(body["ticker"], exact(body["price"]), body["ts"], body["source"], body["age_seconds"])
 
 
 def candles_of(body: Any) -> list[Candle]:

@@ -16,14 +16,20 @@ POLARS_DECIMAL_PRECISION = 38
 POLARS_DECIMAL_SCALE = 18
 
 
+def _value_fields(row_type: type[Any]) -> list[str]:
+    """A row type's fields, less a price's `event_id` (a place in one stream, not a value)."""
+    if dataclasses.is_dataclass(row_type):
+        return [f.name for f in dataclasses.fields(row_type)]
+    return [name for name in row_type._fields if name != "event_id"]
+
+
 def _columns(rows: Iterable[Any], row_type: type[Any]) -> tuple[dict[str, list[Any]], set[str]]:
-    """The row type's value fields (not `event_id`, which takes no part in equality) as
-    columns, and which of them are decimal."""
-    fields = [f for f in dataclasses.fields(row_type) if f.compare]
+    """The rows as columns, and which of them are decimal."""
+    fields = _value_fields(row_type)
     hints = typing.get_type_hints(row_type)
-    decimals = {f.name for f in fields if hints[f.name] in (Decimal, Decimal | None)}
-    columns: dict[str, list[Any]] = {f.name: [] for f in fields}
-    appenders = [(columns[f.name].append, f.name) for f in fields]
+    decimals = {name for name in fields if hints[name] in (Decimal, Decimal | None)}
+    columns: dict[str, list[Any]] = {name: [] for name in fields}
+    appenders = [(columns[name].append, name) for name in fields]
     for row in rows:
         for append, name in appenders:
             append(getattr(row, name))
