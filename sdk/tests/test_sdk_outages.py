@@ -96,7 +96,10 @@ async def test_a_call_waiting_out_an_outage_gets_every_row(outage: Outage) -> No
     assert [(p.price, p.ts) for p in result] == [(Decimal(f"{i}.10"), BASE_TS + 60 * i) for i in range(50)]
     statuses = [status for status, _ in answers(outage.api, "/prices/range")]
     assert statuses[0] == 503
-    assert statuses[-3:] == [200, 200, 200]  # the three pages, once the database was back
+    # Three pages, each answered once; a pooled connection the restart broke may cost one
+    # more 503 after the first success, and that is retried too.
+    assert statuses.count(200) == 3
+    assert set(statuses) == {200, 503}
 
 
 async def test_the_stream_resumes_across_an_api_restart_delivering_every_row_once(

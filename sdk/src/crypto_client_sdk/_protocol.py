@@ -7,7 +7,7 @@ import email.utils
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -68,24 +68,20 @@ def price(row: Mapping[str, Any], event_id: int | None = None) -> Price:
     return Price(row["ticker"], exact(row["price"]), row["ts"], row["source"], event_id)
 
 
-def prices_of(body: Any) -> list[Price]:
+def prices_of(body: Any) -> Iterator[Price]:
+    """The prices of a page, made one at a time as they are consumed: a page of rows is then
+    never alive twice over, as dicts and as prices, and no price outlives its use long enough
+    for the garbage collector to scan it again and again."""
     # The hot loop of a long walk, so built as cheaply as Python can: the tuple made directly
     # (no keyword handling), the conversion called only for the rare integer literal.
     new, kind, decimal = tuple.__new__, Price, Decimal
+    if not isinstance(body, list):
+        raise ProtocolError(f"not a list of prices: {body!r:.200}")
     try:
-        return [
-            new(
-                kind,
-                (
-                    r["ticker"],
-                    p if (p := r["price"]).__class__ is decimal else exact(p),
-                    r["ts"],
-                    r["source"],
-                    None,
-                ),
-            )
-            for r in body
-        ]
+        for r in body:
+            p = r["price"]
+            exact_price = p if p.__class__ is decimal else exact(p)
+            yield new(kind, (r["ticker"], exact_price, r["ts"], r["source"], None))
     except (KeyError, TypeError) as exc:
         raise ProtocolError(f"not a list of prices: {exc!r}") from exc
 

@@ -1,6 +1,7 @@
 """The synchronous client, on `httpx.Client`."""
 
 import datetime
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -90,17 +91,18 @@ class Client:
     def _json(self, path: str, params: protocol.Params) -> Any:
         return protocol.decode_json(self._get(path, params).content)
 
-    def _pages(self, request: protocol.Paged[T]) -> Iterator[T]:
+    def _pages(self, request: protocol.Paged[T]) -> Iterator[Iterable[T]]:
         url: str | None = request.path
         params: protocol.Params | None = request.params
         while url is not None:
             response = self._get(url, params)
-            yield from request.parse(protocol.decode_json(response.content))
+            yield request.parse(protocol.decode_json(response.content))
             # The link carries the whole query of the next page.
             url, params = protocol.next_link(response.headers.get("link")), None
 
     def _rows(self, request: protocol.Paged[T], row_type: type[T]) -> Rows[T]:
-        return Rows(lambda: self._pages(request), row_type)
+        # Rows are handed on by C (chain), not by resuming a generator once per row.
+        return Rows(lambda: itertools.chain.from_iterable(self._pages(request)), row_type)
 
     def prices(self, ticker: str, from_ts: int | None = None, to_ts: int | None = None) -> Rows[Price]:
         """Every stored price of `ticker` with from_ts <= ts <= to_ts, oldest first."""
@@ -127,9 +129,8 @@ class Client:
         )
 
     def coverage(self, ticker: str, from_ts: int | None = None, to_ts: int | None = None) -> Coverage:
-        return protocol.coverage_of(
-            list(self._pages(protocol.coverage_request(ticker, from_ts, to_ts, self.page_size)))
-        )
+        pages = self._pages(protocol.coverage_request(ticker, from_ts, to_ts, self.page_size))
+        return protocol.coverage_of([body for page in pages for body in page])
 
     def quality(self, ticker: str, from_ts: int | None = None, to_ts: int | None = None) -> Rows[QualityDay]:
         return self._rows(protocol.quality_request(ticker, from_ts, to_ts), QualityDay)
