@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_TS, api_env, store
-from crypto_client_sdk import Client, NotFound, Price, RetryPolicy, Unavailable
+from crypto_client_sdk import AsyncClient, Client, NotFound, Price, RetryPolicy, Unavailable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.engine import create_engine
@@ -147,3 +147,27 @@ async def test_the_stream_resumes_across_an_api_restart_delivering_every_row_onc
 async def test_the_stream_raises_not_found_for_an_unknown_ticker(api: ApiServer) -> None:
     with Client(api.url) as client, pytest.raises(NotFound, match="unknown ticker 'doge_usd'"):
         next(client.stream("doge_usd"))
+
+
+async def test_the_async_stream_yields_stored_rows_and_resumes_after_an_event_id(
+    api: ApiServer, engine: AsyncEngine
+) -> None:
+    await store(engine, [("btc_usd", f"{i}.75", BASE_TS + 60 * i) for i in range(3)])
+    async with AsyncClient(api.url) as client:
+
+        async def take(count: int, last_event_id: int | None) -> list[Price]:
+            taken: list[Price] = []
+            async for price in client.stream(["btc_usd"], last_event_id=last_event_id):
+                taken.append(price)
+                if len(taken) == count:
+                    return taken
+            raise AssertionError("the stream ended")
+
+        first = await asyncio.wait_for(take(3, 0), 20)
+        resumed = asyncio.create_task(take(2, first[1].event_id))
+        await store(engine, [("btc_usd", "3.75", BASE_TS + 180)])
+        rest = await asyncio.wait_for(resumed, 20)
+    assert [(p.ts, p.price) for p in first] == [(BASE_TS + 60 * i, Decimal(f"{i}.75")) for i in range(3)]
+    assert [p.ts for p in rest] == [BASE_TS + 120, BASE_TS + 180]
+    assert rest[0] == first[2]  # the same row, the same event
+    assert rest[0].event_id == first[2].event_id
