@@ -116,13 +116,9 @@ def peak_rss(process: psutil.Process) -> Iterator[list[float]]:
         thread.join()
 
 
-async def create_database(plan: Plan, results: Results) -> str:
-    # Loaded at revision 0004, then migrated: the candle roll-up (0005) is built from the rows
-    # as it would be on an existing installation.
-    url = await create_pg_database(ADMIN_URL, prefix="cc_bench", migrate=False)
-    await asyncio.to_thread(migrations.upgrade, url, "0004")
-    connection = await asyncpg.connect(url)
-    started = time.monotonic()
+async def load_history(connection: asyncpg.Connection, names: list[str], rows_per_ticker: int) -> None:
+    """`rows_per_ticker` one-minute rows of each index from BASE_TS on, each tracked from its
+    first slot, into a database at revision 0004 (before partitioning)."""
     # Bulk load without the indexes, then build them once: minutes become seconds.
     await connection.execute("ALTER TABLE price_ticks DROP CONSTRAINT pk_price_ticks")
     await connection.execute("DROP INDEX ix_price_ticks_ticker_slot_ts")
@@ -136,10 +132,10 @@ async def create_database(plan: Plan, results: Results) -> str:
         """,
         BASE_TS,
         STEP,
-        plan.names,
-        [Decimal(INDEXES[name][0]) for name in plan.names],
-        [INDEXES[name][1] for name in plan.names],
-        plan.rows_per_ticker,
+        names,
+        [Decimal(INDEXES[name][0]) for name in names],
+        [INDEXES[name][1] for name in names],
+        rows_per_ticker,
     )
     await connection.execute("ALTER TABLE price_ticks ADD CONSTRAINT pk_price_ticks PRIMARY KEY (ticker, ts)")
     await connection.execute(
@@ -148,10 +144,20 @@ async def create_database(plan: Plan, results: Results) -> str:
     # Every ticker tracked from its first slot, as ingestion would have recorded it.
     await connection.execute(
         "INSERT INTO tracked_tickers (ticker, since_slot_ts) SELECT unnest($1::text[]), $2::bigint",
-        plan.names,
+        names,
         BASE_TS,
     )
     await connection.execute("VACUUM ANALYZE price_ticks")
+
+
+async def create_database(plan: Plan, results: Results) -> str:
+    # Loaded at revision 0004, then migrated: the candle roll-up (0005) is built from the rows
+    # as it would be on an existing installation.
+    url = await create_pg_database(ADMIN_URL, prefix="cc_bench", migrate=False)
+    await asyncio.to_thread(migrations.upgrade, url, "0004")
+    connection = await asyncpg.connect(url)
+    started = time.monotonic()
+    await load_history(connection, plan.names, plan.rows_per_ticker)
     rows = await connection.fetchval("SELECT count(*) FROM price_ticks")
     print(f"loaded {rows:,} rows in {time.monotonic() - started:.1f}s into {make_url(url).database}")
     started = time.monotonic()

@@ -42,6 +42,11 @@ from crypto_client.logging import setup_logging
 log = structlog.get_logger(__name__)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[object]]
+# A 503 of the database's is over in moments (a restart, a failover, a full pool): clients that
+# honour Retry-After come back then rather than hammering or giving up.
+RETRY_AFTER_SECONDS = 1
+_RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
 _STATIC = Path(__file__).parent / "static"
 _DASHBOARD = (_STATIC / "dashboard" / "index.html").read_text()
 # The dashboard loads only its own files, talks only to this API, and is never framed. The
@@ -148,13 +153,19 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
             f"({settings.api_statement_timeout_seconds:g} s): narrow it (a smaller limit or range)"
             " or try again shortly"
         )
-        return JSONResponse({"detail": detail}, status_code=503)
+        return JSONResponse({"detail": detail}, status_code=503, headers=_RETRY_AFTER)
     if isinstance(exc, PoolTimeoutError):
         log.warning("no database connection free in time", path=request.url.path)
-        return JSONResponse({"detail": "the service is busy, try again shortly"}, status_code=503)
+        return JSONResponse(
+            {"detail": "the service is busy, try again shortly"}, status_code=503, headers=_RETRY_AFTER
+        )
     if is_database_unavailable(exc):
         log.warning("database unavailable", path=request.url.path, error=repr(exc))
-        return JSONResponse({"detail": "the database is unavailable, try again shortly"}, status_code=503)
+        return JSONResponse(
+            {"detail": "the database is unavailable, try again shortly"},
+            status_code=503,
+            headers=_RETRY_AFTER,
+        )
     log.exception("database error", path=request.url.path)
     return JSONResponse({"detail": "internal error"}, status_code=500)
 

@@ -70,7 +70,16 @@ _INVALID: dict[int | str, dict[str, Any]] = {
     422: {"model": ValidationErrorOut, "description": "A parameter is missing, unknown or invalid."}
 }
 _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorOut, "description": "The database cannot be reached."}
+    503: {
+        "model": ErrorOut,
+        "description": "The database cannot be reached.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again.",
+                "schema": {"type": "integer"},
+            }
+        },
+    }
 }
 _UNKNOWN: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "The ticker is neither configured nor stored (see /tickers)."}
