@@ -64,8 +64,9 @@ def plain_decimal(value: Decimal) -> str:
 
 
 # Where a stored price came from: a poll of get_index_price, Deribit's own history
-# (get_index_chart_data, back-filled later), or the WebSocket stream.
-Source = Literal["poll", "backfill", "stream"]
+# (get_index_chart_data, back-filled later), the WebSocket stream, or the `index_price` of
+# the first trade in the slot (back-filled from the trade history).
+Source = Literal["poll", "backfill", "stream", "trade"]
 SOURCES: tuple[Source, ...] = get_args(Source)
 
 # Why a slot of a tracked ticker has no row. All but `no_tick_ran` are recorded in the ledger
@@ -78,6 +79,7 @@ GapReason = Literal[
     "invalid_value",  # a price this service cannot store exactly (or the database refused it)
     "database_unavailable",  # the database stayed out of reach past the write bound
     "not_repairable",  # back-fill found no point of Deribit's history inside the slot
+    "no_trade_in_slot",  # the trade back-fill looked: Deribit has no trade of the index in it
     "no_tick_ran",
 ]
 
