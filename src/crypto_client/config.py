@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         default=20, ge=1, le=32, validation_alias=_deribit("max_concurrency")
     )
 
+    # Deribit's trade history since the platform started (the main host keeps one day).
+    deribit_history_url: str = "https://history.deribit.com/api/v2"
+    # Trade back-fill and settlement requests started per second (Deribit's public budget is
+    # about 20 a second per IP, shared by every process of the host).
+    deribit_history_requests_per_second: float = Field(default=10.0, gt=0, le=20)
+
     deribit_ws_url: str = "wss://www.deribit.com/ws/api/v2"
     stream_enabled: bool = False
     stream_stall_seconds: float = Field(default=30.0, ge=1, le=3600)
@@ -151,7 +157,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a ws:// or wss:// URL")
         return value
 
-    @field_validator("deribit_rpc_url")
+    @field_validator("deribit_rpc_url", "deribit_history_url")
     @classmethod
     def _check_rpc_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):

@@ -435,6 +435,11 @@ class PriceWriter:
         self._connection = connection
         self.stored_rows = False
 
+    @property
+    def connection(self) -> AsyncConnection:
+        """The transaction's connection, for what other tables record along with the rows."""
+        return self._connection
+
     async def insert_many(self, prices: Sequence[NewPrice]) -> list[tuple[str, int]]:
         """Insert `prices`, skipping any whose `(ticker, ts)` or `(ticker, slot_ts)` is taken.
 

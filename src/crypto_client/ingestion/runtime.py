@@ -15,6 +15,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client import metrics
+from crypto_client.clients.deribit.history import HistoryClient, RequestPacer
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
@@ -26,6 +27,7 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.maintenance import MaintenanceReport, maintain_storage
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
+from crypto_client.ingestion.trade_backfill import ProgressCallback, TradeBackfillReport, trade_backfill
 
 log = structlog.get_logger(__name__)
 
@@ -59,9 +61,9 @@ class StreamHealth:
         return "connected" if self.stream.connected.is_set() else "connecting"
 
 
-def deribit_http_client(settings: Settings) -> DeribitHttpClient:
+def deribit_http_client(settings: Settings, base_url: str | None = None) -> DeribitHttpClient:
     return DeribitHttpClient(
-        settings.deribit_rpc_url,
+        base_url or settings.deribit_rpc_url,
         timeout=settings.deribit_timeout_seconds,
         max_retries=settings.deribit_max_retries,
         backoff_seconds=settings.deribit_retry_backoff_seconds,
@@ -79,6 +81,8 @@ class IngestionRuntime:
     clock: SourceClock = field(default_factory=SourceClock)
     # Ledger entries waiting for the database.
     unrecorded: list[SlotFailure] = field(default_factory=list)
+    # Deribit's trades and delivery prices (None: a runtime that only ingests).
+    trades: HistoryClient | None = None
 
     def __post_init__(self) -> None:
         metrics.set_tickers(self.settings.tickers)
@@ -164,13 +168,41 @@ class IngestionRuntime:
             interval_seconds=self.settings.ingest_interval_seconds,
         )
 
+    async def trade_backfill(
+        self,
+        tickers: tuple[str, ...] | None = None,
+        *,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        extend_tracking: bool = False,
+        dry_run: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> list[TradeBackfillReport]:
+        if self.trades is None:
+            raise RuntimeError("this runtime was opened without Deribit's trade history")
+        return await trade_backfill(
+            self.engine,
+            self.trades,
+            tickers or self.settings.tickers,
+            interval_seconds=self.settings.ingest_interval_seconds,
+            from_ts=from_ts,
+            to_ts=to_ts,
+            extend_tracking=extend_tracking,
+            dry_run=dry_run,
+            progress=progress,
+        )
+
     async def repair_recent(self) -> list[BackfillReport]:
-        """The automatic repair: the recent gaps of every configured ticker."""
+        """The automatic repair: the recent gaps of every configured ticker, from the chart,
+        then what the chart cannot fill at the slot's resolution from the first trade in it."""
         now = int(time.time())
         newest = now - RECENT_REPAIR_SKIPS_SLOTS * self.settings.ingest_interval_seconds
-        return await self.backfill(
+        reports = await self.backfill(
             from_ts=now - RECENT_REPAIR_SECONDS, to_ts=newest, retry_unrepairable=False
         )
+        if self.trades is not None:
+            await self.trade_backfill(from_ts=now - RECENT_REPAIR_SECONDS, to_ts=newest)
+        return reports
 
 
 @asynccontextmanager
@@ -178,8 +210,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[IngestionRuntime]:
     """The engine and Deribit client of one process (one event loop), closed on exit."""
     engine = create_engine(settings.database_url_value, pool_size=WRITE_POOL_SIZE)
     source = deribit_http_client(settings)
+    history_host = deribit_http_client(settings, settings.deribit_history_url)
+    trades = HistoryClient(source, history_host, RequestPacer(settings.deribit_history_requests_per_second))
     try:
-        yield IngestionRuntime(settings, engine, source, source)
+        yield IngestionRuntime(settings, engine, source, source, trades=trades)
     finally:
+        await history_host.aclose()
         await source.aclose()
         await engine.dispose()
