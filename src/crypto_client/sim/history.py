@@ -50,8 +50,7 @@ class TradeHistory:
     def __init__(self, walk: PriceWalk, seed: int, started_ms: int) -> None:
         self.walk = walk
         self.seed = seed
-        start_day = datetime.fromtimestamp(started_ms / 1000, UTC).replace(hour=0, minute=0, second=0)
-        self._start_day_ms = int(start_day.timestamp() * 1000)
+        self._start_day_ms = started_ms // DAY_MS * DAY_MS
         self.instruments = self._list_instruments()
         self._by_name = {str(i["instrument_name"]): i for i in self.instruments}
 
