@@ -106,6 +106,11 @@ class PriceReader:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
 
+    @property
+    def connection(self) -> AsyncConnection:
+        """The read connection, for readers of other tables (settlement prices)."""
+        return self._connection
+
     async def ping(self) -> None:
         """Fails unless this connection can read `price_ticks` (reachable, migrated, allowed)."""
         await self._connection.execute(_PING)

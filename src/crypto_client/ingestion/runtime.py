@@ -25,6 +25,7 @@ from crypto_client.domain import SlotFailure
 from crypto_client.ingestion.backfill import BackfillReport, backfill
 from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.maintenance import MaintenanceReport, maintain_storage
+from crypto_client.ingestion.settlements import SettlementReport, update_settlements
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
 from crypto_client.ingestion.trade_backfill import ProgressCallback, TradeBackfillReport, trade_backfill
@@ -191,6 +192,12 @@ class IngestionRuntime:
             dry_run=dry_run,
             progress=progress,
         )
+
+    async def update_settlements(self) -> list[SettlementReport]:
+        """The daily settlements job: Deribit's delivery prices of every configured ticker."""
+        if self.trades is None:
+            raise RuntimeError("this runtime was opened without Deribit's history methods")
+        return await update_settlements(self.engine, self.trades, self.settings.tickers)
 
     async def repair_recent(self) -> list[BackfillReport]:
         """The automatic repair: the recent gaps of every configured ticker, from the chart,
