@@ -116,6 +116,8 @@ async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
             "tracked_tickers",
             "slot_failures",
             "price_candles_1h",
+            "trade_backfill_days",  # revision 0009
+            "settlement_prices",
         }
     finally:
         await drop_pg_database(url)

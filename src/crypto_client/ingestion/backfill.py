@@ -28,8 +28,6 @@ log = structlog.get_logger(__name__)
 # At most this many missing slots are examined per ticker and run (the newest first).
 MAX_SLOTS_PER_RUN = 200_000
 _SPANS_PER_QUERY = 10_000
-# Reasons that say Deribit's records were searched already: asking again finds nothing new.
-_LOOKED_AT = ("not_repairable", "no_trade_in_slot")
 
 
 @dataclass(slots=True)
@@ -127,7 +125,7 @@ async def _backfill_ticker(
         missing = await _missing_slots(reader, ticker, *window, interval)
         known = {f.slot_ts: f for f in await reader.slot_failures(ticker, *window)}
     if not retry_unrepairable:
-        missing = [slot for slot in missing if slot not in known or known[slot].reason not in _LOOKED_AT]
+        missing = [slot for slot in missing if slot not in known or known[slot].reason != "not_repairable"]
     report.missing = len(missing)
     by_range: dict[str, list[int]] = {}
     for slot in missing:

@@ -19,6 +19,7 @@ from crypto_client.clients.deribit.history import HistoryClient, RequestPacer
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
+from crypto_client.clients.trade_source import TradeHistorySource
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine
 from crypto_client.domain import SlotFailure
@@ -83,7 +84,7 @@ class IngestionRuntime:
     # Ledger entries waiting for the database.
     unrecorded: list[SlotFailure] = field(default_factory=list)
     # Deribit's trades and delivery prices (None: a runtime that only ingests).
-    trades: HistoryClient | None = None
+    trades: TradeHistorySource | None = None
 
     def __post_init__(self) -> None:
         metrics.set_tickers(self.settings.tickers)

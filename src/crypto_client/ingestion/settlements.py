@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.clients.deribit.errors import DeribitError
-from crypto_client.clients.deribit.history import HistoryClient
+from crypto_client.clients.trade_source import TradeHistorySource
 from crypto_client.db.settlements import Settlement, Settlements
 from crypto_client.domain import canonical_price
 
@@ -29,23 +28,23 @@ class SettlementReport:
 
 
 async def update_settlements(
-    engine: AsyncEngine, client: HistoryClient, tickers: Sequence[str]
+    engine: AsyncEngine, client: TradeHistorySource, tickers: Sequence[str]
 ) -> list[SettlementReport]:
     reports = []
     for ticker in tickers:
         report = SettlementReport(ticker)
         try:
             await _update(engine, client, report)
-        except (DeribitError, ValueError) as exc:
-            # An index without delivery prices (or an answer not stored exactly) costs only itself.
-            report.error = str(exc)
+        except Exception as exc:
+            # An index without delivery prices (or a price not stored exactly) costs only itself.
+            report.error = str(exc) or repr(exc)
             log.error("settlement prices failed", ticker=ticker, error=report.error)
         log.info("settlement prices updated", ticker=ticker, stored=report.stored, records_total=report.total)
         reports.append(report)
     return reports
 
 
-async def _update(engine: AsyncEngine, client: HistoryClient, report: SettlementReport) -> None:
+async def _update(engine: AsyncEngine, client: TradeHistorySource, report: SettlementReport) -> None:
     offset = 0
     while True:
         page = await client.delivery_prices(report.ticker, offset, SETTLEMENTS_PER_PAGE)

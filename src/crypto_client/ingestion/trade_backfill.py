@@ -20,8 +20,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client import metrics
-from crypto_client.clients.deribit.errors import DeribitError
-from crypto_client.clients.deribit.history import HistoryClient, Instrument, Trade, currencies_of
+from crypto_client.clients.trade_source import Instrument, Trade, TradeHistorySource
 from crypto_client.coverage import expected_window
 from crypto_client.db.repository import PriceReader, write_transaction
 from crypto_client.db.trade_backfill import TradeBackfillCheckpoints
@@ -53,24 +52,9 @@ class TradeBackfillReport:
 ProgressCallback = Callable[[str, int, int, int], None]
 
 
-async def instruments_of(client: HistoryClient, ticker: str) -> list[Instrument]:
-    """Every instrument, live or expired, whose index is `ticker`."""
-    found: dict[str, Instrument] = {}
-    for currency in currencies_of(ticker):
-        for expired in (False, True):
-            try:
-                listed = await client.instruments(currency, expired=expired)
-            except DeribitError as exc:
-                if getattr(exc, "code", None) == -32602:
-                    continue  # no such currency: it lists nothing
-                raise
-            found.update((i.instrument_name, i) for i in listed if i.price_index == ticker)
-    return sorted(found.values(), key=lambda i: (i.creation_timestamp, i.instrument_name))
-
-
 async def trade_backfill(
     engine: AsyncEngine,
-    client: HistoryClient,
+    client: TradeHistorySource,
     tickers: Sequence[str],
     *,
     interval_seconds: int,
@@ -96,9 +80,9 @@ async def trade_backfill(
             await _backfill_ticker(
                 engine, client, report, interval_seconds, from_ts, to_ts, moment, dry_run, progress
             )
-        except DeribitError as exc:
+        except Exception as exc:
             # Retried already; what is done is checkpointed, a rerun continues from there.
-            report.error = str(exc)
+            report.error = str(exc) or repr(exc)
             log.error("trade backfill failed", ticker=ticker, error=report.error)
         report.requests = client.requests - requests_before
         log.info(
@@ -118,7 +102,7 @@ async def trade_backfill(
 
 async def _backfill_ticker(
     engine: AsyncEngine,
-    client: HistoryClient,
+    client: TradeHistorySource,
     report: TradeBackfillReport,
     interval: int,
     from_ts: int | None,
@@ -138,7 +122,7 @@ async def _backfill_ticker(
         first, last = window
         first_day, last_day = first - first % DAY_SECONDS, last - last % DAY_SECONDS
         done = await TradeBackfillCheckpoints(connection).done_days(ticker, interval, first_day, last_day)
-    instruments = await instruments_of(client, ticker)
+    instruments = await client.instruments_of(ticker)
     report.instruments = [i.instrument_name for i in instruments]
     days = range(first_day, last_day + 1, DAY_SECONDS)
     report.days, report.days_done_before = len(days), len(done)
@@ -155,7 +139,7 @@ async def _backfill_ticker(
 
 async def _backfill_day(
     engine: AsyncEngine,
-    client: HistoryClient,
+    client: TradeHistorySource,
     report: TradeBackfillReport,
     instruments: Sequence[Instrument],
     interval: int,
@@ -219,7 +203,7 @@ async def _backfill_day(
 
 
 async def _first_trades(
-    client: HistoryClient,
+    client: TradeHistorySource,
     instrument: Instrument,
     missing: Sequence[int],
     interval: int,

@@ -15,12 +15,14 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
-from crypto_client.clients.deribit.errors import TransientDeribitError
+from crypto_client.clients.deribit.errors import PermanentDeribitError, TransientDeribitError
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.clients.deribit.rpc import IndexPriceResult, RpcEnvelope, first_problem
+from crypto_client.clients.trade_source import DeliveryPage, DeliveryPrice, Instrument, Trade
 
 TRADES_METHOD = "public/get_last_trades_by_instrument_and_time"
-TRADES_PER_PAGE = 1_000  # Deribit's documented maximum `count`
+TRADES_PER_PAGE = 1_000
+INVALID_PARAMS = -32602  # Deribit's documented maximum `count`
 MAIN_HOST_REACH_MS = 86_400_000  # the main host serves the last 24 hours of trades
 # Currencies whose instruments are listed apart (Deribit's get_instruments `currency`).
 CURRENCIES_OF_QUOTE = {"usdc": "USDC", "usdt": "USDT", "eurr": "EURR"}
@@ -33,7 +35,7 @@ def _exact(value: object) -> Decimal:
     return IndexPriceResult.model_validate({"index_price": value}).index_price
 
 
-class Instrument(BaseModel):
+class _Instrument(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     instrument_name: str
@@ -43,7 +45,7 @@ class Instrument(BaseModel):
     expiration_timestamp: int
 
 
-class Trade(BaseModel):
+class _Trade(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     timestamp: int  # milliseconds
@@ -56,14 +58,14 @@ class Trade(BaseModel):
         return _exact(value)
 
 
-class TradePage(BaseModel):
+class _TradePage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    trades: list[Trade]
+    trades: list[_Trade]
     has_more: bool
 
 
-class DeliveryPrice(BaseModel):
+class _DeliveryPrice(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     date: date
@@ -75,10 +77,10 @@ class DeliveryPrice(BaseModel):
         return _exact(value)
 
 
-class DeliveryPage(BaseModel):
+class _DeliveryPage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    data: list[DeliveryPrice]
+    data: list[_DeliveryPrice]
     records_total: int
 
 
@@ -89,9 +91,9 @@ def _parse(model: TypeAdapter[T], method: str, result: object) -> T:
         raise TransientDeribitError(f"malformed {method} result: {first_problem(exc)}") from None
 
 
-_INSTRUMENTS = TypeAdapter(list[Instrument])
-_TRADE_PAGE = TypeAdapter(TradePage)
-_DELIVERY_PAGE = TypeAdapter(DeliveryPage)
+_INSTRUMENTS = TypeAdapter(list[_Instrument])
+_TRADE_PAGE = TypeAdapter(_TradePage)
+_DELIVERY_PAGE = TypeAdapter(_DeliveryPage)
 
 
 def currencies_of(index: str) -> list[str]:
@@ -139,9 +141,28 @@ class HistoryClient:
 
         return await client.call(method, params, parse)
 
-    async def instruments(self, currency: str, *, expired: bool) -> list[Instrument]:
-        params = {"currency": currency, "kind": "any", "expired": "true" if expired else "false"}
-        return await self._call(self.main, "public/get_instruments", params, _INSTRUMENTS)
+    async def instruments_of(self, index: str) -> list[Instrument]:
+        found: dict[str, Instrument] = {}
+        for currency in currencies_of(index):
+            for expired in ("false", "true"):
+                params = {"currency": currency, "kind": "any", "expired": expired}
+                try:
+                    listed = await self._call(self.main, "public/get_instruments", params, _INSTRUMENTS)
+                except PermanentDeribitError as exc:
+                    if exc.code == INVALID_PARAMS:
+                        continue  # a currency Deribit does not know lists nothing
+                    raise
+                found.update(
+                    (
+                        i.instrument_name,
+                        Instrument(
+                            i.instrument_name, i.price_index, i.creation_timestamp, i.expiration_timestamp
+                        ),
+                    )
+                    for i in listed
+                    if i.price_index == index
+                )
+        return sorted(found.values(), key=lambda i: (i.creation_timestamp, i.instrument_name))
 
     async def trades(
         self,
@@ -169,11 +190,12 @@ class HistoryClient:
                 client, "public/get_last_trades_by_instrument_and_time", params, _TRADE_PAGE
             )
             if page.trades:
-                yield page.trades
+                yield [Trade(t.timestamp, t.index_price, t.instrument_name) for t in page.trades]
             if not page.has_more or not page.trades:
                 return
             cursor = max(next_start(page.trades[-1].timestamp), page.trades[-1].timestamp + 1)
 
     async def delivery_prices(self, index: str, offset: int, count: int) -> DeliveryPage:
         params = {"index_name": index, "offset": str(offset), "count": str(count)}
-        return await self._call(self.main, "public/get_delivery_prices", params, _DELIVERY_PAGE)
+        page = await self._call(self.main, "public/get_delivery_prices", params, _DELIVERY_PAGE)
+        return DeliveryPage([DeliveryPrice(p.date, p.delivery_price) for p in page.data], page.records_total)
