@@ -265,3 +265,28 @@ def test_bad_dates_are_refused_in_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+async def test_the_automatic_repair_fills_from_trades_what_the_chart_cannot(
+    sim: SimServer, engine: AsyncEngine, db_url: str
+) -> None:
+    now = int(time.time())
+    since = now // INTERVAL * INTERVAL - 2 * 3600
+    async with write_transaction(engine) as writer:
+        await writer.track([TICKER], since)
+    # The chart of btc_usd is out (its requests name the index); trades are not.
+    sim.faults(TICKER, outage=True)
+    settings = make_settings(db_url, **history_settings(sim), deribit_max_retries=0)
+    async with open_runtime(settings) as runtime:
+        (chart,) = await runtime.repair_recent()
+    assert not chart.ok
+    assert sim.stats()["requests"][TRADES] > 0
+
+    rows = await stored_rows(engine, TICKER)
+    assert rows
+    assert {row.source for row in rows} == {"trade"}
+    last_repaired = max(row.ts for row in rows) // INTERVAL * INTERVAL
+    expected = expected_first_trades(sim, since, last_repaired)
+    assert {row.ts // INTERVAL * INTERVAL: row for row in rows} == {
+        slot: PriceRow(TICKER, price, ts, "trade") for slot, (ts, price, _) in expected.items()
+    }
