@@ -28,7 +28,8 @@ GAP_SLOTS = 5
 
 @pytest.fixture
 async def seeded(engine: AsyncEngine) -> dict[str, Any]:
-    """Six hours of btc_usd at one-minute slots, some back-filled, five slots missing."""
+    """Six hours of btc_usd at one-minute slots, some back-filled (from the chart or from
+    trades), five slots missing."""
     end = int(time.time()) // 60 * 60 - 60
     start = end - 6 * 3600
     gap_start = end - 2 * 3600
@@ -37,7 +38,7 @@ async def seeded(engine: AsyncEngine) -> dict[str, Any]:
     for n, slot in enumerate(range(start, end + 1, 60)):
         if slot in missing:
             continue
-        source: Source = "backfill" if n % 17 == 0 else "poll"
+        source: Source = "backfill" if n % 17 == 0 else "trade" if n % 23 == 0 else "poll"
         price = 43000 + 400 * math.sin(n / 45) + 120 * math.sin(n / 7) + (n * 37) % 11
         rows.append(NewPrice("btc_usd", Decimal(f"{price:.2f}"), slot, slot, source))
     async with write_transaction(engine) as writer:
@@ -108,14 +109,17 @@ async def test_the_dashboard_shows_what_the_api_says_and_follows_it_live(
     assert [(p["time"], Decimal(str(p["value"]))) for p in values] == [
         (row["ts"], Decimal(str(row["price"]))) for row in stored
     ]
-    # Back-filled rows have their colour, except the row before the gap: the segment leaving it
-    # (a line segment takes the colour of its first point) is transparent, so the line breaks.
+    # Back-filled and trade-sourced rows have their colour, except the row before the gap: the
+    # segment leaving it (a line segment takes the colour of its first point) is transparent,
+    # so the line breaks.
     before_gap = seeded["gap_start"] - 60
     assert [p["time"] for p in values if p.get("color") == "transparent"] == [before_gap]
-    backfilled = [p["time"] for p in values if p.get("color") not in (None, "transparent")]
-    expected = [row["ts"] for row in stored if row["source"] == "backfill" and row["ts"] != before_gap]
-    assert backfilled == expected
-    assert len(backfilled) > 0
+    marked = [p["time"] for p in values if p.get("color") not in (None, "transparent")]
+    expected = [
+        row["ts"] for row in stored if row["source"] in ("backfill", "trade") and row["ts"] != before_gap
+    ]
+    assert marked == expected
+    assert {row["source"] for row in stored} == {"poll", "backfill", "trade"}
     coverage = api.get("/coverage", ticker="btc_usd", from_ts=drawn["points"][0]["time"]).json()
     assert [(g["from_ts"], g["slots"]) for g in drawn["gaps"]] == [(seeded["gap_start"], GAP_SLOTS)]
     assert [(g["from_ts"], g["slots"]) for g in coverage["gaps"]] == [(seeded["gap_start"], GAP_SLOTS)]

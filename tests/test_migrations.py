@@ -117,6 +117,8 @@ async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
             "slot_failures",
             "price_candles_1h",
             "data_origin",
+            "trade_backfill_days",  # revision 0009
+            "settlement_prices",
         }
     finally:
         await drop_pg_database(url)

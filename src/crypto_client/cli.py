@@ -280,14 +280,23 @@ def backfill(
     from_ts: Annotated[int | None, typer.Option(help="Repair slots from this UNIX time on.")] = None,
     to_ts: Annotated[int | None, typer.Option(help="Repair slots up to this UNIX time.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be filled.")] = False,
+    since: Annotated[
+        str | None, typer.Option(help="Fill every slot from this UTC day (YYYY-MM-DD) on, from trades.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="With --since: up to this UTC day, inclusive.")] = None,
 ) -> None:
-    """Fill missing slots from Deribit's own history (get_index_chart_data).
+    """Fill missing slots from Deribit's own history.
 
-    Slots that ended less than the bound on pending writes ago are left to ingestion. Exits
-    0 when every gap within reach of Deribit's history was filled (slots its history cannot
-    reach stay missing as not_repairable, slots it said nothing about as history_unavailable),
-    1 when a ticker failed.
+    Without --since: from get_index_chart_data. Slots that ended less than the bound on
+    pending writes ago are left to ingestion. Exits 0 when every gap within reach of Deribit's
+    history was filled (slots its history cannot reach stay missing as not_repairable, slots
+    it said nothing about as history_unavailable), 1 when a ticker failed.
+
+    With --since: from the first trade inside each slot (its index_price, source 'trade'),
+    then the chart for the recent day; slots no trade falls into stay missing, as
+    no_trade_in_slot. Resumable: a rerun continues where a stopped one ended.
     """
+    from crypto_client import history_command
     from crypto_client.domain import parse_ticker
     from crypto_client.ingestion.backfill import BackfillReport
     from crypto_client.ingestion.runtime import open_runtime
@@ -301,6 +310,20 @@ def backfill(
         raise typer.Exit(2) from None
     _require([database_need(settings)])
     _require_data_origin(settings)
+
+    if since is None and until is not None:
+        typer.echo("crypto-client: --until needs --since", err=True)
+        raise typer.Exit(2)
+    if since is not None:
+        if from_ts is not None or to_ts is not None:
+            typer.echo("crypto-client: --since/--until and --from-ts/--to-ts exclude each other", err=True)
+            raise typer.Exit(2)
+        first = history_command.parse_day("--since", since)
+        last = None if until is None else history_command.parse_day("--until", until)
+        if last is not None and last < first:
+            typer.echo("crypto-client: --until is before --since", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(history_command.run(settings, tickers, first, last, dry_run))
 
     async def run() -> list[BackfillReport]:
         async with open_runtime(settings) as runtime:

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     # Deribit refuses a 33rd connection per IP: the budget of every process sharing the broker.
     deribit_max_connections: int = Field(default=24, ge=1, le=32)
 
+    # Deribit's trade history since the platform started (the main host keeps one day).
+    deribit_history_url: str = "https://history.deribit.com/api/v2"
+    # Trade back-fill and settlement requests started per second (Deribit's public budget is
+    # about 20 a second per IP, shared by every process of the host).
+    deribit_history_requests_per_second: float = Field(default=10.0, gt=0, le=20)
+
     deribit_ws_url: str = "wss://www.deribit.com/ws/api/v2"
     stream_enabled: bool = False
     stream_stall_seconds: float = Field(default=30.0, ge=1, le=3600)
@@ -198,7 +204,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a ws:// or wss:// URL")
         return value
 
-    @field_validator("deribit_rpc_url")
+    @field_validator("deribit_rpc_url", "deribit_history_url")
     @classmethod
     def _check_rpc_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):

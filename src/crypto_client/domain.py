@@ -64,8 +64,9 @@ def plain_decimal(value: Decimal) -> str:
 
 
 # Where a stored price came from: a poll of get_index_price, Deribit's own history
-# (get_index_chart_data, back-filled later), or the WebSocket stream.
-Source = Literal["poll", "backfill", "stream"]
+# (get_index_chart_data, back-filled later), the WebSocket stream, or the `index_price` of
+# the first trade in the slot (back-filled from the trade history).
+Source = Literal["poll", "backfill", "stream", "trade"]
 SOURCES: tuple[Source, ...] = get_args(Source)
 
 # Why a slot of a tracked ticker has no row. All but `no_tick_ran` are recorded in the ledger
@@ -83,6 +84,8 @@ GapReason = Literal[
     # The back-fill got no usable history around the slot yet (an empty answer, one that
     # does not reach the slot, a hole in it): the automatic repair tries again, backing off.
     "history_unavailable",
+    # The trade back-fill looked: Deribit has no trade of the index in the slot.
+    "no_trade_in_slot",
     "no_tick_ran",
 ]
 

@@ -29,6 +29,7 @@ from crypto_client.api.limits import ConcurrencyCap
 from crypto_client.api.live import PriceFeed
 from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
 from crypto_client.api.routes import repeatable_router, router
+from crypto_client.api.settlements import router as settlements_router
 from crypto_client.config import Settings, get_settings, load_settings
 from crypto_client.db.engine import (
     DatabaseUnavailableError,
@@ -197,6 +198,7 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     app.state.export_cap = ConcurrencyCap("exports", settings.api_max_exports, "API_MAX_EXPORTS")
     app.include_router(router)
     app.include_router(repeatable_router)
+    app.include_router(settlements_router)
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -1,5 +1,6 @@
 """What the API accepts and answers, as the OpenAPI document describes it."""
 
+from datetime import date
 from decimal import Decimal
 from typing import Annotated, Literal, Self
 
@@ -61,6 +62,26 @@ class PageQuery(TickerQuery):
     limit: Limit = 1000
     offset: Annotated[int, Field(ge=0, le=MAX_OFFSET, description="Rows to skip (prefer cursor).")] = 0
     cursor: Cursor = None
+
+
+class SettlementQuery(TickerQuery):
+    from_: date | None = Field(default=None, alias="from", description="First day, YYYY-MM-DD (UTC).")
+    to: date | None = Field(default=None, description="Last day, YYYY-MM-DD (UTC), inclusive.")
+    limit: Limit = 1000
+    cursor: Cursor = None
+
+    @model_validator(mode="after")
+    def _check_days(self) -> Self:
+        if self.from_ is not None and self.to is not None and self.from_ > self.to:
+            raise ValueError(f"from ({self.from_}) must not be after to ({self.to})")
+        return self
+
+
+class SettlementOut(BaseModel):
+    """A daily settlement (delivery) price as Deribit publishes it: not an index observation."""
+
+    date: date
+    delivery_price: ExactPrice
 
 
 class TimeBoundsQuery(TickerQuery):
@@ -145,7 +166,8 @@ class PriceOut(BaseModel):
     ts: Timestamp
     source: Source = Field(
         description="poll: observed by get_index_price; backfill: from Deribit's history, "
-        "possibly coarser; stream: from the WebSocket stream."
+        "possibly coarser; stream: from the WebSocket stream; trade: the index_price of the "
+        "first trade in the slot (from Deribit's trade history)."
     )
 
 

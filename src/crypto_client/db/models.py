@@ -1,11 +1,13 @@
 """The schema: price observations, the tickers being tracked, and the ledger of missing slots."""
 
+import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     Dialect,
     Index,
     Integer,
@@ -208,3 +210,28 @@ class DataOriginRecord(Base):
             sqlite_where=text("NOT by_override"),
         ),
     )
+
+
+class TradeBackfillDay(Base):
+    """A UTC day whose missing slots the trade back-fill has settled (filled, or recorded as
+    `no_trade_in_slot`) at one slot interval: its checkpoint (revision 0009). A rerun skips
+    these days instead of asking Deribit again."""
+
+    __tablename__ = "trade_backfill_days"
+
+    ticker: Mapped[str] = mapped_column(String(TICKER_MAX_LENGTH), primary_key=True)
+    interval_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day_ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    filled: Mapped[int] = mapped_column(Integer, nullable=False)
+    no_trade: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class SettlementPrice(Base):
+    """Deribit's daily delivery price of an index, exactly as published (revision 0009). A
+    settlement value, not an observation of the index: it never goes into `price_ticks`."""
+
+    __tablename__ = "settlement_prices"
+
+    ticker: Mapped[str] = mapped_column(String(TICKER_MAX_LENGTH), primary_key=True)
+    date: Mapped[datetime.date] = mapped_column(Date, primary_key=True)
+    delivery_price: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)

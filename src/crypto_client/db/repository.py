@@ -120,6 +120,11 @@ class PriceReader:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
 
+    @property
+    def connection(self) -> AsyncConnection:
+        """The read connection, for readers of other tables (settlement prices)."""
+        return self._connection
+
     async def ping(self) -> None:
         """Fails unless this connection can read `price_ticks` (reachable, migrated, allowed)."""
         await self._connection.execute(_PING)
@@ -473,6 +478,11 @@ class PriceWriter:
             return
         await OriginRegistry(self._connection).check_declared(claim=claim)
         self._origin_checked.add(claim)
+
+    @property
+    def connection(self) -> AsyncConnection:
+        """The transaction's connection, for what other tables record along with the rows."""
+        return self._connection
 
     async def insert_many(self, prices: Sequence[NewPrice]) -> list[tuple[str, int]]:
         """Insert `prices`, skipping any whose `(ticker, ts)` or `(ticker, slot_ts)` is taken.

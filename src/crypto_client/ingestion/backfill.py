@@ -288,7 +288,9 @@ def _unfilled(
     elif earlier is not None and earlier.reason != "not_repairable":
         cause = f"{earlier.reason}: {earlier.detail}"
     if reason == "not_repairable":
-        return SlotFailure(ticker, slot, reason, f"{cause}; {finding}" if cause else finding)
+        # Deribit has no record of the slot: the trades' verdict stands.
+        kept = "no_trade_in_slot" if earlier is not None and earlier.reason == "no_trade_in_slot" else reason
+        return SlotFailure(ticker, slot, kept, f"{cause}; {finding}" if cause else finding)
     attempts = (_retry(earlier)[0] if earlier is not None and earlier.reason == reason else 0) + 1
     retry_at = rules.retry_at(attempts)
     then = "not retried automatically" if retry_at is None else f"retried after {_iso(math.ceil(retry_at))}"

@@ -11,6 +11,7 @@ from crypto_client.config import Settings
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
 from crypto_client.ingestion.runtime import StreamHealth, open_runtime
+from crypto_client.ingestion.settlements import SETTLEMENTS_INTERVAL_SECONDS
 from crypto_client.ingestion.tick import WRITING, TickSummary
 
 log = structlog.get_logger(__name__)
@@ -83,8 +84,9 @@ def _deribit_unreachable(summary: TickSummary) -> bool:
 async def embedded_ingestion(
     settings: Settings, stream_health: StreamHealth | None = None
 ) -> AsyncIterator[IntervalScheduler]:
-    """Ingest every interval, repair recent gaps every `BACKFILL_INTERVAL_SECONDS` and keep
-    the storage (partitions, `RETENTION_DAYS`) every hour, until the context exits (the
+    """Ingest every interval, repair recent gaps every `BACKFILL_INTERVAL_SECONDS`, keep
+    the storage (partitions, `RETENTION_DAYS`) every hour and the settlement prices every
+    day (at start and each UTC midnight), until the context exits (the
     database must be migrated). With `STREAM_ENABLED` the stream consumer runs too, its
     state in `stream_health`."""
     async with open_runtime(settings) as runtime:
@@ -117,6 +119,11 @@ async def embedded_ingestion(
             return await runtime.maintain_storage()
 
         schedulers.append(IntervalScheduler(MAINTENANCE_INTERVAL_SECONDS, maintain))
+
+        async def settle(_slot: int) -> object:
+            return await runtime.update_settlements()
+
+        schedulers.append(IntervalScheduler(SETTLEMENTS_INTERVAL_SECONDS, settle))
         for each in schedulers:
             each.start()
         stream = (

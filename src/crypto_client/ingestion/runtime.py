@@ -18,9 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client import metrics
 from crypto_client.clients.deribit.budget import SharedConnectionBudget
+from crypto_client.clients.deribit.history import HistoryClient, RequestPacer
 from crypto_client.clients.deribit.http import MAX_BACKOFF_SECONDS, DeribitHttpClient
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import HistorySource, PriceSource
+from crypto_client.clients.trade_source import TradeHistorySource
 from crypto_client.config import Settings
 from crypto_client.db.engine import create_engine, describe_database, is_database_unavailable
 from crypto_client.db.origins import (
@@ -34,8 +36,10 @@ from crypto_client.domain import SlotFailure
 from crypto_client.ingestion.backfill import BackfillReport, backfill
 from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.maintenance import MaintenanceReport, maintain_storage
+from crypto_client.ingestion.settlements import SettlementReport, update_settlements
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary, ingest_tick
+from crypto_client.ingestion.trade_backfill import ProgressCallback, TradeBackfillReport, trade_backfill
 from crypto_client.origin import is_deribit_host, origin_of
 
 log = structlog.get_logger(__name__)
@@ -140,15 +144,15 @@ def shared_budget(settings: Settings, deribit_url: str) -> SharedConnectionBudge
     return SharedConnectionBudget(url, deribit_url, settings.deribit_max_connections)
 
 
-def deribit_http_client(settings: Settings) -> DeribitHttpClient:
+def deribit_http_client(settings: Settings, base_url: str | None = None) -> DeribitHttpClient:
     return DeribitHttpClient(
-        settings.deribit_rpc_url,
+        base_url or settings.deribit_rpc_url,
         timeout=settings.deribit_timeout_seconds,
         max_retries=settings.deribit_max_retries,
         backoff_seconds=settings.deribit_retry_backoff_seconds,
         max_concurrency=settings.deribit_max_concurrency,
         max_connections=settings.deribit_max_connections,
-        budget=shared_budget(settings, settings.deribit_rpc_url),
+        budget=shared_budget(settings, base_url or settings.deribit_rpc_url),
     )
 
 
@@ -164,6 +168,8 @@ class IngestionRuntime:
     unrecorded: list[SlotFailure] = field(default_factory=list)
     # Held while the automatic repair runs: one at a time per process.
     repairing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Deribit's trades and delivery prices (None: a runtime that only ingests).
+    trades: TradeHistorySource | None = None
 
     def __post_init__(self) -> None:
         metrics.set_tickers(self.settings.tickers)
@@ -275,14 +281,52 @@ class IngestionRuntime:
             interval_seconds=self.settings.ingest_interval_seconds,
         )
 
+    async def trade_backfill(
+        self,
+        tickers: tuple[str, ...] | None = None,
+        *,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        extend_tracking: bool = False,
+        dry_run: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> list[TradeBackfillReport]:
+        if self.trades is None:
+            raise RuntimeError("this runtime was opened without Deribit's trade history")
+        return await trade_backfill(
+            self.engine,
+            self.trades,
+            tickers or self.settings.tickers,
+            interval_seconds=self.settings.ingest_interval_seconds,
+            from_ts=from_ts,
+            to_ts=to_ts,
+            extend_tracking=extend_tracking,
+            dry_run=dry_run,
+            progress=progress,
+        )
+
+    async def update_settlements(self) -> list[SettlementReport]:
+        """The daily settlements job: Deribit's delivery prices of every configured ticker."""
+        if self.trades is None:
+            raise RuntimeError("this runtime was opened without Deribit's history methods")
+        return await update_settlements(self.engine, self.trades, self.settings.tickers)
+
     async def repair_recent(self) -> list[BackfillReport] | None:
-        """The automatic repair: the recent gaps of every configured ticker. None when the
-        previous repair of this process still runs (two would fetch the same history)."""
+        """The automatic repair: the recent gaps of every configured ticker, from the chart,
+        then what the chart cannot fill at the slot's resolution from the first trade in it.
+        None when the previous repair of this process still runs (two would fetch the same
+        history)."""
         if self.repairing.locked():
             log.info("repair still running, skipping this run")
             return None
         async with self.repairing:
-            return await self.backfill(from_ts=int(time.time()) - RECENT_REPAIR_SECONDS, automatic=True)
+            since = int(time.time()) - RECENT_REPAIR_SECONDS
+            reports = await self.backfill(from_ts=since, automatic=True)
+            if self.trades is not None:
+                # Like the chart repair, it leaves the slots whose writes may still be pending.
+                until = int(time.time() - pending_write_seconds(self.settings))
+                await self.trade_backfill(from_ts=since, to_ts=until)
+            return reports
 
 
 @asynccontextmanager
@@ -291,9 +335,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[IngestionRuntime]:
     engine = create_engine(settings.database_url_value, pool_size=WRITE_POOL_SIZE)
     source = deribit_http_client(settings)
     origin = WriterOrigin(source, "DERIBIT_RPC_URL", settings.allow_origin_change)
+    history_host = deribit_http_client(settings, settings.deribit_history_url)
+    trades = HistoryClient(source, history_host, RequestPacer(settings.deribit_history_requests_per_second))
     try:
-        yield IngestionRuntime(settings, declare_origin(engine, origin), source, source)
+        yield IngestionRuntime(settings, declare_origin(engine, origin), source, source, trades=trades)
     finally:
+        await history_host.aclose()
         await source.aclose()
         await engine.dispose()
 

@@ -23,6 +23,7 @@ from crypto_client import __version__, exact_json
 from crypto_client.origin import SIMULATOR_HEADER
 from crypto_client.sim.connections import ConnectionCount
 from crypto_client.sim.faults import BAD_CHART_POINTS, ChartFault, FaultKind, FaultPlan, Faults
+from crypto_client.sim.history import JsonRpcParamsError, TradeHistory
 from crypto_client.sim.prices import PriceWalk
 from crypto_client.sim.served import ServedLog
 from crypto_client.sim.stream import ConnectionRecord, serve_stream
@@ -83,6 +84,7 @@ class _DroppedResponse(Response):
 class Simulator:
     def __init__(self, seed: int = 0, faults: Faults | None = None, chart_step_scale: float = 1.0) -> None:
         self.walk = PriceWalk(seed)
+        self.history = TradeHistory(self.walk, seed, time.time_ns() // 1_000_000)
         self.chart_step_scale = chart_step_scale
         # What get_index_price served, per index: (time ms, price), oldest first.
         self.served: dict[str, deque[tuple[int, Decimal | orjson.Fragment]]] = {}
@@ -107,6 +109,20 @@ class Simulator:
             "public/get_time": lambda _params: time.time_ns() // 1_000_000,
             "public/get_index_chart_data": self._get_index_chart_data,
             "public/test": lambda _params: {"version": "1.2.26"},
+            "public/get_instruments": self.history.get_instruments,
+            "public/get_last_trades_by_instrument_and_time": lambda params: self.history.get_trades(
+                params, now_ms=time.time_ns() // 1_000_000, history_host=False
+            ),
+            "public/get_delivery_prices": lambda params: self.history.get_delivery_prices(
+                params, now_ms=time.time_ns() // 1_000_000
+            ),
+        }
+        # The history host: the same methods, with every trade since the start.
+        self._history_methods = {
+            **self._methods,
+            "public/get_last_trades_by_instrument_and_time": lambda params: self.history.get_trades(
+                params, now_ms=time.time_ns() // 1_000_000, history_host=True
+            ),
         }
 
     def _get_index_price(self, params: Mapping[str, Any]) -> dict[str, Decimal | orjson.Fragment]:
@@ -199,6 +215,8 @@ class Simulator:
         params: Mapping[str, Any],
         request_id: object = None,
         client_left: Callable[[], Awaitable[bool]] | None = None,
+        *,
+        history_host: bool = False,
     ) -> Response:
         index = params.get("index_name") if isinstance(params.get("index_name"), str) else None
         self.requests[index or method] += 1
@@ -221,7 +239,7 @@ class Simulator:
             if fault is not None:
                 log.info("sim injecting fault", fault=str(fault), method=method, index=index)
                 return self._fault_response(fault, index, request_id)
-            return self._rpc_response(method, params, request_id, index)
+            return self._rpc_response(method, params, request_id, index, history_host=history_host)
         finally:
             self.in_flight -= 1
             self.method_in_flight[method] -= 1
@@ -247,14 +265,25 @@ class Simulator:
         return await self.answer(payload["method"], params, payload.get("id"), client_left)
 
     def _rpc_response(
-        self, method: str, params: Mapping[str, Any], request_id: object, index: str | None = None
+        self,
+        method: str,
+        params: Mapping[str, Any],
+        request_id: object,
+        index: str | None = None,
+        *,
+        history_host: bool = False,
     ) -> Response:
         us_in = self._clock_us(index)
-        handler = self._methods.get(method)
+        handler = (self._history_methods if history_host else self._methods).get(method)
         try:
             if handler is None:
                 raise JsonRpcError(-32601, "Method not found")
-            result = handler(params)
+            try:
+                result = handler(params)
+            except JsonRpcParamsError as bad:
+                raise JsonRpcError(
+                    -32602, "Invalid params", data={"param": bad.param, "reason": bad.reason}
+                ) from None
             response = self._envelope({"result": result}, us_in, request_id, index=index)
             if method == "public/get_index_price":
                 self.record.add(
@@ -378,6 +407,12 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
         method = "public/" + request.path_params["method"]
         return await sim.answer(method, dict(request.query_params), client_left=request.is_disconnected)
 
+    async def history_get(request: Request) -> Response:
+        method = "public/" + request.path_params["method"]
+        return await sim.answer(
+            method, dict(request.query_params), client_left=request.is_disconnected, history_host=True
+        )
+
     async def rpc_post(request: Request) -> Response:
         return await sim.answer_post(await request.body(), request.is_disconnected)
 
@@ -443,6 +478,8 @@ def create_sim_app(simulator: Simulator | None = None) -> Starlette:
         WebSocketRoute("/ws/api/v2", stream),
         Route("/api/v2", rpc_post, methods=["POST"]),
         Route("/api/v2/public/{method:str}", rpc_get, methods=["GET"]),
+        # Deribit's history host, https://history.deribit.com/api/v2, on a base path of its own.
+        Route("/history/api/v2/public/{method:str}", history_get, methods=["GET"]),
         Route("/_sim/faults", admin_faults, methods=["GET", "PUT", "POST", "DELETE"]),
         Route("/_sim/prices", admin_prices, methods=["PUT", "DELETE"]),
         Route("/_sim/stats", admin_stats, methods=["GET", "DELETE"]),

@@ -18,11 +18,13 @@ from crypto_client import metrics
 from crypto_client.config import Settings, get_settings
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
+from crypto_client.ingestion.settlements import SETTLEMENTS_INTERVAL_SECONDS
 from crypto_client.logging import setup_logging
 
 INGEST_TASK = "crypto_client.ingest_tick"
 BACKFILL_TASK = "crypto_client.repair_recent"
 MAINTENANCE_TASK = "crypto_client.maintain_storage"
+SETTLEMENTS_TASK = "crypto_client.update_settlements"
 SLOT_HEADER = "slot_ts"
 # A running tick refreshes its Redis claim every CLAIM_REFRESH_SECONDS; a claim not refreshed
 # for CLAIM_TTL_SECONDS belongs to a dead worker and may be taken over.
@@ -124,6 +126,11 @@ celery_app.conf.update(
             "task": MAINTENANCE_TASK,
             "schedule": SlotSchedule(MAINTENANCE_INTERVAL_SECONDS),
             "options": {"expires": MAINTENANCE_INTERVAL_SECONDS},
+        },
+        "update-settlements": {
+            "task": SETTLEMENTS_TASK,
+            "schedule": SlotSchedule(SETTLEMENTS_INTERVAL_SECONDS),
+            "options": {"expires": SETTLEMENTS_INTERVAL_SECONDS},
         },
     },
 )

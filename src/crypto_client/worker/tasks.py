@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
 from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
+from crypto_client.ingestion.settlements import SETTLEMENTS_INTERVAL_SECONDS
 from crypto_client.ingestion.tick import TickSummary
 from crypto_client.worker.celery_app import (
     BACKFILL_TASK,
@@ -29,6 +30,7 @@ from crypto_client.worker.celery_app import (
     CLAIM_TTL_SECONDS,
     INGEST_TASK,
     MAINTENANCE_TASK,
+    SETTLEMENTS_TASK,
     SLOT_HEADER,
     celery_app,
     settings,
@@ -129,6 +131,21 @@ def maintain_storage_task(self: Task[[], dict[str, int] | None]) -> dict[str, in
 
     lock = _Lock("crypto-client:maintain-storage", MAINTENANCE_INTERVAL_SECONDS)
     return _run_locked(runtime, lock, str(self.request.id), maintain)
+
+
+@celery_app.task(name=SETTLEMENTS_TASK, bind=True)
+def update_settlements_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
+    runtime = _process_runtime()
+
+    async def settle() -> dict[str, int]:
+        reports = await runtime.ingestion.update_settlements()
+        return {
+            "stored": sum(report.stored for report in reports),
+            "failed_tickers": sum(1 for report in reports if report.error is not None),
+        }
+
+    lock = _Lock("crypto-client:update-settlements", SETTLEMENTS_INTERVAL_SECONDS)
+    return _run_locked(runtime, lock, str(self.request.id), settle)
 
 
 @dataclass(frozen=True)

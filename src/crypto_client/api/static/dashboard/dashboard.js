@@ -144,6 +144,11 @@
     return rawLine() ? ts : ts - (ts % bucketSeconds());
   }
 
+  // Rows not polled live: from Deribit's chart history or from the first trade in the slot.
+  function isBackfilled(source) {
+    return source === "backfill" || source === "trade";
+  }
+
   function linePoint(ts, price, backfilled) {
     return backfilled ? { time: ts, value: price, color: color("--backfilled") } : { time: ts, value: price };
   }
@@ -165,7 +170,7 @@
     const name = encodeURIComponent(ticker);
     if (rawLine()) {
       const rows = await getPages(`/prices/range?ticker=${name}${bounds}&limit=10000`);
-      return rows.map((row) => linePoint(row.ts, row.price, row.source === "backfill"));
+      return rows.map((row) => linePoint(row.ts, row.price, isBackfilled(row.source)));
     }
     const candles = await getPages(`/prices/candles?ticker=${name}&interval=${candleInterval()}${bounds}&limit=10000`);
     if (state.mode === "line") {
@@ -315,7 +320,7 @@
     const time = bucketOf(row.ts);
     const last = state.points[state.points.length - 1];
     if (last && time < last.time) return; // an older row (back-fill): shown on the next load
-    const backfilled = row.source === "backfill";
+    const backfilled = isBackfilled(row.source);
     let point;
     if (state.mode === "line") {
       point = linePoint(time, row.price, backfilled);
