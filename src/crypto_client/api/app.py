@@ -23,7 +23,6 @@ from starlette.responses import JSONResponse
 
 from crypto_client import __version__, metrics
 from crypto_client.api.cache import LatestPriceCache
-from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.errors import UnknownTickerError, unknown_ticker_response
 from crypto_client.api.live import PriceFeed
 from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
@@ -36,6 +35,7 @@ from crypto_client.db.engine import (
     is_database_unavailable,
     is_query_timeout,
 )
+from crypto_client.db.reader import ReadDatabase
 from crypto_client.logging import setup_logging
 
 log = structlog.get_logger(__name__)

@@ -41,7 +41,8 @@ from crypto_client.api.schemas import (
 from crypto_client.config import Settings
 from crypto_client.coverage import measure
 from crypto_client.db.engine import is_database_unavailable
-from crypto_client.db.repository import CSV_HEADER, PriceReader
+from crypto_client.db.pages import CSV_HEADER
+from crypto_client.db.reader import PriceReader
 from crypto_client.domain import MAX_TS, PriceRow
 
 log = structlog.get_logger(__name__)
