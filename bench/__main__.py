@@ -36,7 +36,7 @@ from bench.stream import stream_scenarios
 from crypto_client.api.pagination import encode_cursor
 from crypto_client.config import Settings
 from crypto_client.db import migrations
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
 from crypto_client.sim.prices import INDEXES, SYNTHETIC_INDEXES

@@ -24,7 +24,7 @@ import asyncpg
 
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import write_transaction
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database, drop_pg_database, plain_dsn
 

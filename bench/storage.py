@@ -13,7 +13,8 @@ import asyncpg
 from bench.load import Load, load
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PartitionAdmin, write_transaction
+from crypto_client.db.partitions import PartitionAdmin
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
 from crypto_client.ingestion.maintenance import month_partition, when_the_table_allows
 from tests.support.databases import plain_dsn

@@ -8,9 +8,22 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.db.repository import PriceWriter
+from crypto_client.api.schemas import (
+    CandleOut,
+    CoverageOut,
+    ErrorOut,
+    HealthOut,
+    LatestOut,
+    PriceOut,
+    ReadinessOut,
+    SnapshotOut,
+    TickerOut,
+    ValidationErrorOut,
+)
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from tests.conftest import api_client, make_settings
 
@@ -255,3 +268,41 @@ async def test_no_cors_headers_unless_configured(api: httpx.AsyncClient, db_url:
         other = await client.get("/health", headers={"Origin": "https://evil.example"})
     assert allowed.headers["access-control-allow-origin"] == "https://dashboard.example"
     assert "access-control-allow-origin" not in other.headers
+
+
+async def test_bodies_agree_with_their_response_models(api: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    """The routes build their JSON bodies by hand (exact decimals, no model round trip): each
+    must have its OpenAPI model's fields, no others, and valid values."""
+    await store(engine, "btc_usd", (100, "1.5"), (160, "2.25"), (4000, "3"))
+    one_of_each: list[tuple[str, dict[str, Any], type[BaseModel]]] = [
+        ("/prices", {"ticker": "btc_usd"}, PriceOut),
+        ("/prices/range", {"ticker": "btc_usd", "from_ts": 0, "to_ts": 200}, PriceOut),
+        ("/prices/latest", {"ticker": "btc_usd"}, LatestOut),
+        ("/prices/at", {"ticker": "btc_usd", "ts": 150}, LatestOut),
+        ("/prices/snapshot", {"ticker": ["btc_usd", "eth_usd"]}, SnapshotOut),
+        ("/prices/candles", {"ticker": "btc_usd", "interval": "1m"}, CandleOut),
+        ("/coverage", {"ticker": "btc_usd"}, CoverageOut),
+        ("/tickers", {}, TickerOut),
+        ("/health", {}, HealthOut),
+        ("/livez", {}, HealthOut),
+        ("/readyz", {}, ReadinessOut),  # 503: no fresh price, the same model
+        ("/prices/latest", {"ticker": "eth_usd"}, ErrorOut),
+        ("/prices/at", {"ticker": "btc_usd", "ts": 50}, ErrorOut),
+        ("/prices/at", {"ticker": "btc_usd", "ts": 150, "max_age_seconds": 10}, ErrorOut),
+        ("/prices", {"ticker": "nope_usd"}, ErrorOut),
+        ("/prices", {"ticker": "btc_usd", "limit": 0}, ValidationErrorOut),
+    ]
+    paths = (await api.get("/openapi.json")).json()["paths"]
+    for path, params, model in one_of_each:
+        response = await api.get(path, params=params)
+        schema = paths[path]["get"]["responses"][str(response.status_code)]["content"]["application/json"]
+        documented = schema["schema"].get("items", schema["schema"])["$ref"].rsplit("/", 1)[-1]
+        assert documented == model.__name__, (path, response.status_code)
+        body = response.json()
+        items = body if isinstance(body, list) else [body]
+        assert items, (path, params)
+        for item in items:
+            assert set(item) <= set(model.model_fields), (path, response.status_code, item)
+            required = {name for name, field in model.model_fields.items() if field.is_required()}
+            assert required <= set(item), (path, response.status_code, item)
+            model.model_validate(item)

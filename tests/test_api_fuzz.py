@@ -16,7 +16,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.core.result import Ok
 
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer

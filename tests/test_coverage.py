@@ -18,7 +18,8 @@ from structlog.testing import capture_logs
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.config import Settings
 from crypto_client.coverage import explain
-from crypto_client.db.repository import PriceWriter, SlotSpan
+from crypto_client.db.ledger import SlotSpan
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, SlotFailure, current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime, pending_write_seconds
 from tests.conftest import api_client, ingestion_settings, make_settings

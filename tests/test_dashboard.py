@@ -15,7 +15,7 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.db.repository import write_transaction
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice, Source
 from tests.support.services import ApiServer, free_port, unavailable
 from tests.support.waiting import wait_until

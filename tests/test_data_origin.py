@@ -21,7 +21,7 @@ from starlette.routing import Route
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.origins import StoredOrigins, WriterOrigin, declare_origin, stored_origins
-from crypto_client.db.repository import write_transaction
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
 from crypto_client.origin import SIMULATOR_HEADER, origin_of
 from tests.support.databases import create_pg_database, drop_pg_database

@@ -126,7 +126,7 @@ async def test_api_docs_are_served_without_a_network(db_url: str) -> None:
 async def test_the_readme_paging_snippet_walks_every_page(engine: Any, db_url: str) -> None:
     from decimal import Decimal
 
-    from crypto_client.db.repository import PriceWriter
+    from crypto_client.db.writer import PriceWriter
     from crypto_client.domain import NewPrice
 
     async with engine.begin() as connection:

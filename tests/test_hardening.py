@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from crypto_client.logging import setup_logging
 from tests.conftest import api_client, make_settings

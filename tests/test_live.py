@@ -18,7 +18,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.changes import stored_signal
-from crypto_client.db.repository import PriceWriter, write_transaction
+from crypto_client.db.writer import PriceWriter, write_transaction
 from crypto_client.domain import NewPrice
 from tests.support.services import ApiServer
 from tests.support.waiting import wait_until, wait_until_async
@@ -222,7 +222,7 @@ async def test_writes_of_another_process_wake_listeners_through_postgres(postgre
 async def test_writers_commit_in_seq_order_on_postgres(postgresql_url: str) -> None:
     """A transaction that took a smaller seq commits first: the next writer waits for it."""
     from crypto_client.db.engine import create_engine
-    from crypto_client.db.repository import PriceReader
+    from crypto_client.db.reader import PriceReader
 
     engine = create_engine(postgresql_url)
     try:

@@ -15,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.models import Base
-from crypto_client.db.repository import PriceReader, PriceWriter
+from crypto_client.db.reader import PriceReader
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database, drop_pg_database
 
@@ -169,7 +170,7 @@ async def test_the_candle_roll_up_is_built_from_existing_rows(backend: str, tmp_
                 reader = PriceReader(connection)
                 for size in (3600, 4 * 3600, 86_400):
                     rolled = await reader.candles("btc_usd", size, 0, 0, 500 * 601)
-                    from_rows = await reader._row_candles("btc_usd", size, 0, 0, 500 * 601)
+                    from_rows = await reader.candles_from_rows("btc_usd", size, 0, 0, 500 * 601)
                     assert rolled == from_rows
                     assert sum(candle.rows for candle in rolled) == 500
         finally:

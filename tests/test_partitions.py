@@ -12,9 +12,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.db import migrations, repository
+from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceWriter, write_transaction
+from crypto_client.db.pages import page_statement
+from crypto_client.db.writer import PriceWriter, write_transaction
 from crypto_client.domain import NewPrice
 from crypto_client.ingestion import maintenance
 from crypto_client.ingestion.maintenance import maintain_storage, month_partition
@@ -130,7 +131,7 @@ async def test_retention_drops_whole_expired_months_and_deletes_the_rest(convert
 
 async def test_a_range_query_touches_only_its_month(converted: AsyncEngine) -> None:
     await maintain_storage(converted, retention_days=None, interval_seconds=60, now=YEAR_2030)
-    statement = repository._PAGE_JSON["postgresql"].statement.params(
+    statement = page_statement("json", "postgresql").params(
         ticker="btc_usd", limit=100, lower=YEAR_2030 + DAY, upper=YEAR_2030 + 2 * DAY, offset=0
     )
     sql = str(statement.compile(dialect=converted.dialect, compile_kwargs={"literal_binds": True}))

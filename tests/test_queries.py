@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.schemas import CANDLE_SECONDS, WEEK_ORIGIN
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, Source
 from tests.conftest import api_client, empty_database, make_settings
 from tests.support.databases import plain_dsn

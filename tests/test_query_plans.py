@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.db import repository
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.pages import page_statement
+from crypto_client.db.prices import PriceReads
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 
 MAX = 2**62
@@ -37,12 +38,12 @@ async def filled(postgresql_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.mark.parametrize(
     ("statement", "parameters"),
     [
-        (repository._LATEST, {"not_after": MAX}),
-        (repository._PAGE_JSON["postgresql"].statement, {"lower": -MAX, "upper": MAX, "offset": 0}),
-        (repository._PAGE_JSON["postgresql"].statement, {"lower": 900_000, "upper": MAX, "offset": 0}),
-        (repository._PAGE_JSON["postgresql"].statement, {"lower": 600_000, "upper": 686_399, "offset": 0}),
-        (repository._AT, {"ts": 650_000}),
-        (repository._EXPORT["csv"]["postgresql"].statement, {"lower": 900_000, "upper": MAX, "offset": 0}),
+        (PriceReads.LATEST, {"not_after": MAX}),
+        (page_statement("json", "postgresql"), {"lower": -MAX, "upper": MAX, "offset": 0}),
+        (page_statement("json", "postgresql"), {"lower": 900_000, "upper": MAX, "offset": 0}),
+        (page_statement("json", "postgresql"), {"lower": 600_000, "upper": 686_399, "offset": 0}),
+        (PriceReads.AT, {"ts": 650_000}),
+        (page_statement("csv", "postgresql"), {"lower": 900_000, "upper": MAX, "offset": 0}),
     ],
     ids=["latest", "first page", "deep cursor page", "one-day range", "as-of", "export batch"],
 )

@@ -16,7 +16,7 @@ from httpx_sse import aconnect_sse
 from sqlalchemy.engine import make_url
 
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import write_transaction
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database, plain_dsn
 from tests.support.services import ApiServer, ThrowawayPostgres

@@ -4,7 +4,8 @@ from decimal import Decimal
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.db.repository import PriceReader, PriceWriter
+from crypto_client.db.reader import PriceReader
+from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, PriceRow
 
 

@@ -9,7 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.coverage import measure
-from crypto_client.db.repository import PriceReader, write_transaction
+from crypto_client.db.reader import PriceReader
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice, SlotFailure
 from crypto_client.ingestion.maintenance import maintain_storage, retention_cutoff
 
@@ -80,7 +81,7 @@ async def test_retention_removes_exactly_the_expired_rows_and_what_describes_the
         reader = PriceReader(connection)
         # The roll-up still equals the rows it describes.
         rolled = await reader.candles("btc_usd", DAY, 0, 0, NOW)
-        assert rolled == await reader._row_candles("btc_usd", DAY, 0, 0, NOW)
+        assert rolled == await reader.candles_from_rows("btc_usd", DAY, 0, 0, NOW)
         assert rolled[0].ts == cutoff - cutoff % DAY
         # Removed slots are not gaps: coverage starts at the bound and is complete.
         coverage = await measure(reader, "btc_usd", 60, now=NOW - 60, limit=10)

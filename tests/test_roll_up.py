@@ -20,8 +20,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.api.schemas import WEEK_ORIGIN
+from crypto_client.db.candles import Candle
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import Candle, PartitionAdmin, PriceReader, write_transaction
+from crypto_client.db.partitions import PartitionAdmin
+from crypto_client.db.reader import PriceReader
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice, Source
 from crypto_client.ingestion.maintenance import month_partition, when_the_table_allows
 from tests.conftest import empty_database
@@ -214,7 +217,7 @@ async def test_high_and_low_are_exact_for_twenty_digit_prices(engine: AsyncEngin
     await raw.executemany(_INSERT, [(3600 + n, price, "poll") for n, price in enumerate(NEAR)])
     async with engine.connect() as connection:
         reader = PriceReader(connection)
-        rows = await reader._row_candles(TICKER, 60, 0, 0, 10_000)
+        rows = await reader.candles_from_rows(TICKER, 60, 0, 0, 10_000)
         hours = await reader.candles(TICKER, 3600, 0, 0, 10_000)
     high, low = max(NEAR), min(NEAR)
     assert [(c.high, c.low) for c in rows] == [(high, low), (high, low)]

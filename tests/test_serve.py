@@ -11,7 +11,7 @@ import pytest
 
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import PriceWriter
+from crypto_client.db.writer import PriceWriter
 from tests.support.services import ApiServer, SimServer
 from tests.support.waiting import wait_until
 

@@ -15,11 +15,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "crypto_client"
 def imported_modules(directory: Path) -> set[str]:
     modules: set[str] = set()
     for path in directory.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                modules.add(node.module)
-            elif isinstance(node, ast.Import):
-                modules.update(alias.name for alias in node.names)
+        modules |= imported_modules_of(path)
+    return modules
+
+
+def imported_modules_of(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
     return modules
 
 
@@ -32,6 +38,68 @@ def test_the_api_imports_nothing_from_ingestion() -> None:
     )
     leaks = {module for module in imported_modules(PACKAGE / "api") if module.startswith(forbidden)}
     assert leaks == set()
+
+
+def test_the_db_layer_imports_nothing_above_it() -> None:
+    above = (
+        "crypto_client.api",
+        "crypto_client.ingestion",
+        "crypto_client.worker",
+        "crypto_client.clients",
+        "crypto_client.coverage",
+        "crypto_client.serve",
+        "crypto_client.cli",
+    )
+    leaks = {module for module in imported_modules(PACKAGE / "db") if module.startswith(above)}
+    assert leaks == set()
+
+
+def test_each_route_module_stands_alone() -> None:
+    """A resource's routes import no other resource's: what they share lives in `api/`."""
+    for path in (PACKAGE / "api" / "routes").glob("*.py"):
+        if path.name != "__init__.py":
+            imports = imported_modules_of(path)
+            assert not any(module.startswith("crypto_client.api.routes") for module in imports), path.name
+
+
+def test_no_import_cycles() -> None:
+    """Module-level imports between the package's modules form no cycle (imports inside
+    functions, which the command line uses to choose when a library loads, are left out)."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: _module_level_imports(path, set(modules)) for name, path in modules.items()}
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(name: str) -> None:
+        visiting.append(name)
+        for imported in sorted(graph[name]):
+            assert imported not in visiting, " -> ".join([*visiting[visiting.index(imported) :], imported])
+            if imported not in done:
+                visit(imported)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        if name not in done:
+            visit(name)
+    assert "crypto_client.api.routes.prices" in graph["crypto_client.api.routes"]  # the walk sees packages
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_level_imports(path: Path, modules: set[str]) -> set[str]:
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in modules else node.module)
+    return found & modules
 
 
 def test_ingestion_depends_on_the_price_source_protocol_not_a_client() -> None:

@@ -25,7 +25,8 @@ from crypto_client.coverage import measure
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.db.models import PriceTick, TrackedTicker, TradeBackfillDay
-from crypto_client.db.repository import PriceReader, write_transaction
+from crypto_client.db.reader import PriceReader
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import DAY_SECONDS, NewPrice, PriceRow
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.sim.history import TradeHistory

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.engine import create_engine
-from crypto_client.db.repository import write_transaction
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
 from tests.conftest import empty_database, postgresql_url
 from tests.support.services import ApiServer

@@ -22,7 +22,7 @@ from crypto_client_sdk import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.db.repository import write_transaction
+from crypto_client.db.writer import write_transaction
 from tests.support.services import ApiServer
 
 pytestmark = pytest.mark.slow

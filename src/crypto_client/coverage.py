@@ -9,7 +9,8 @@ entry is `no_tick_ran`.
 import time
 from dataclasses import dataclass, field
 
-from crypto_client.db.repository import PriceReader, SlotSpan
+from crypto_client.db.ledger import SlotSpan
+from crypto_client.db.reader import PriceReader
 from crypto_client.domain import SOURCES, GapReason, SlotFailure, current_slot
 
 

@@ -1,7 +1,7 @@
 """Where prices come from: the rule that names a source's origin.
 
 A database records the origin of its first write and refuses writers of another origin
-(`db.repository.PriceWriter`), so that made-up prices never mix with real ones. An origin is
+(`db.writer.PriceWriter`), so that made-up prices never mix with real ones. An origin is
 Deribit's host as configured (`www.deribit.com`, `test.deribit.com`, ...) or `simulator`:
 this project's simulator says so itself in a response header, on whatever host and port it
 runs; its URL alone proves nothing.

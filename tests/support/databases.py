@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db import migrations
-from crypto_client.db.repository import PriceReader
+from crypto_client.db.reader import PriceReader
 from crypto_client.domain import PriceRow
 from tests.support.services import IN_CI, ThrowawayPostgres, embedded_pg_bin_dir, unavailable
 

@@ -6,15 +6,12 @@ import gc
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from types import FrameType
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -23,13 +20,12 @@ from starlette.responses import JSONResponse
 
 from crypto_client import __version__, metrics
 from crypto_client.api.cache import LatestPriceCache
-from crypto_client.api.deps import ReadDatabase
-from crypto_client.api.errors import UnknownTickerError, unknown_ticker_response
+from crypto_client.api.errors import NoPriceError, UnknownTickerError, not_found_response
 from crypto_client.api.limits import ConcurrencyCap
 from crypto_client.api.live import PriceFeed
 from crypto_client.api.middleware import CancelOnDisconnect, HeadAsGet, RequestLogMiddleware
-from crypto_client.api.routes import repeatable_router, router
-from crypto_client.api.settlements import router as settlements_router
+from crypto_client.api.routes import router
+from crypto_client.api.routes.pages import STATIC
 from crypto_client.config import Settings, get_settings, load_settings
 from crypto_client.db.engine import (
     DatabaseUnavailableError,
@@ -38,6 +34,7 @@ from crypto_client.db.engine import (
     is_database_unavailable,
     is_query_timeout,
 )
+from crypto_client.db.reader import ReadDatabase
 from crypto_client.logging import setup_logging
 
 log = structlog.get_logger(__name__)
@@ -47,18 +44,6 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[object]]
 # honour Retry-After come back then rather than hammering or giving up.
 RETRY_AFTER_SECONDS = 1
 _RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-
-_STATIC = Path(__file__).parent / "static"
-_DASHBOARD = (_STATIC / "dashboard" / "index.html").read_text()
-# The dashboard loads only its own files, talks only to this API, and is never framed. The
-# one inline style is the vendored chart library's attribution logo, allowed by its hash
-# (tests/test_dashboard.py fails on any CSP violation, so a library upgrade that changes it
-# is caught).
-_CHART_LOGO_STYLE = "'sha256-3pRED1tOXas1FXFoPb9TGCjmYe9XQsmO9OV23khV2nY='"
-DASHBOARD_CSP = (
-    f"default-src 'none'; script-src 'self'; style-src 'self' {_CHART_LOGO_STYLE}; img-src 'self' data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
 
 
 @asynccontextmanager
@@ -197,27 +182,12 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     app.state.stream_cap = ConcurrencyCap("live streams", settings.api_max_streams, "API_MAX_STREAMS")
     app.state.export_cap = ConcurrencyCap("exports", settings.api_max_exports, "API_MAX_EXPORTS")
     app.include_router(router)
-    app.include_router(repeatable_router)
-    app.include_router(settlements_router)
-    app.mount("/static", StaticFiles(directory=_STATIC), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def dashboard() -> HTMLResponse:
-        return HTMLResponse(_DASHBOARD, headers={"Content-Security-Policy": DASHBOARD_CSP})
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title="crypto-client API",
-            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
-            swagger_css_url="/static/swagger-ui/swagger-ui.css",
-            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
-        )
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(UnknownTickerError, unknown_ticker_response)
+    for missing in (UnknownTickerError, NoPriceError):
+        app.add_exception_handler(missing, not_found_response)
     for error in (DBAPIError, PoolTimeoutError, DatabaseUnavailableError, QueryTimeoutError):
         app.add_exception_handler(error, _database_error)
     if app.state.settings.cors_origins:

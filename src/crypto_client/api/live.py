@@ -18,10 +18,9 @@ from typing import Annotated, NamedTuple
 import structlog
 from fastapi import Depends, Request
 
-from crypto_client.api.deps import ReadDatabase
-from crypto_client.db.changes import stored_signal
+from crypto_client.db.changes import StoredRow, stored_signal
 from crypto_client.db.engine import is_database_unavailable, is_query_timeout
-from crypto_client.db.repository import StoredRow
+from crypto_client.db.reader import ReadDatabase
 
 log = structlog.get_logger(__name__)
 

@@ -1,5 +1,6 @@
-"""Wake-ups for live readers when rows are stored: PostgreSQL's LISTEN/NOTIFY across
-processes, and a process-local announcement that also covers SQLite.
+"""Live readers: the rows stored after a `seq`, and the wake-ups when rows are stored
+(PostgreSQL's LISTEN/NOTIFY across processes, and a process-local announcement that also
+covers SQLite).
 
 A wake-up carries nothing: readers then ask the database for the rows after the last `seq`
 they saw, so a lost or repeated wake-up costs latency, never a row.
@@ -7,14 +8,18 @@ they saw, so a lost or repeated wake-up costs latency, never a row.
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import NamedTuple
 
 import structlog
+from sqlalchemy import BigInteger, Integer, bindparam, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from crypto_client.db.engine import async_url
+from crypto_client.db.tables import PRICE_ROW_COLUMNS, price_ticks
+from crypto_client.domain import PriceRow
 
 log = structlog.get_logger(__name__)
 
@@ -22,6 +27,45 @@ CHANNEL = "price_ticks_stored"
 _RELISTEN_SECONDS = 1.0
 
 _local_listeners: set[Callable[[], None]] = set()
+
+
+class StoredRow(NamedTuple):
+    """A row with its place in the order rows were stored (`seq`)."""
+
+    seq: int
+    row: PriceRow
+
+
+class ChangeReads:
+    """Part of `PriceReader`."""
+
+    _connection: AsyncConnection
+
+    _NEWEST_SEQ = select(func.coalesce(func.max(price_ticks.c.seq), 0))
+
+    async def newest_seq(self) -> int:
+        """The `seq` of the row stored last (0 when none has one)."""
+        return int((await self._connection.execute(self._NEWEST_SEQ)).scalar_one())
+
+    _STORED_AFTER = (
+        select(price_ticks.c.seq, *PRICE_ROW_COLUMNS)
+        .where(price_ticks.c.seq > bindparam("seq", type_=BigInteger))
+        .order_by(price_ticks.c.seq)
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+    async def stored_after(self, seq: int, tickers: Sequence[str] | None, *, limit: int) -> list[StoredRow]:
+        """Up to `limit` rows stored after `seq`, of `tickers` (every ticker when None), in
+        the order they were stored."""
+        query = (
+            self._STORED_AFTER
+            if tickers is None
+            else self._STORED_AFTER.where(price_ticks.c.ticker.in_(tickers))
+        )
+        result = await self._connection.execute(query, {"seq": seq, "limit": limit})
+        return [
+            StoredRow(seq, PriceRow(ticker, price, ts, source)) for seq, ticker, price, ts, source in result
+        ]
 
 
 def announce_stored() -> None:

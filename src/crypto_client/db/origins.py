@@ -7,19 +7,20 @@ refused all the same. Engines without a declared origin (tools, tests) are not c
 """
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import structlog
-from sqlalchemy import Table, inspect, select
+from sqlalchemy import inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import Executable
 
-from crypto_client.db.models import DataOriginRecord
+from crypto_client.db.tables import data_origin
 
 log = structlog.get_logger(__name__)
 
-_table: Table = DataOriginRecord.__table__  # type: ignore[assignment]
 _OPTION = "crypto_client_writer_origin"
 OVERRIDE_SETTING = "ALLOW_ORIGIN_CHANGE"
 
@@ -63,7 +64,7 @@ class StoredOrigins(NamedTuple):
 async def stored_origins(engine: AsyncEngine) -> StoredOrigins:
     """The database's origins; none before revision 0008 (`serve` migrates after its checks)."""
     async with engine.connect() as connection:
-        if not await connection.run_sync(lambda sync: inspect(sync).has_table(_table.name)):
+        if not await connection.run_sync(lambda sync: inspect(sync).has_table(data_origin.name)):
             return StoredOrigins(None, [])
         return await OriginRegistry(connection).stored()
 
@@ -77,8 +78,12 @@ class OriginRegistry:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
 
+    _STORED = select(data_origin.c.origin, data_origin.c.by_override).order_by(
+        data_origin.c.first_write_ts, data_origin.c.origin
+    )
+
     async def stored(self) -> StoredOrigins:
-        rows = (await self._connection.execute(_STORED)).all()
+        rows = (await self._connection.execute(self._STORED)).all()
         first = next((origin for origin, by_override in rows if not by_override), None)
         return StoredOrigins(first, [origin for origin, by_override in rows if by_override])
 
@@ -107,16 +112,14 @@ class OriginRegistry:
                 writer_origin=writer,
             )
 
+    _INSERT: ClassVar[Mapping[str, Executable]] = {
+        "postgresql": postgresql.insert(data_origin).on_conflict_do_nothing(),
+        "sqlite": sqlite.insert(data_origin).on_conflict_do_nothing(),
+    }
+
     async def _insert(self, origin: str, *, by_override: bool) -> None:
         # Racing writers: the primary key and the one-first-origin index let one row win.
         await self._connection.execute(
-            _INSERT[self._connection.dialect.name],
+            self._INSERT[self._connection.dialect.name],
             {"origin": origin, "first_write_ts": int(time.time()), "by_override": by_override},
         )
-
-
-_STORED = select(_table.c.origin, _table.c.by_override).order_by(_table.c.first_write_ts, _table.c.origin)
-_INSERT = {
-    "postgresql": postgresql.insert(_table).on_conflict_do_nothing(),
-    "sqlite": sqlite.insert(_table).on_conflict_do_nothing(),
-}

@@ -33,7 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client import metrics
 from crypto_client.clients.source import HistoryPoint, HistorySource
 from crypto_client.coverage import expected_window
-from crypto_client.db.repository import PriceReader, write_transaction
+from crypto_client.db.reader import PriceReader
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import GapReason, NewPrice, SlotFailure, canonical_price
 
 log = structlog.get_logger(__name__)

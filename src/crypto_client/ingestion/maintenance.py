@@ -21,8 +21,11 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crypto_client.db.candles import HOUR
 from crypto_client.db.engine import is_lock_timeout
-from crypto_client.db.repository import HOUR, Partition, PartitionAdmin, PriceReader, write_transaction
+from crypto_client.db.partitions import Partition, PartitionAdmin
+from crypto_client.db.reader import PriceReader
+from crypto_client.db.writer import write_transaction
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

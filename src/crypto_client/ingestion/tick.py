@@ -25,7 +25,7 @@ from tenacity import (
 from crypto_client import metrics
 from crypto_client.clients.source import Observation, PriceSource
 from crypto_client.db.engine import is_database_unavailable
-from crypto_client.db.repository import write_transaction
+from crypto_client.db.writer import write_transaction
 from crypto_client.domain import GapReason, NewPrice, SlotFailure, Source, canonical_price
 from crypto_client.ingestion.clock import SourceClock
 

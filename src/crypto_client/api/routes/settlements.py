@@ -3,17 +3,17 @@
 from datetime import UTC, date, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from crypto_client import exact_json
-from crypto_client.api.deps import ReadDatabaseDep, reject_repeated_parameters
+from crypto_client.api.deps import ReadDatabaseDep
 from crypto_client.api.pagination import decode_cursor, next_page_link
-from crypto_client.api.routes import _INVALID, _PAGED, _UNAVAILABLE, JSONBytes
+from crypto_client.api.responses import INVALID, PAGED, UNAVAILABLE, JSONBytes
 from crypto_client.api.schemas import SettlementOut, SettlementQuery
 from crypto_client.db.settlements import Settlements
 from crypto_client.domain import DAY_SECONDS
 
-router = APIRouter(dependencies=[Depends(reject_repeated_parameters)])
+router = APIRouter()
 
 _FIRST_DAY, _LAST_DAY = date(1970, 1, 1), date(9999, 12, 31)
 
@@ -25,7 +25,7 @@ def _day_ts(day: date) -> int:
 @router.get(
     "/settlements",
     response_model=list[SettlementOut],
-    responses={200: _PAGED, **_INVALID, **_UNAVAILABLE},
+    responses={200: PAGED, **INVALID, **UNAVAILABLE},
     summary="Daily settlement (delivery) prices of a ticker, oldest first, paged",
 )
 async def list_settlements(
