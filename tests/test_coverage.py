@@ -21,8 +21,9 @@ from crypto_client.coverage import explain
 from crypto_client.db.repository import PriceWriter, SlotSpan
 from crypto_client.domain import NewPrice, SlotFailure, current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime, pending_write_seconds
-from tests.conftest import api_client, ingestion_settings, make_settings
+from tests.support.api import api_client
 from tests.support.services import ApiServer, SimServer
+from tests.support.settings import ingestion_settings, make_settings
 from tests.support.waiting import wait_until, wait_until_async
 
 TICKER = "btc_usd"

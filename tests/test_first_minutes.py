@@ -15,9 +15,10 @@ from structlog.testing import capture_logs
 
 from crypto_client import __version__
 from crypto_client.clients.deribit.http import DeribitHttpClient
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
 from tests.support.commands import assert_one_clear_line, run
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -21,9 +21,10 @@ from crypto_client.db.engine import create_engine
 from crypto_client.db.repository import PriceWriter
 from crypto_client.domain import NewPrice
 from crypto_client.logging import setup_logging
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
 from tests.support.databases import plain_dsn
 from tests.support.services import ApiServer
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until_async
 
 

@@ -18,9 +18,10 @@ from crypto_client.db.engine import create_engine
 from crypto_client.domain import PriceRow
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
 from tests.support.databases import create_pg_database, stored_rows
 from tests.support.services import SimServer, ThrowawayPostgres
+from tests.support.settings import INGEST_TICKERS, ingestion_settings
+from tests.support.slots import roomy_slot
 from tests.support.waiting import wait_until_async
 
 TICKERS = ",".join(INGEST_TICKERS)

@@ -21,9 +21,10 @@ from crypto_client.api.schemas import CANDLE_SECONDS, WEEK_ORIGIN
 from crypto_client.db.engine import create_engine
 from crypto_client.db.repository import PriceWriter
 from crypto_client.domain import NewPrice, Source
-from tests.conftest import api_client, empty_database, make_settings
-from tests.support.databases import plain_dsn
+from tests.support.api import api_client
+from tests.support.databases import empty_database, plain_dsn
 from tests.support.services import ApiServer
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until_async
 
 Row = tuple[int, Decimal, Source]

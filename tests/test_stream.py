@@ -28,10 +28,11 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.serve import create_embedded_app
 from crypto_client.sim.faults import HostileFrame
-from tests.conftest import empty_database, make_settings
+from tests.support.databases import empty_database
+from tests.support.metrics import value
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until, wait_until_async
-from tests.test_metrics import value
 
 
 @dataclass
