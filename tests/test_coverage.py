@@ -226,7 +226,7 @@ def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> 
         wait_until(lambda: coverage()["stored_slots"]["poll"] >= 2, 15, what="first polls")
         sim.faults(TICKER, outage=True)
         wait_until(lambda: any(g["reason"] == "deribit_failed" for g in coverage()["gaps"]), 15, what="a gap")
-        time.sleep(2.5)  # an outage of a few slots
+        wait_until(lambda: coverage()["missing_slots"] >= 2, 15, what="an outage of a few slots")
         httpx.delete(f"{sim.url}/_sim/faults").raise_for_status()
         repaired = wait_until(
             lambda: (

@@ -184,9 +184,13 @@ async def test_a_departed_clients_query_is_cancelled(
             await wait_until_async(waiting_behind_the_lock, 5, what="the queries to reach the database")
             results = await requests
         assert all(isinstance(result, httpx.TimeoutException) for result in results)
-        # The lock is still held: only cancellation can have ended those queries.
-        await asyncio.sleep(1)
-        assert await api_queries_running(postgresql_url) == 0
+
+        # The lock is still held, and the statement timeout (30 s) is far: only cancellation can
+        # end those queries.
+        async def none_running() -> bool:
+            return await api_queries_running(postgresql_url) == 0
+
+        await wait_until_async(none_running, 10, what="the departed clients' queries to be cancelled")
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
             light = await client.get("/livez")
     assert light.status_code == 200

@@ -226,12 +226,17 @@ async def test_an_interrupted_export_stops_and_leaves_no_query(postgresql_url: s
             await wait_until_async(logged, 10, what="the export to end")
             # A million rows take seconds to export; an export that stops ends at once.
             assert time.monotonic() - left < 2
-            await asyncio.sleep(1)
-            running = await connection.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'crypto-client-api'"
-                " AND state = 'active' AND datname = current_database()"
-            )
-            assert running == 0
+
+            async def none_running() -> bool:
+                running = await connection.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'crypto-client-api'"
+                    " AND state = 'active' AND datname = current_database()"
+                )
+                return bool(running == 0)
+
+            # The same bound as the export's end: a query left running would take seconds.
+            remaining = max(0.0, left + 2 - time.monotonic())
+            await wait_until_async(none_running, remaining, what="no export query")
     finally:
         await connection.execute("DELETE FROM price_ticks")
         await connection.close()
