@@ -237,9 +237,10 @@ async def test_latest_is_cached_briefly(engine: AsyncEngine, db_url: str) -> Non
     await store(engine, "btc_usd", (100, "1.5"))
     async with api_client(make_settings(db_url, api_latest_cache_seconds=0.5)) as client:
         assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 100
+        cached_by = time.monotonic()  # the entry was made before this, so it expires before +0.5 s
         await store(engine, "btc_usd", (200, "2.5"))
         assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 100  # from memory
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(max(0.0, cached_by + 0.5 - time.monotonic()) + 0.01)  # a wait for a time
         assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 200
     async with api_client(make_settings(db_url, api_latest_cache_seconds=0)) as uncached:
         await store(engine, "btc_usd", (300, "3.5"))
