@@ -1,66 +1,13 @@
-import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 
-import httpx
 import pytest
-from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.api.app import create_app
 from crypto_client.clients.deribit.http import DeribitHttpClient
-from crypto_client.config import Settings
 from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
-from crypto_client.db.models import Base
-from crypto_client.domain import current_slot
-from tests.support.databases import create_pg_database, drop_pg_database
+from tests.support.databases import create_pg_database, drop_pg_database, empty_database
 from tests.support.services import SimServer, ThrowawayPostgres, ThrowawayRedis
-
-
-@asynccontextmanager
-async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The API app, started as a server would start it, behind an in-process HTTP client."""
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://api") as client,
-    ):
-        yield client
-
-
-def make_settings(database_url: str, **overrides: object) -> Settings:
-    """Settings from these values alone (model_validate reads no environment and no .env)."""
-    return Settings.model_validate({"database_url": SecretStr(database_url), **overrides})
-
-
-INGEST_TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
-
-
-async def roomy_slot(interval: int = 60, room: float = 10) -> int:
-    """The current slot, or the next one when fewer than `room` seconds of this one are
-    left: a tick started in it is never `late` merely because the test ran at a slot's end."""
-    slot = current_slot(interval)
-    if slot + interval - time.time() < room:
-        await asyncio.sleep(slot + interval - time.time())
-        slot = current_slot(interval)
-    return slot
-
-
-def ingestion_settings(sim: SimServer, db_url: str, **overrides: object) -> Settings:
-    """Settings for ingesting INGEST_TICKERS from the simulator, with quick retries."""
-    values: dict[str, object] = {
-        "tickers": ",".join(INGEST_TICKERS),
-        "deribit_rpc_url": sim.rpc_url,
-        "deribit_timeout_seconds": 5,
-        "deribit_max_retries": 2,
-        "deribit_retry_backoff_seconds": 0.01,
-        "ingest_interval_seconds": 60,
-        **overrides,
-    }
-    return make_settings(db_url, **values)
 
 
 @pytest.fixture
@@ -89,18 +36,6 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def db_url(request: pytest.FixtureRequest) -> str:
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
-
-
-async def empty_database(url: str) -> None:
-    """Delete every row of the service's tables (the schema stays)."""
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as connection:
-            for table in Base.metadata.sorted_tables:
-                if connection.dialect.name == "sqlite" or not table.info.get("sqlite_only"):
-                    await connection.execute(table.delete())
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ from crypto_client.api.schemas import (
 )
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
+from tests.support.settings import make_settings
 
 
 @pytest.fixture
@@ -250,9 +251,10 @@ async def test_latest_is_cached_briefly(engine: AsyncEngine, db_url: str) -> Non
     await store(engine, "btc_usd", (100, "1.5"))
     async with api_client(make_settings(db_url, api_latest_cache_seconds=0.5)) as client:
         assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 100
+        cached_by = time.monotonic()  # the entry was made before this, so it expires before +0.5 s
         await store(engine, "btc_usd", (200, "2.5"))
         assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 100  # from memory
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(max(0.0, cached_by + 0.5 - time.monotonic()) + 0.01)  # a wait for a time
         assert (await client.get("/prices/latest?ticker=btc_usd")).json()["ts"] == 200
     async with api_client(make_settings(db_url, api_latest_cache_seconds=0)) as uncached:
         await store(engine, "btc_usd", (300, "3.5"))

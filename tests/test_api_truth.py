@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
+from tests.support.settings import make_settings
 
 UNKNOWN = "nope_usd"
 UNKNOWN_DETAIL = (

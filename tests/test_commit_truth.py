@@ -26,11 +26,12 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
 from tests.support.celery_stack import CeleryStack
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.pg_proxy import PgProxy
 from tests.support.services import SimServer, ThrowawayRedis
+from tests.support.settings import INGEST_TICKERS, ingestion_settings
+from tests.support.slots import roomy_slot
 from tests.support.waiting import wait_until
 
 Row = tuple[str, int, str, str]  # ticker, ts, price, source

@@ -6,7 +6,7 @@ from pydantic import SecretStr, ValidationError
 
 from crypto_client.config import DEFAULT_SQLITE_URL, Settings, SettingsError, load_settings
 from crypto_client.domain import parse_ticker
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 
 def settings(**values: object) -> Settings:

@@ -15,9 +15,9 @@ from crypto_client.clients.deribit.budget import SharedConnectionBudget, budget_
 from crypto_client.clients.deribit.errors import TransientDeribitError
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import Observation
-from tests.conftest import roomy_slot
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import SimServer, ThrowawayRedis, crypto_client
+from tests.support.slots import roomy_slot
 from tests.support.waiting import wait_until_async
 
 TICKERS = "btc_usd,eth_usd,sol_usdc,xrp_usdc,ada_usdc,doge_usdc,ltc_usdc,link_usdc"

@@ -22,8 +22,9 @@ from crypto_client.db.ledger import SlotSpan
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, SlotFailure, current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime, pending_write_seconds
-from tests.conftest import api_client, ingestion_settings, make_settings
+from tests.support.api import api_client
 from tests.support.services import ApiServer, SimServer
+from tests.support.settings import ingestion_settings, make_settings
 from tests.support.waiting import wait_until, wait_until_async
 
 TICKER = "btc_usd"
@@ -226,7 +227,7 @@ def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> 
         wait_until(lambda: coverage()["stored_slots"]["poll"] >= 2, 15, what="first polls")
         sim.faults(TICKER, outage=True)
         wait_until(lambda: any(g["reason"] == "deribit_failed" for g in coverage()["gaps"]), 15, what="a gap")
-        time.sleep(2.5)  # an outage of a few slots
+        wait_until(lambda: coverage()["missing_slots"] >= 2, 15, what="an outage of a few slots")
         httpx.delete(f"{sim.url}/_sim/faults").raise_for_status()
         repaired = wait_until(
             lambda: (

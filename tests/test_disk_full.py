@@ -19,8 +19,9 @@ from crypto_client.db import migrations
 from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
 from tests.support.services import ApiServer, SimServer
+from tests.support.settings import INGEST_TICKERS, ingestion_settings
+from tests.support.slots import roomy_slot
 from tests.support.small_filesystem import SmallFilesystem
 from tests.support.waiting import wait_until, wait_until_async
 

@@ -7,18 +7,20 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import httpx
+import psutil
 import pytest
 from structlog.testing import capture_logs
 
 from crypto_client import __version__
 from crypto_client.clients.deribit.http import DeribitHttpClient
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
 from tests.support.commands import assert_one_clear_line, run
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
-from tests.support.waiting import wait_until
+from tests.support.settings import make_settings
+from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.slow
 
@@ -206,11 +208,22 @@ def test_simulator_faults_prices_and_stats_reset_separately(sim: SimServer) -> N
     assert '"index_price":1.25,' not in price
 
 
+def server_closed_our_connection(sim: SimServer) -> bool:
+    """A connection of this process to the simulator that the server closed (its FIN came)."""
+    port = urlsplit(sim.rpc_url).port
+    return any(
+        connection.raddr and connection.raddr.port == port and connection.status == psutil.CONN_CLOSE_WAIT
+        for connection in psutil.Process().net_connections("tcp")
+    )
+
+
 async def test_no_spurious_retry_on_a_connection_the_server_closed(sim: SimServer) -> None:
     async with DeribitHttpClient(sim.rpc_url, max_retries=2, backoff_seconds=0.01) as client:
         with capture_logs() as logs:
             await client.get_index_price("btc_usd")
-            await asyncio.sleep(5.2)  # just past the server's keep-alive
+            await wait_until_async(
+                lambda: asyncio.sleep(0, server_closed_our_connection(sim)), 15, what="the keep-alive end"
+            )
             await client.get_index_price("btc_usd")
     assert not [line for line in logs if "retrying" in line["event"]]
     assert sim.requests_for("btc_usd") == 2

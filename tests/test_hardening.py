@@ -21,9 +21,10 @@ from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from crypto_client.logging import setup_logging
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
 from tests.support.databases import plain_dsn
 from tests.support.services import ApiServer
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until_async
 
 
@@ -183,9 +184,13 @@ async def test_a_departed_clients_query_is_cancelled(
             await wait_until_async(waiting_behind_the_lock, 5, what="the queries to reach the database")
             results = await requests
         assert all(isinstance(result, httpx.TimeoutException) for result in results)
-        # The lock is still held: only cancellation can have ended those queries.
-        await asyncio.sleep(1)
-        assert await api_queries_running(postgresql_url) == 0
+
+        # The lock is still held, and the statement timeout (30 s) is far: only cancellation can
+        # end those queries.
+        async def none_running() -> bool:
+            return await api_queries_running(postgresql_url) == 0
+
+        await wait_until_async(none_running, 10, what="the departed clients' queries to be cancelled")
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
             light = await client.get("/livez")
     assert light.status_code == 200

@@ -5,9 +5,10 @@ import time
 
 import httpx
 
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
 from tests.support.databases import create_pg_database
 from tests.support.services import ThrowawayPostgres, free_port
+from tests.support.settings import make_settings
 
 
 async def unhealthy_within_a_second(client: httpx.AsyncClient) -> str:

@@ -18,9 +18,10 @@ from crypto_client.db.engine import create_engine
 from crypto_client.domain import PriceRow
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import INGEST_TICKERS, ingestion_settings, roomy_slot
 from tests.support.databases import create_pg_database, stored_rows
 from tests.support.services import SimServer, ThrowawayPostgres
+from tests.support.settings import INGEST_TICKERS, ingestion_settings
+from tests.support.slots import roomy_slot
 from tests.support.waiting import wait_until_async
 
 TICKERS = ",".join(INGEST_TICKERS)
@@ -192,9 +193,10 @@ async def test_deribit_down_for_whole_ticks_then_back(
     settings = ingestion_settings(sim, db_url, ingest_interval_seconds=1)
     sim.faults(outage=True)
     for _ in range(2):
-        down = await ingest_tick(deribit, engine, settings, slot_ts=await roomy_slot(1, room=0.7))
+        slot = await roomy_slot(1, room=0.7)
+        down = await ingest_tick(deribit, engine, settings, slot_ts=slot)
         assert down.count("failed") == 3
-        await asyncio.sleep(1)
+        await asyncio.sleep(max(0.0, slot + 1 - time.time()))  # the next tick is a whole slot later
     sim.reset()
     back = await ingest_tick(deribit, engine, settings, slot_ts=await roomy_slot(1, room=0.7))
     assert back.count("stored") == 3

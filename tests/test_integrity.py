@@ -19,8 +19,10 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.embedded_scheduler import IntervalScheduler
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import INGEST_TICKERS, api_client, ingestion_settings, make_settings, roomy_slot
+from tests.support.api import api_client
 from tests.support.services import SimServer
+from tests.support.settings import INGEST_TICKERS, ingestion_settings, make_settings
+from tests.support.slots import roomy_slot
 from tests.support.waiting import wait_until_async
 
 TICKERS = INGEST_TICKERS

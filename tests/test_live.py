@@ -2,6 +2,7 @@
 resume by `Last-Event-ID`, slow clients dropped, and a server that still stops promptly."""
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -15,6 +16,7 @@ import httpx
 import psutil
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.changes import stored_signal
@@ -90,17 +92,46 @@ async def _opened(listener: Listener, task: "asyncio.Task[None]") -> bool:
     return listener.opened.is_set()
 
 
+PROBE_TS = BASE_TS + 10_000_000  # far from every timestamp the tests store
+
+
+async def until_live(listener: Listener, engine: AsyncEngine, ticker: str) -> None:
+    """Wait until the server's subscription for `listener` exists (the response headers come
+    before it): probe rows are stored until one arrives, then a last one fences off the rest
+    (events come in `seq` order), and the probes are forgotten."""
+    probes = iter(range(PROBE_TS, PROBE_TS + 100_000))
+
+    async def a_probe_arrived() -> bool:
+        if listener.events:
+            return True
+        await store(engine, ticker, next(probes))
+        return False
+
+    await wait_until_async(a_probe_arrived, 10, what="the server's subscription")
+    fence = next(probes)
+    await store(engine, ticker, fence)
+    await wait_until_async(lambda: asyncio.sleep(0, (ticker, fence) in listener.rows()), 10, what="the fence")
+    assert all(ts >= PROBE_TS for _, ts in listener.rows())
+    listener.events.clear()
+
+
 async def test_stored_rows_reach_clients_and_a_resumed_client_loses_nothing(
     api: ApiServer, engine: AsyncEngine
 ) -> None:
     async with listening(api.url, ticker="btc_usd") as first:
-        await asyncio.sleep(0.5)  # the stream is open; rows stored from now on are sent
+        await until_live(first, engine, "btc_usd")
         await store(engine, "btc_usd", BASE_TS, BASE_TS + 60)
         await store(engine, "eth_usd", BASE_TS)  # not asked for
         await store(engine, "btc_usd", BASE_TS + 120)
-        await first.has(3)
-        await asyncio.sleep(0.3)
-    assert first.rows() == [("btc_usd", BASE_TS), ("btc_usd", BASE_TS + 60), ("btc_usd", BASE_TS + 120)]
+        # Events come in seq order: once this one is in, any extra or repeated one would be too.
+        await store(engine, "btc_usd", BASE_TS + 150)
+        await first.has(4)
+    assert first.rows() == [
+        ("btc_usd", BASE_TS),
+        ("btc_usd", BASE_TS + 60),
+        ("btc_usd", BASE_TS + 120),
+        ("btc_usd", BASE_TS + 150),
+    ]
     assert all(event.event == "price" for event in first.events)
     assert json.loads(first.events[0].data) == {
         "ticker": "btc_usd",
@@ -111,7 +142,7 @@ async def test_stored_rows_reach_clients_and_a_resumed_client_loses_nothing(
     assert '"price":60.25' in first.events[1].data  # exact decimal text, as /prices sends it
     ids = [int(event.id) for event in first.events]
     assert ids == sorted(ids)
-    assert len(set(ids)) == 3
+    assert len(set(ids)) == 4
 
     # Disconnected: rows keep coming, one of them older than the rest (a back-fill).
     await store(engine, "btc_usd", BASE_TS + 180)
@@ -119,13 +150,14 @@ async def test_stored_rows_reach_clients_and_a_resumed_client_loses_nothing(
     async with listening(api.url, last_event_id=first.events[-1].id, ticker="btc_usd") as resumed:
         await resumed.has(3)
         await store(engine, "btc_usd", BASE_TS + 300)
-        await resumed.has(4)
-        await asyncio.sleep(0.5)
+        await store(engine, "btc_usd", BASE_TS + 330)  # the fence, as above
+        await resumed.has(5)
     assert resumed.rows() == [
         ("btc_usd", BASE_TS + 180),
         ("btc_usd", BASE_TS - 60),
         ("btc_usd", BASE_TS + 240),
         ("btc_usd", BASE_TS + 300),
+        ("btc_usd", BASE_TS + 330),
     ]
     resumed_ids = [int(event.id) for event in resumed.events]
     assert resumed_ids == sorted(resumed_ids)
@@ -136,7 +168,7 @@ async def test_every_configured_ticker_by_default_and_bad_requests_are_refused(
     api: ApiServer, engine: AsyncEngine
 ) -> None:
     async with listening(api.url) as everything:
-        await asyncio.sleep(0.5)
+        await until_live(everything, engine, "btc_usd")
         await store(engine, "eth_usd", BASE_TS)
         await store(engine, "btc_usd", BASE_TS)
         await everything.has(2)
@@ -232,7 +264,9 @@ async def test_writers_commit_in_seq_order_on_postgres(postgresql_url: str) -> N
                 [NewPrice("eth_usd", Decimal("1"), BASE_TS - 7, None)]
             )
             second = asyncio.create_task(store(engine, "eth_usd", BASE_TS - 8))
-            await asyncio.sleep(0.5)
+            await wait_until_async(
+                lambda: a_writer_waits_for_a_lock(engine), 10, what="the second writer to wait"
+            )
             assert not second.done()  # waiting for the first writer's commit
             await transaction.commit()
             await asyncio.wait_for(second, 5)
@@ -244,6 +278,36 @@ async def test_writers_commit_in_seq_order_on_postgres(postgresql_url: str) -> N
     assert order == [BASE_TS - 7, BASE_TS - 8]
 
 
+async def a_writer_waits_for_a_lock(engine: AsyncEngine) -> bool:
+    """A backend of this database is blocked on a lock (the writers' advisory lock). A new
+    connection each time: pg_stat_activity is a snapshot for the rest of a transaction."""
+    async with engine.connect() as observer:
+        waiting = await observer.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting)
+
+
+async def until_subscribed(client: socket.socket, engine: AsyncEngine, ticker: str) -> None:
+    """`until_live` for a raw socket: probe rows until one is read; the client reads no more."""
+    client.setblocking(False)
+    received = bytearray()
+    probes = iter(range(PROBE_TS, PROBE_TS + 100_000))
+
+    async def a_probe_arrived() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            received.extend(client.recv(65536))
+        if b"event: price" in received:
+            return True
+        await store(engine, ticker, next(probes))
+        return False
+
+    await wait_until_async(a_probe_arrived, 10, what="the raw client's subscription")
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_a_client_that_never_reads_is_dropped_without_growing_memory(
     api: ApiServer, engine: AsyncEngine
@@ -253,8 +317,9 @@ async def test_a_client_that_never_reads_is_dropped_without_growing_memory(
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.sendall(b"GET /prices/stream?ticker=btc_usd HTTP/1.1\r\nHost: test\r\n\r\n")
     try:
+        await until_subscribed(stalled, engine, "btc_usd")
         async with listening(api.url, ticker="eth_usd") as healthy:
-            await asyncio.sleep(0.5)
+            await until_live(healthy, engine, "eth_usd")
             rss_before = server.memory_info().rss
             for batch in range(40):
                 first = BASE_TS + batch * 1000

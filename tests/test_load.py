@@ -8,8 +8,7 @@ import pytest
 
 from bench.load import load
 from crypto_client.db.engine import create_engine
-from tests.conftest import empty_database
-from tests.support.databases import stored_rows
+from tests.support.databases import empty_database, stored_rows
 from tests.support.services import ApiServer, SimServer
 from tests.support.waiting import wait_until
 

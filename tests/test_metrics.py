@@ -12,29 +12,17 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import roomy_slot
 from tests.support.celery_stack import CeleryStack
 from tests.support.databases import create_pg_database, drop_pg_database
+from tests.support.metrics import samples, value
 from tests.support.services import ApiServer, Process, SimServer, ThrowawayRedis, crypto_client, free_port
+from tests.support.slots import roomy_slot
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "deploy"
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by name and sorted labels."""
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def polled_and_stored(text: str, ticker: str = "btc_usd") -> float:

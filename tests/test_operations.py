@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
 from tests.support.commands import assert_one_clear_line, run
 from tests.support.databases import create_pg_database
 from tests.support.services import (
@@ -18,6 +18,7 @@ from tests.support.services import (
     crypto_client,
     free_port,
 )
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

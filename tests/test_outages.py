@@ -16,10 +16,10 @@ from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.embedded_scheduler import IntervalScheduler
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
-from tests.conftest import ingestion_settings
 from tests.support.celery_stack import TICKERS, CeleryStack
 from tests.support.databases import create_pg_database
 from tests.support.services import ApiServer, SimServer, ThrowawayPostgres, ThrowawayRedis
+from tests.support.settings import ingestion_settings
 from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.slow

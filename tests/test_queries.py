@@ -21,9 +21,10 @@ from crypto_client.api.schemas import CANDLE_SECONDS, WEEK_ORIGIN
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, Source
-from tests.conftest import api_client, empty_database, make_settings
-from tests.support.databases import plain_dsn
+from tests.support.api import api_client
+from tests.support.databases import empty_database, plain_dsn
 from tests.support.services import ApiServer
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until_async
 
 Row = tuple[int, Decimal, Source]
@@ -225,12 +226,17 @@ async def test_an_interrupted_export_stops_and_leaves_no_query(postgresql_url: s
             await wait_until_async(logged, 10, what="the export to end")
             # A million rows take seconds to export; an export that stops ends at once.
             assert time.monotonic() - left < 2
-            await asyncio.sleep(1)
-            running = await connection.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'crypto-client-api'"
-                " AND state = 'active' AND datname = current_database()"
-            )
-            assert running == 0
+
+            async def none_running() -> bool:
+                running = await connection.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'crypto-client-api'"
+                    " AND state = 'active' AND datname = current_database()"
+                )
+                return bool(running == 0)
+
+            # The same bound as the export's end: a query left running would take seconds.
+            remaining = max(0.0, left + 2 - time.monotonic())
+            await wait_until_async(none_running, remaining, what="no export query")
     finally:
         await connection.execute("DELETE FROM price_ticks")
         await connection.close()

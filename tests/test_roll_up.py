@@ -27,8 +27,7 @@ from crypto_client.db.reader import PriceReader
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice, Source
 from crypto_client.ingestion.maintenance import month_partition, when_the_table_allows
-from tests.conftest import empty_database
-from tests.support.databases import plain_dsn
+from tests.support.databases import empty_database, plain_dsn
 
 TICKER = "btc_usd"
 # 1h, 4h, 1d, 1w: the candles the roll-up serves.

@@ -14,8 +14,8 @@ import pytest
 
 from crypto_client.api.app import create_app
 from crypto_client.db import migrations
-from tests.conftest import make_settings
 from tests.support.services import ApiServer, SimServer, crypto_client, free_port
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until, wait_until_async
 
 

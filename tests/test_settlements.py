@@ -12,8 +12,9 @@ from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.sim.history import TradeHistory
 from crypto_client.sim.prices import PriceWalk
 from crypto_client.worker.celery_app import SETTLEMENTS_TASK, celery_app
-from tests.conftest import api_client, make_settings
+from tests.support.api import api_client
 from tests.support.services import SimServer
+from tests.support.settings import make_settings
 
 TICKER = "btc_usd"
 DELIVERIES = "public/get_delivery_prices"

@@ -28,10 +28,11 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.serve import create_embedded_app
 from crypto_client.sim.faults import HostileFrame
-from tests.conftest import empty_database, make_settings
+from tests.support.databases import empty_database
+from tests.support.metrics import value
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until, wait_until_async
-from tests.test_metrics import value
 
 
 @dataclass
@@ -96,10 +97,19 @@ async def test_prices_arrive_exact_and_on_deribits_clock(fast_sim: SimServer, ru
         assert abs(timing.ts - time.time()) < 3
 
 
+def heartbeats_received() -> float:
+    return REGISTRY.get_sample_value("crypto_client_stream_messages_total", {"kind": "heartbeat"}) or 0.0
+
+
 async def test_test_requests_are_answered_so_the_connection_lives(running: Running) -> None:
     await running.stream.connected.wait()
     count = len(running.received.observations)
-    await asyncio.sleep(3.5)  # three heartbeat periods: an unanswered test_request closes it
+    heartbeats = heartbeats_received()
+    # The simulator sends a test_request only once the previous one was answered, else it
+    # closes the connection: a fourth one means three were answered.
+    await wait_until_async(
+        lambda: asyncio.sleep(0, heartbeats_received() >= heartbeats + 4), 15, what="four test_requests"
+    )
     assert running.stream.reconnects == 0
     assert len(running.received.observations) > count + 20
 

@@ -13,8 +13,9 @@ from structlog.testing import capture_logs
 from crypto_client.clients.deribit.http import DeribitHttpClient
 from crypto_client.clients.source import FetchResult, HistoryPoint, Observation
 from crypto_client.ingestion.runtime import IngestionRuntime
-from tests.conftest import INGEST_TICKERS, ingestion_settings, make_settings, roomy_slot
 from tests.support.services import SimServer
+from tests.support.settings import INGEST_TICKERS, ingestion_settings, make_settings
+from tests.support.slots import roomy_slot
 
 
 async def test_absurd_envelope_times_fall_back_to_the_local_clock_per_ticker(

@@ -31,9 +31,9 @@ from crypto_client.domain import DAY_SECONDS, NewPrice, PriceRow
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.sim.history import TradeHistory
 from crypto_client.sim.prices import PriceWalk
-from tests.conftest import make_settings
 from tests.support.databases import create_pg_database, drop_pg_database, stored_rows
 from tests.support.services import SimServer
+from tests.support.settings import make_settings
 from tests.support.waiting import wait_until_async
 
 TICKER = "btc_usd"

@@ -10,7 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
-from tests.conftest import empty_database, postgresql_url
+from tests.conftest import postgresql_url
+from tests.support.databases import empty_database
 from tests.support.services import ApiServer
 
 __all__ = ["postgresql_url"]  # the service's session database, shared with its tests

@@ -14,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db import migrations
+from crypto_client.db.engine import create_engine
+from crypto_client.db.models import Base
 from crypto_client.db.reader import PriceReader
 from crypto_client.domain import PriceRow
 from tests.support.services import IN_CI, ThrowawayPostgres, embedded_pg_bin_dir, unavailable
@@ -86,3 +88,15 @@ async def stored_rows(engine: AsyncEngine, ticker: str, **bounds: int) -> list[P
     async with engine.connect() as connection:
         page = await PriceReader(connection).page_json(ticker, limit=100_000, **bounds)
     return [PriceRow(**row) for row in json.loads(page.json, parse_float=Decimal)]
+
+
+async def empty_database(url: str) -> None:
+    """Delete every row of the service's tables (the schema stays)."""
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            for table in Base.metadata.sorted_tables:
+                if connection.dialect.name == "sqlite" or not table.info.get("sqlite_only"):
+                    await connection.execute(table.delete())
+    finally:
+        await engine.dispose()
