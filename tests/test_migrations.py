@@ -116,6 +116,7 @@ async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
             "tracked_tickers",
             "slot_failures",
             "price_candles_1h",
+            "api_keys",
         }
     finally:
         await drop_pg_database(url)

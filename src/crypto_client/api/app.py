@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from crypto_client import __version__, metrics
+from crypto_client.api.auth import Access, AccessGuard
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.errors import UnknownTickerError, unknown_ticker_response
@@ -63,6 +64,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             engine, settings.database_pool_size, settings.api_statement_timeout_seconds
         )
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
+        app.state.access = await stack.enter_async_context(
+            Access(settings, engine, settings.quota_storage_url(embedded=app.state.embedded)).running()
+        )
         metrics.set_tickers(settings.tickers)
         app.state.price_feed = await stack.enter_async_context(
             PriceFeed(app.state.read_database, settings.listen_url).running()
@@ -156,9 +160,11 @@ def create_app_from_environment() -> FastAPI:
     return create_app(settings)
 
 
-def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan] = ()) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, lifespans: Sequence[Lifespan] = (), embedded: bool = False
+) -> FastAPI:
     """The read-only API. `lifespans` are entered, in order, before the API's own engine and
-    exited after it."""
+    exited after it. `embedded`: the only API process (quotas are counted in its memory)."""
     app = FastAPI(
         title="crypto-client",
         version=__version__,
@@ -171,6 +177,7 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     )
     app.state.settings = settings or get_settings()
     app.state.extra_lifespans = tuple(lifespans)
+    app.state.embedded = embedded
     app.include_router(router)
     app.include_router(repeatable_router)
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
@@ -189,6 +196,9 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
             swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
         )
 
+    # Innermost of the middleware: CORS answers a preflight without a key, and the request
+    # log records the refusals too.
+    app.add_middleware(AccessGuard)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UnknownTickerError, unknown_ticker_response)

@@ -1,9 +1,20 @@
-"""The schema: price observations, the tickers being tracked, and the ledger of missing slots."""
+"""The schema: price observations, the tickers being tracked, the ledger of missing slots, and
+the API keys."""
 
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Dialect, Index, MetaData, Numeric, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    Index,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
@@ -124,3 +135,18 @@ class HourCandle(Base):
     close: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
     rows: Mapped[int] = mapped_column(BigInteger, nullable=False)
     backfilled: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class ApiKey(Base):
+    """A client's API key, stored only as the sha256 of the key (a random 32-byte token, so a
+    plain hash is enough: there is nothing to guess). `rate_limit` is the key's own quota in
+    the `limits` syntax (NULL: `API_RATE_LIMIT`). Times are UNIX seconds; `last_used_at` is
+    written in batches by the API (a minute behind at most), never once per request."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False, unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    rate_limit: Mapped[str | None] = mapped_column(String(200), nullable=True)
