@@ -236,8 +236,9 @@ def keys_create(
     settings = _settings()
     key = generate_key()
 
+    engine = _key_store(settings)
+
     async def run() -> None:
-        engine = _key_store(settings)
         try:
             async with engine.begin() as connection:
                 await api_keys.create_key(connection, name, key_digest(key), rate, int(time.time()))
@@ -261,8 +262,9 @@ def keys_list() -> None:
 
     settings = _settings()
 
+    engine = _key_store(settings)
+
     async def run() -> list[api_keys.ApiKeyRow]:
-        engine = _key_store(settings)
         try:
             async with engine.connect() as connection:
                 return await api_keys.list_keys(connection)
@@ -285,8 +287,9 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
 
     settings = _settings()
 
+    engine = _key_store(settings)
+
     async def run() -> bool:
-        engine = _key_store(settings)
         try:
             async with engine.begin() as connection:
                 return await api_keys.revoke_key(connection, name)
