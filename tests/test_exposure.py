@@ -18,7 +18,7 @@ from crypto_client.api import auth
 from crypto_client.api.client_address import client_address, parse_networks
 from crypto_client.db.api_keys import ApiKeyRow
 from tests.conftest import api_client, make_settings
-from tests.support.services import ApiServer, ThrowawayRedis, crypto_client
+from tests.support.services import ApiServer, ThrowawayRedis, crypto_client, free_port
 from tests.support.waiting import wait_until
 
 
@@ -250,6 +250,16 @@ async def test_metrics_with_and_without_the_token(sqlite_url: str) -> None:
         assert (await client.get("/tickers", headers={"Authorization": f"Bearer {token}"})).status_code == 401
     async with api_client(make_settings(sqlite_url)) as client:
         assert (await client.get("/metrics")).status_code == 200  # nothing asked: open, as before
+
+
+def test_api_metrics_on_their_own_port(sqlite_url: str, tmp_path: Path) -> None:
+    """METRICS_PORT: the API's process metrics apart from the API (no key, another port)."""
+    port = free_port()
+    env = {"DATABASE_URL": sqlite_url, "API_KEYS_REQUIRED": "true", "METRICS_PORT": str(port)}
+    with ApiServer.command("api", env, tmp_path, ready_path="/livez") as server:
+        assert server.get("/tickers").status_code == 401
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        wait_until(lambda: 'route="/livez"' in httpx.get(metrics_url).text, 10, what="the API's metrics")
 
 
 def test_exposure_warning_at_start(sqlite_url: str, tmp_path: Path) -> None:
