@@ -13,9 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
+from limits import parse
 
 from crypto_client.api import auth
 from crypto_client.api.client_address import client_address, parse_networks
+from crypto_client.api.quotas import Quotas
 from crypto_client.db.api_keys import ApiKeyRow
 from tests.conftest import api_client, make_settings
 from tests.support.services import ApiServer, ThrowawayRedis, crypto_client, free_port
@@ -320,3 +322,14 @@ async def test_wrong_key_takes_as_long_as_a_right_one() -> None:
         wrong_times.append(batch(wrong))
     ratio = statistics.median(wrong_times) / statistics.median(right_times)
     assert 0.8 < ratio < 1.25, ratio
+
+
+async def test_high_limits_are_taken_from_the_store_in_chunks_and_never_exceeded() -> None:
+    """1000/minute: ten permits per trip to the store; one process still gets exactly 1000."""
+    quotas = Quotas("memory://", None)
+    verdicts = [await quotas.charge("key:chunked", "1000/minute", 1) for _ in range(25)]
+    assert all(each is not None and each.allowed for each in verdicts)
+    stats = await quotas._limiter.get_window_stats(parse("1000/minute"), "key:chunked")
+    assert stats.remaining == 1000 - 30  # three chunks of ten, five permits still held here
+    verdicts += [await quotas.charge("key:chunked", "1000/minute", 1) for _ in range(1075)]
+    assert sum(1 for each in verdicts if each is not None and each.allowed) == 1000

@@ -65,6 +65,7 @@ class KeyRing:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._cache: dict[bytes, tuple[ApiKeyRow | None, float]] = {}
+        self._pending: dict[bytes, asyncio.Future[ApiKeyRow | None]] = {}
         self.used: dict[str, int] = {}
 
     async def identify(self, presented: str) -> ApiKeyRow | None:
@@ -73,7 +74,13 @@ class KeyRing:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is None or cached[1] <= now:
-            row = await self._lookup(digest)
+            # One lookup per key at a time: when an entry expires under load, every request
+            # of that key in flight would otherwise query at once.
+            pending = self._pending.get(digest)
+            if pending is None:
+                pending = self._pending[digest] = asyncio.ensure_future(self._lookup(digest))
+                pending.add_done_callback(lambda _done: self._pending.pop(digest, None))
+            row = await asyncio.shield(pending)
             if len(self._cache) >= _KEY_CACHE_ENTRIES:  # a flood of made-up keys: start afresh
                 self._cache.clear()
             self._cache[digest] = (row, now + KEY_CACHE_SECONDS)

@@ -6,6 +6,7 @@ Over a quota the answer is 429 with an exact `Retry-After`: a moving window reme
 each request was counted, so the time the oldest one leaves the window is known.
 """
 
+import asyncio
 import math
 import time
 from collections import Counter
@@ -49,6 +50,14 @@ def request_cost(path: str, query_string: bytes) -> int:
     return 1
 
 
+# A store round trip per request would cost more than the request (bench/exposure.py): a
+# limit of N per window is taken from the store N / RESERVE_DIVISOR permits at a time, and the
+# process spends them locally. Limits below RESERVE_DIVISOR * 2 stay exact, one trip each;
+# above, a key may get up to 1 % per process fewer than its limit in a window, never more.
+RESERVE_DIVISOR = 100
+_RESERVATIONS = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     allowed: bool
@@ -71,6 +80,9 @@ class Quotas:
         self._default = parse_rate_limit(default_limit) if default_limit else ()
         self._parsed: dict[str, tuple[RateLimitItem, ...]] = {}
         self._storage_failed_at = 0.0
+        # Permits this process counted ahead in the store: (left, usable until, monotonic).
+        self._reserved: dict[tuple[str, str], tuple[int, float]] = {}
+        self._refilling: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def limits_for(self, own_limit: str | None) -> tuple[RateLimitItem, ...]:
         if own_limit is None:
@@ -89,6 +101,8 @@ class Quotas:
         policy = _policy(items)
         try:
             for item in items:
+                if await self._from_reserve(identity, item, cost):
+                    continue
                 if not await self._limiter.hit(item, identity, cost=cost):
                     stats = await self._limiter.get_window_stats(item, identity)
                     wait = max(1, math.ceil(stats.reset_time - time.time()))
@@ -101,6 +115,43 @@ class Quotas:
                 log.warning("quota storage unavailable: requests are not limited", error=str(exc))
             return None
         return Verdict(True, policy, items[0].amount)
+
+
+    async def _from_reserve(self, identity: str, item: RateLimitItem, cost: int) -> bool:
+        """Whether the request was paid from permits this process holds, reserving a chunk
+        when the limit is high enough; False: charge it to the store alone."""
+        chunk = max(cost, item.amount // RESERVE_DIVISOR)
+        if chunk == cost:
+            return False
+        slot = (identity, item.key_for())
+        while not self._take_reserved(identity, item, cost):
+            refilling = self._refilling.get(slot)
+            if refilling is not None:  # one refill at a time: else each request in flight reserves
+                await asyncio.shield(refilling)
+                continue
+            refill = self._refilling[slot] = asyncio.get_running_loop().create_future()
+            try:
+                if not await self._limiter.hit(item, identity, cost=chunk):
+                    return False  # near the limit: exact, one permit at a time
+                self._reserve(identity, item, chunk - cost)
+                return True
+            finally:
+                del self._refilling[slot]
+                refill.set_result(None)
+        return True
+
+    def _take_reserved(self, identity: str, item: RateLimitItem, cost: int) -> bool:
+        held = self._reserved.get((identity, item.key_for()))
+        if held is None or held[1] <= time.monotonic() or held[0] < cost:
+            return False
+        self._reserved[(identity, item.key_for())] = (held[0] - cost, held[1])
+        return True
+
+    def _reserve(self, identity: str, item: RateLimitItem, permits: int) -> None:
+        if len(self._reserved) >= _RESERVATIONS:
+            self._reserved.clear()
+        # Counted in the window from now on: usable only while they are in it.
+        self._reserved[(identity, item.key_for())] = (permits, time.monotonic() + item.get_expiry())
 
 
 class ConcurrencyCaps:
