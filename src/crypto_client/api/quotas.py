@@ -116,7 +116,6 @@ class Quotas:
             return None
         return Verdict(True, policy, items[0].amount)
 
-
     async def _from_reserve(self, identity: str, item: RateLimitItem, cost: int) -> bool:
         """Whether the request was paid from permits this process holds, reserving a chunk
         when the limit is high enough; False: charge it to the store alone."""
