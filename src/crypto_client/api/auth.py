@@ -236,13 +236,15 @@ class AccessGuard(HttpMiddleware):
             return
         if verdict is not None:
             send = _with_headers(send, {"RateLimit-Policy": verdict.policy})
-        kind = access.caps.kind_of(path)
+        # Per key only: without keys, one address may be many users behind one NAT, and the
+        # per-process caps bound what all of them hold.
+        kind = access.caps.kind_of(path) if access.keys_required else None
         if kind is None:
             await self.app(scope, receive, send)
             return
         with access.caps.holding(kind, identity) as allowed:
             if not allowed:
-                detail = f"at most {access.caps.cap(kind)} open at once per client: finish one first"
+                detail = f"at most {access.caps.cap(kind)} open at once per API key: finish one first"
                 await _answer(send, 429, detail, {"Retry-After": "1"})
                 return
             await self.app(scope, receive, send)

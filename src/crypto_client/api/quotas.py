@@ -154,7 +154,7 @@ class Quotas:
 
 
 class ConcurrencyCaps:
-    """How many streams and exports each identity has open in this process."""
+    """How many streams and exports each key has open in this process."""
 
     def __init__(self, max_streams: int, max_exports: int) -> None:
         self._caps = {"stream": max_streams, "export": max_exports}
