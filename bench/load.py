@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -34,7 +35,7 @@ end
 """
 
 
-def run_wrk(url: str, seconds: float, connections: int) -> Load:
+def run_wrk(url: str, seconds: float, connections: int, headers: Mapping[str, str] | None = None) -> Load:
     threads = min(2, connections)
     duration = f"-d{max(1, round(seconds))}s"
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
@@ -49,6 +50,7 @@ def run_wrk(url: str, seconds: float, connections: int) -> Load:
             "60s",
             "-s",
             script.name,
+            *(f"-H{name}: {value}" for name, value in (headers or {}).items()),
             url,
         ]
         output = subprocess.run(
@@ -72,14 +74,16 @@ def run_wrk(url: str, seconds: float, connections: int) -> Load:
     )
 
 
-def run_python_load(url: str, seconds: float, connections: int) -> Load:
+def run_python_load(
+    url: str, seconds: float, connections: int, headers: Mapping[str, str] | None = None
+) -> Load:
     """A small closed-loop load generator, for machines without wrk (the CI smoke run)."""
 
     async def main() -> Load:
         latencies: list[float] = []
         failures = 0
         deadline = time.monotonic() + seconds
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, headers=dict(headers or {})) as client:
 
             async def loop() -> None:
                 nonlocal failures
@@ -98,8 +102,8 @@ def run_python_load(url: str, seconds: float, connections: int) -> Load:
     return asyncio.run(main())
 
 
-def load(url: str, seconds: float, connections: int) -> Load:
+def load(url: str, seconds: float, connections: int, headers: Mapping[str, str] | None = None) -> Load:
     """`wrk` when installed, else the Python load generator."""
     if shutil.which("wrk"):
-        return run_wrk(url, seconds, connections)
-    return run_python_load(url, seconds, connections)
+        return run_wrk(url, seconds, connections, headers)
+    return run_python_load(url, seconds, connections, headers)

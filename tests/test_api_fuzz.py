@@ -1,7 +1,9 @@
-"""Schemathesis against the API's own OpenAPI document, over HTTP to a real server process:
-no input may cause a 5xx, and every answer must match what the document promises."""
+"""Schemathesis against the API's own OpenAPI document, over HTTP to a real server process
+that requires API keys (every call sends one): no input may cause a 5xx, and every answer must
+match what the document promises."""
 
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -19,7 +21,7 @@ from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from tests.support.databases import create_pg_database, drop_pg_database
-from tests.support.services import ApiServer
+from tests.support.services import ApiServer, crypto_client
 from tests.support.waiting import wait_until
 
 FUZZ_EXAMPLES = 300
@@ -45,8 +47,28 @@ async def fuzz_database() -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="module")
-def api_url(fuzz_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    env = {"DATABASE_URL": fuzz_database, "LOG_LEVEL": "WARNING", "TICKERS": "sol_usdc"}
+def key_headers(fuzz_database: str) -> dict[str, str]:
+    created = subprocess.run(
+        crypto_client("keys", "create", "fuzz"),
+        env={"DATABASE_URL": fuzz_database, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {"Authorization": f"Bearer {created.stdout.strip()}"}
+
+
+@pytest.fixture(scope="module")
+def api_url(
+    fuzz_database: str, key_headers: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    env = {
+        "DATABASE_URL": fuzz_database,
+        "LOG_LEVEL": "WARNING",
+        "TICKERS": "sol_usdc",
+        "API_KEYS_REQUIRED": "true",
+        "API_RATE_LIMIT_STORAGE_URL": "memory://",
+    }
     server = ApiServer.command("api", env, tmp_path_factory.mktemp("fuzz"))
     try:
         wait_until(lambda: server.get("/health").status_code == 200, 30, what="API health")
@@ -56,7 +78,7 @@ def api_url(fuzz_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         assert "Traceback" not in server.output, server.output
 
 
-def test_no_input_breaks_the_api(api_url: str) -> None:
+def test_no_input_breaks_the_api(api_url: str, key_headers: dict[str, str]) -> None:
     # Schema-valid input may still be refused with a 422: a cursor is opaque (only the API's
     # own are valid) and from_ts <= to_ts spans two fields; no schema can say either.
     config = SchemathesisConfig.from_dict(
@@ -68,6 +90,10 @@ def test_no_input_breaks_the_api(api_url: str) -> None:
         assert isinstance(result, Ok), result.err()
         operations.append(result.ok())
     assert len(operations) == 14
+    for operation in operations:  # without the key, only the open paths answer
+        keyless = httpx.get(f"{api_url}{operation.path}", timeout=10)
+        expected = {200, 503} if operation.path in {"/health", "/livez", "/readyz"} else {401}
+        assert keyless.status_code in expected, (operation.path, keyless.status_code)
 
     for operation in operations:
         if operation.path == "/prices/stream":
@@ -76,12 +102,14 @@ def test_no_input_breaks_the_api(api_url: str) -> None:
         @given(case=operation.as_strategy())
         @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         def call(case: Any) -> None:
-            case.call_and_validate(base_url=api_url, additional_checks=[not_a_server_error])
+            case.call_and_validate(
+                base_url=api_url, headers=key_headers, additional_checks=[not_a_server_error]
+            )
 
         call()
 
 
-def test_no_input_breaks_the_stream(api_url: str) -> None:
+def test_no_input_breaks_the_stream(api_url: str, key_headers: dict[str, str]) -> None:
     """The stream's parameters and `Last-Event-ID`, generated from the document: a 200 is an
     event stream (closed at once), anything else a 4xx with a message."""
     schema = schemathesis.openapi.from_url(f"{api_url}/openapi.json")
@@ -91,7 +119,7 @@ def test_no_input_breaks_the_stream(api_url: str) -> None:
     @given(case=operation.as_strategy())
     @settings(max_examples=FUZZ_EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck))
     def call(case: Any) -> None:
-        request = case.as_transport_kwargs(base_url=api_url)
+        request = case.as_transport_kwargs(base_url=api_url, headers=key_headers)
         with httpx.stream(
             "GET", request["url"], params=request.get("params"), headers=request.get("headers"), timeout=10
         ) as response:
@@ -105,7 +133,7 @@ def test_no_input_breaks_the_stream(api_url: str) -> None:
     call()
 
 
-async def test_hand_written_nasty_inputs(api_url: str, fuzz_database: str) -> None:
+async def test_hand_written_nasty_inputs(api_url: str, key_headers: dict[str, str]) -> None:
     nasty = [
         "/prices?ticker=btc%00usd",
         "/prices?ticker=%F0%9F%92%A9",
@@ -124,7 +152,7 @@ async def test_hand_written_nasty_inputs(api_url: str, fuzz_database: str) -> No
         "/prices?ticker=%ff%fe",
         "/prices",
     ]
-    async with httpx.AsyncClient(base_url=api_url) as client:
+    async with httpx.AsyncClient(base_url=api_url, headers=key_headers) as client:
         for path in nasty:
             response = await client.get(path)
             assert 400 <= response.status_code < 500, (path, response.status_code, response.text)

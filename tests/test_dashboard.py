@@ -5,6 +5,7 @@ import hashlib
 import math
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -12,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Dialog, Page, async_playwright
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice, Source
-from tests.support.services import ApiServer, free_port, unavailable
+from tests.support.services import ApiServer, crypto_client, free_port, unavailable
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)]
@@ -286,3 +287,42 @@ async def test_without_prices_the_dashboard_says_why_instead_of_an_empty_chart(
         assert "crypto-client serve --simulate" in text
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "dashboard-offline.png"))
+
+
+async def test_the_dashboard_asks_for_a_key_once_and_streams_with_it(
+    db_url: str, seeded: dict[str, Any], browser: Browser, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    created = subprocess.run(
+        crypto_client("keys", "create", f"browser-{time.time_ns()}"),
+        env={"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = created.stdout.strip()
+    env = {"DATABASE_URL": db_url, "TICKERS": "btc_usd,eth_usd", "API_KEYS_REQUIRED": "true"}
+    with ApiServer.command("api", env, tmp_path, ready_path="/livez") as api:
+        page = await browser.new_page()
+        asked: list[str] = []
+
+        async def answer(dialog: Dialog) -> None:
+            asked.append(dialog.message)
+            await dialog.accept(key)
+
+        page.on("dialog", answer)
+        await page.goto(api.url + "/")
+        await ready(page)
+        assert len(asked) == 1
+        assert "API key" in asked[0]
+        await page.reload()  # kept in the browser: not asked again
+        await ready(page)
+        assert len(asked) == 1
+
+        now = int(time.time())
+        async with write_transaction(engine) as writer:
+            await writer.insert_many([NewPrice("btc_usd", Decimal("45999.5"), now, None, "stream")])
+        await page.wait_for_function(
+            "() => document.querySelector('tr[data-ticker=\"btc_usd\"] td.price').textContent === '45999.5'",
+            timeout=10_000,
+        )
+        await page.close()

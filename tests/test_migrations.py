@@ -120,6 +120,7 @@ async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
             "data_origin",
             "trade_backfill_days",  # revision 0009
             "settlement_prices",
+            "api_keys",
         }
     finally:
         await drop_pg_database(url)

@@ -31,6 +31,9 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"max_content_width": 80, "terminal_width": 80},
 )
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 log = structlog.get_logger("crypto_client.cli")
 
 
@@ -100,9 +103,31 @@ def _require_free_port(host: str, port: int, *, option: str = "--port") -> None:
             ) from None
 
 
+def _warn_if_exposed(settings: Settings, host: str) -> None:
+    """One line when the API listens beyond loopback and anyone who reaches it reads it."""
+    import ipaddress
+
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        if host == "localhost":
+            return
+    if settings.api_keys_required:
+        return
+    exposed = "every price, export and stream"
+    if settings.metrics_token is None:
+        exposed += ", and /metrics (the service's internals)"
+    log.warning(
+        f"the API listens on {host} with no API keys: anyone who reaches it reads {exposed};"
+        " set API_KEYS_REQUIRED=true (and METRICS_TOKEN), see `crypto-client keys`"
+    )
+
+
 def _log_start(command: str, settings: Settings, host: str, port: int) -> None:
     from crypto_client.db.engine import describe_database
 
+    _warn_if_exposed(settings, host)
     log.info(
         f"crypto-client {command} starting",
         version=__version__,
@@ -148,13 +173,14 @@ def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = 
 def api(host: Host = None, port: Port = None, workers: Annotated[int, typer.Option(min=1)] = 1) -> None:
     """Run the read-only HTTP API alone (production: ingestion runs in Celery)."""
     _share_metrics_between_processes()
-    from crypto_client import http_server
+    from crypto_client import http_server, metrics
 
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
     _warn_without_database(settings)
     _log_start("api", settings, host, port)
+    metrics.serve_on_port(settings.metrics_port)
     http_server.serve(
         "crypto_client.api.app:create_app_from_environment",
         host=host,
@@ -217,6 +243,108 @@ def serve(
         port=port,
         idle_timeout_seconds=settings.api_keepalive_timeout_seconds,
     )
+
+
+keys_app = typer.Typer(help="Manage API keys (API_KEYS_REQUIRED=true makes the API ask for one).")
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store(settings: Settings) -> "AsyncEngine":
+    from crypto_client.db.engine import create_engine
+    from crypto_client.startup import database_need
+
+    _require([database_need(settings)])
+    return create_engine(settings.database_url_value, pool_size=1)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who the key is for (unique, up to 64 characters).")],
+    rate: Annotated[
+        str | None,
+        typer.Option(help="This key's own quota, e.g. 10/second;1000/hour (default: API_RATE_LIMIT)."),
+    ] = None,
+) -> None:
+    """Create a key and print it, once: only its hash is stored."""
+    import time
+
+    from crypto_client.api.auth import generate_key, key_digest
+    from crypto_client.api.quotas import parse_rate_limit
+    from crypto_client.db import api_keys
+
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        raise _fail("NAME: 1 to 64 printable characters")
+    if rate is not None:
+        try:
+            parse_rate_limit(rate)
+        except ValueError as exc:
+            raise _fail(f"--rate: {exc}") from None
+    settings = _settings()
+    key = generate_key()
+
+    engine = _key_store(settings)
+
+    async def run() -> None:
+        try:
+            async with engine.begin() as connection:
+                await api_keys.create_key(connection, name, key_digest(key), rate, int(time.time()))
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except api_keys.KeyNameTakenError:
+        raise _fail(f"a key named {name!r} exists", "revoke it first, or choose another name") from None
+    typer.echo(key)
+    typer.echo(f"key {name!r} created: it is shown only now, keep it somewhere safe", err=True)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List the keys: name, created, last used (a minute behind at most), quota."""
+    from datetime import UTC, datetime
+
+    from crypto_client.db import api_keys
+
+    settings = _settings()
+
+    engine = _key_store(settings)
+
+    async def run() -> list[api_keys.ApiKeyRow]:
+        try:
+            async with engine.connect() as connection:
+                return await api_keys.list_keys(connection)
+        finally:
+            await engine.dispose()
+
+    def when(ts: int | None) -> str:
+        return "never" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    typer.echo(f"{'NAME':<24} {'CREATED':<20} {'LAST USED':<20} QUOTA")
+    for row in asyncio.run(run()):
+        quota = row.rate_limit or "API_RATE_LIMIT"
+        typer.echo(f"{row.name:<24} {when(row.created_at):<20} {when(row.last_used_at):<20} {quota}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
+    """Delete a key: every API process refuses it within a few seconds."""
+    from crypto_client.db import api_keys
+
+    settings = _settings()
+
+    engine = _key_store(settings)
+
+    async def run() -> bool:
+        try:
+            async with engine.begin() as connection:
+                return await api_keys.revoke_key(connection, name)
+        finally:
+            await engine.dispose()
+
+    if not asyncio.run(run()):
+        raise _fail(f"no key named {name!r}", "`crypto-client keys list` shows them")
+    typer.echo(f"key {name!r} revoked")
 
 
 @app.command()

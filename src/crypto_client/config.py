@@ -10,6 +10,8 @@ from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from crypto_client.api.client_address import parse_networks
+from crypto_client.api.quotas import parse_rate_limit
 from crypto_client.db.engine import check_broker_url, check_database_url
 from crypto_client.domain import DAY_SECONDS, parse_ticker
 
@@ -100,6 +102,18 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
 
+    # Exposure (docs/notes/exposure.md): keys, quotas, the client address, /metrics.
+    api_keys_required: bool = False
+    api_dashboard_open: bool = True
+    # The `limits` syntax, e.g. 100/second;10000/hour; unset: no quota but a key's own.
+    api_rate_limit: str | None = None
+    # Unset: the Celery broker's Redis for `crypto-client api`, memory for `serve`.
+    api_rate_limit_storage_url: SecretStr | None = None
+    api_key_max_streams: int = Field(default=8, ge=1, le=10_000)
+    api_key_max_exports: int = Field(default=2, ge=1, le=10_000)
+    forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = ()
+    metrics_token: SecretStr | None = None
+
     @property
     def shared_budget_url(self) -> str | None:
         """The Redis that holds the host's Deribit connection budget: the broker, when one is
@@ -130,6 +144,9 @@ class Settings(BaseSettings):
         "celery_visibility_timeout_seconds",
         "stale_after_seconds",
         "retention_days",
+        "api_rate_limit",
+        "api_rate_limit_storage_url",
+        "metrics_token",
         mode="before",
     )
     @classmethod
@@ -189,6 +206,42 @@ class Settings(BaseSettings):
             hint = f" (e.g. {' or '.join(map(str, fitting))})" if fitting else ""
             raise ValueError(f"must divide a day (86400 s) exactly{hint}, got {value}")
         return value
+
+    @field_validator("api_rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate_limit(value)
+        return value
+
+    @field_validator("api_rate_limit_storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "memory://")
+        ):
+            raise ValueError("must be a redis://, rediss:// or memory:// URL")
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _check_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, tuple | list):
+            parse_networks(value)
+        return value
+
+    def quota_storage_url(self, *, embedded: bool) -> str:
+        """Where quotas are counted: `API_RATE_LIMIT_STORAGE_URL`, else this process's memory
+        (the embedded service is one process) or the Celery broker's Redis (every `api`
+        process shares it)."""
+        if self.api_rate_limit_storage_url is not None:
+            return self.api_rate_limit_storage_url.get_secret_value()
+        broker = self.celery_broker_url.get_secret_value()
+        if embedded or not broker.startswith(("redis://", "rediss://")):
+            return "memory://"
+        return broker
 
     @field_validator("cors_origins", mode="before")
     @classmethod

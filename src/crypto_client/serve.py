@@ -28,7 +28,7 @@ def create_embedded_app(settings: Settings) -> FastAPI:
         async with embedded_ingestion(settings, stream_health):
             yield
 
-    app = create_app(settings, lifespans=[migrated_and_ingesting])
+    app = create_app(settings, lifespans=[migrated_and_ingesting], embedded=True)
     app.state.stream_health = stream_health
     return app
 

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from crypto_client import __version__, metrics
+from crypto_client.api.auth import Access, AccessGuard
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.errors import NoPriceError, UnknownTickerError, not_found_response
 from crypto_client.api.limits import ConcurrencyCap
@@ -64,6 +65,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             engine, settings.database_pool_size, settings.api_statement_timeout_seconds
         )
         app.state.latest_cache = LatestPriceCache(settings.api_latest_cache_seconds)
+        app.state.access = await stack.enter_async_context(
+            Access(settings, engine, settings.quota_storage_url(embedded=app.state.embedded)).running()
+        )
         metrics.set_tickers(settings.tickers)
         app.state.price_feed = await stack.enter_async_context(
             PriceFeed(app.state.read_database, settings.listen_url).running()
@@ -163,9 +167,11 @@ def create_app_from_environment() -> FastAPI:
     return create_app(settings)
 
 
-def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan] = ()) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, lifespans: Sequence[Lifespan] = (), embedded: bool = False
+) -> FastAPI:
     """The read-only API. `lifespans` are entered, in order, before the API's own engine and
-    exited after it."""
+    exited after it. `embedded`: the only API process (quotas are counted in its memory)."""
     app = FastAPI(
         title="crypto-client",
         version=__version__,
@@ -181,9 +187,13 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     settings = app.state.settings
     app.state.stream_cap = ConcurrencyCap("live streams", settings.api_max_streams, "API_MAX_STREAMS")
     app.state.export_cap = ConcurrencyCap("exports", settings.api_max_exports, "API_MAX_EXPORTS")
+    app.state.embedded = embedded
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    # Innermost of the middleware: CORS answers a preflight without a key, and the request
+    # log records the refusals too.
+    app.add_middleware(AccessGuard)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for missing in (UnknownTickerError, NoPriceError):

@@ -11,13 +11,14 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crypto_client import metrics
+from crypto_client.api.client_address import client_address
 
 log = structlog.get_logger("crypto_client.api.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class _HttpMiddleware:
+class HttpMiddleware:
     """Plain ASGI (no BaseHTTPMiddleware, which adds a task and a copy per request) that acts
     on HTTP requests only."""
 
@@ -37,7 +38,7 @@ class _HttpMiddleware:
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "PATCH"})
 
 
-class RequestLogMiddleware(_HttpMiddleware):
+class RequestLogMiddleware(HttpMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         supplied = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
@@ -63,9 +64,11 @@ class RequestLogMiddleware(_HttpMiddleware):
                 duration = time.perf_counter() - started
                 # 499: the client left before an answer (nginx's code for it).
                 final_status = status or (500 if failed else 499)
+                access = getattr(scope["app"].state, "access", None)
                 log.info(
                     "request",
                     method=scope["method"],
+                    client=client_address(scope, access.trusted_proxies if access else ()),
                     path=scope["path"],
                     status=final_status,
                     duration_ms=round(duration * 1000, 2),
@@ -78,7 +81,7 @@ class RequestLogMiddleware(_HttpMiddleware):
                 ).observe(duration)
 
 
-class HeadAsGet(_HttpMiddleware):
+class HeadAsGet(HttpMiddleware):
     """Answers `HEAD` on every `GET` route: the request runs as `GET` and the body is dropped
     (monitors and load balancers send HEAD)."""
 
@@ -97,7 +100,7 @@ class HeadAsGet(_HttpMiddleware):
         await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
-class CancelOnDisconnect(_HttpMiddleware):
+class CancelOnDisconnect(HttpMiddleware):
     """Cancels a request's work (its database query included) as soon as its client leaves,
     so abandoned requests do not keep connections and queries busy for the ones still here.
 

@@ -1,4 +1,5 @@
-"""The schema: price observations, the tickers being tracked, and the ledger of missing slots."""
+"""The schema: price observations, the tickers being tracked, the ledger of missing slots, and
+the API keys."""
 
 import datetime
 from decimal import Decimal
@@ -11,6 +12,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -235,3 +237,18 @@ class SettlementPrice(Base):
     ticker: Mapped[str] = mapped_column(String(TICKER_MAX_LENGTH), primary_key=True)
     date: Mapped[datetime.date] = mapped_column(Date, primary_key=True)
     delivery_price: Mapped[Decimal] = mapped_column(ExactDecimal, nullable=False)
+
+
+class ApiKey(Base):
+    """A client's API key, stored only as the sha256 of the key (a random 32-byte token, so a
+    plain hash is enough: there is nothing to guess). `rate_limit` is the key's own quota in
+    the `limits` syntax (NULL: `API_RATE_LIMIT`). Times are UNIX seconds; `last_used_at` is
+    written in batches by the API (a minute behind at most), never once per request."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False, unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    rate_limit: Mapped[str | None] = mapped_column(String(200), nullable=True)

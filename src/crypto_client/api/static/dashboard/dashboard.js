@@ -42,8 +42,27 @@
     return match ? new URL(match[1], new URL(url, location.href)).toString() : null;
   }
 
+  // When the API requires keys (API_KEYS_REQUIRED), ask once and keep the key in this
+  // browser; ask again only when the API refuses the kept one (revoked).
+  const KEY_STORAGE = "crypto-client.api-key";
+  const storedKey = () => localStorage.getItem(KEY_STORAGE);
+  const keyHeaders = (key) => (key ? { Authorization: `Bearer ${key}` } : {});
+
+  async function authorizedFetch(url, options = {}) {
+    for (;;) {
+      const sent = storedKey();
+      const headers = { ...(options.headers || {}), ...keyHeaders(sent) };
+      const response = await fetch(url, { ...options, headers });
+      if (response.status !== 401) return response;
+      if (storedKey() !== sent) continue; // another request was given a key meanwhile
+      const key = window.prompt("This API needs an API key (crypto-client keys create NAME):");
+      if (!key || !key.trim()) return response;
+      localStorage.setItem(KEY_STORAGE, key.trim());
+    }
+  }
+
   async function getJson(url) {
-    const response = await fetch(url, { headers: { Accept: "application/json" } });
+    const response = await authorizedFetch(url, { headers: { Accept: "application/json" } });
     if (!response.ok) {
       throw new Error(`${url}: HTTP ${response.status}`);
     }
@@ -368,21 +387,68 @@
     });
   }
 
+  // EventSource cannot send a key: with one, the stream is read with fetch, resuming from
+  // the last event's id after a break as EventSource would.
+  async function followWithKey(on) {
+    let lastId = null;
+    for (;;) {
+      try {
+        const headers = { Accept: "text/event-stream", ...(lastId ? { "Last-Event-ID": lastId } : {}) };
+        const response = await authorizedFetch("/prices/stream", { headers });
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          // Lines end in CRLF, LF or CR; a CR at a chunk's end waits for the next chunk.
+          buffer = (buffer + value).replace(/\r\n|\r(?!$)/g, "\n");
+          let end;
+          while ((end = buffer.indexOf("\n\n")) >= 0) {
+            const event = { type: "message", data: [] };
+            for (const line of buffer.slice(0, end).split("\n")) {
+              const [field, ...rest] = line.split(":");
+              const text = rest.join(":").replace(/^ /, "");
+              if (field === "event") event.type = text;
+              else if (field === "data") event.data.push(text);
+              else if (field === "id") lastId = text;
+            }
+            buffer = buffer.slice(end + 2);
+            if (on[event.type]) on[event.type]({ data: event.data.join("\n") });
+          }
+        }
+      } catch (error) {
+        setStatus(`Live stream interrupted (${error.message}); reconnecting.`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 3000));
+    }
+  }
+
   function follow() {
+    const on = {
+      price: onPrice,
+      // The API restarted this stream at its newest row (its database was restored or
+      // replaced): what is drawn may no longer be what is stored.
+      reset: () => draw(),
+    };
+    if (storedKey()) {
+      followWithKey(on);
+      return;
+    }
     // Every configured ticker; EventSource reconnects by itself, resuming with Last-Event-ID.
     const stream = new EventSource("/prices/stream");
-    stream.addEventListener("price", (event) => {
-      const row = JSON.parse(event.data);
-      const known = state.latest[row.ticker];
-      if (!known || known.ts === null || row.ts >= known.ts) {
-        state.latest[row.ticker] = row;
-        renderTickers();
-      }
-      applyLive(row);
-    });
-    // The API restarted this stream at its newest row (its database was restored or
-    // replaced): what is drawn may no longer be what is stored.
-    stream.addEventListener("reset", () => draw());
+    stream.addEventListener("price", on.price);
+    stream.addEventListener("reset", on.reset);
+  }
+
+  function onPrice(event) {
+    const row = JSON.parse(event.data);
+    const known = state.latest[row.ticker];
+    if (!known || known.ts === null || row.ts >= known.ts) {
+      state.latest[row.ticker] = row;
+      renderTickers();
+    }
+    applyLive(row);
   }
 
   // Light or dark follows the system, also when it changes while the page is open.

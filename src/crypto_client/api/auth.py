@@ -1,0 +1,261 @@
+"""Who may ask what: API keys (opt-in, `API_KEYS_REQUIRED`), the `/metrics` token, and the
+quotas and caps each caller is held to (`api/quotas.py`), as one plain ASGI middleware in front
+of every route, so that a route added later is guarded without knowing it.
+
+Keys are random 32-byte tokens; the database holds only their sha256. A key is looked up by
+its hash (a unique-index seek) and what was found is compared with `hmac.compare_digest`, also
+when nothing was found (against a dummy), so a wrong key and a right one take the same work.
+A lookup is cached for `KEY_CACHE_SECONDS`: a revoked key stops working within that on every
+API process. The API's database connections are read-only; "last used" is kept in memory
+and written every `LAST_USED_FLUSH_SECONDS` (and at shutdown) by a one-connection writer on
+`DATABASE_URL`, never once per request.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.datastructures import MutableHeaders
+from starlette.types import Message, Receive, Scope, Send
+
+from crypto_client.api.client_address import Network, client_address, parse_networks
+from crypto_client.api.middleware import HttpMiddleware
+from crypto_client.api.quotas import ConcurrencyCaps, Quotas, Verdict, request_cost
+from crypto_client.config import Settings
+from crypto_client.db import api_keys
+from crypto_client.db.api_keys import ApiKeyRow
+from crypto_client.db.engine import create_engine, is_database_unavailable
+
+log = structlog.get_logger(__name__)
+
+KEY_PREFIX = "cck_"
+_KEY_PATTERN = re.compile(r"cck_[A-Za-z0-9_-]{43}")
+KEY_CACHE_SECONDS = 2.0
+_KEY_CACHE_ENTRIES = 10_000
+LAST_USED_FLUSH_SECONDS = 60.0
+_LOOKUP_TIMEOUT_SECONDS = 2.0
+_NO_KEY = bytes(32)  # what a key that is not stored is compared with
+
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz"})
+# The dashboard must load to ask for a key; the API's description is no data either.
+_STATIC_PATHS = frozenset({"/", "/docs", "/openapi.json"})
+_STATIC_PREFIX = "/static/"
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class KeyRing:
+    """Looks keys up (cached briefly) and remembers when each was last used."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._cache: dict[bytes, tuple[ApiKeyRow | None, float]] = {}
+        self._pending: dict[bytes, asyncio.Future[ApiKeyRow | None]] = {}
+        self.used: dict[str, int] = {}
+
+    async def identify(self, presented: str) -> ApiKeyRow | None:
+        """The stored key `presented` is, or None (unknown or revoked)."""
+        digest = key_digest(presented)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is None or cached[1] <= now:
+            # One lookup per key at a time: when an entry expires under load, every request
+            # of that key in flight would otherwise query at once.
+            pending = self._pending.get(digest)
+            if pending is None:
+                pending = self._pending[digest] = asyncio.ensure_future(self._lookup(digest))
+                pending.add_done_callback(lambda _done: self._pending.pop(digest, None))
+            row = await asyncio.shield(pending)
+            if len(self._cache) >= _KEY_CACHE_ENTRIES:  # a flood of made-up keys: start afresh
+                self._cache.clear()
+            self._cache[digest] = (row, now + KEY_CACHE_SECONDS)
+        else:
+            row = cached[0]
+        return self.check(row, digest)
+
+    def check(self, row: ApiKeyRow | None, digest: bytes) -> ApiKeyRow | None:
+        """`row` if its hash is `digest`: one constant-time comparison whether or not a row
+        was found."""
+        matches = hmac.compare_digest(row.key_hash if row is not None else _NO_KEY, digest)
+        if row is None or not matches:
+            return None
+        self.used[row.name] = int(time.time())
+        return row
+
+    async def _lookup(self, digest: bytes) -> ApiKeyRow | None:
+        async with asyncio.timeout(_LOOKUP_TIMEOUT_SECONDS), self._engine.connect() as connection:
+            return await api_keys.find_key(connection, digest)
+
+
+class Access:
+    """The state of the guard for one API process (made in the app's lifespan)."""
+
+    def __init__(self, settings: Settings, read_engine: AsyncEngine, quota_storage_url: str) -> None:
+        self.keys_required = settings.api_keys_required
+        self.dashboard_open = settings.api_dashboard_open
+        self.metrics_digest = (
+            key_digest(settings.metrics_token.get_secret_value()) if settings.metrics_token else None
+        )
+        self.trusted_proxies: tuple[Network, ...] = parse_networks(settings.forwarded_allow_ips)
+        self.keys = KeyRing(read_engine)
+        self.quotas = Quotas(quota_storage_url, settings.api_rate_limit)
+        self.caps = ConcurrencyCaps(settings.api_key_max_streams, settings.api_key_max_exports)
+        # Where "last used" is written: the writers' database (none when only a replica is set).
+        self._writer_url = settings.listen_url
+
+    def is_open(self, path: str) -> bool:
+        if path in OPEN_PATHS:
+            return True
+        return self.dashboard_open and (path in _STATIC_PATHS or path.startswith(_STATIC_PREFIX))
+
+    async def flush_last_used(self) -> None:
+        if not self.keys.used or self._writer_url is None:
+            return
+        used, self.keys.used = self.keys.used, {}
+        engine = create_engine(self._writer_url, pool_size=1)
+        try:
+            async with engine.begin() as connection:
+                await api_keys.record_last_used(connection, used)
+        except Exception as exc:
+            for name, when in used.items():  # kept for the next flush
+                self.keys.used[name] = max(when, self.keys.used.get(name, 0))
+            log.warning("could not record when API keys were last used", error=repr(exc))
+        finally:
+            await engine.dispose()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator["Access"]:
+        async def flush_periodically() -> None:
+            while True:
+                await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
+                await self.flush_last_used()
+
+        flusher = asyncio.create_task(flush_periodically(), name="api-keys-last-used")
+        try:
+            yield self
+        finally:
+            flusher.cancel()
+            await self.flush_last_used()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _bearer(scope: Scope) -> str | None:
+    authorization = _header(scope, b"authorization")
+    if authorization is None:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _answer(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="crypto-client"'}
+_HOW = "send it as `Authorization: Bearer KEY` or `X-API-Key: KEY`"
+
+
+def _too_many(verdict: Verdict) -> dict[str, str]:
+    return {
+        "Retry-After": str(verdict.retry_after),
+        "RateLimit-Policy": verdict.policy,
+        "RateLimit": f"limit={verdict.limit}, remaining=0, reset={verdict.retry_after}",
+    }
+
+
+class AccessGuard(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        access: Access = scope["app"].state.access
+        path: str = scope["path"]
+        if access.is_open(path):
+            await self.app(scope, receive, send)
+            return
+        if path == "/metrics" and access.metrics_digest is not None:
+            token = _bearer(scope) or ""
+            if not hmac.compare_digest(key_digest(token), access.metrics_digest):
+                await _answer(send, 401, "/metrics needs the METRICS_TOKEN as a bearer token", _CHALLENGE)
+                return
+            await self.app(scope, receive, send)
+            return
+
+        identity, own_limit = "address:" + client_address(scope, access.trusted_proxies), None
+        if access.keys_required:
+            presented = _bearer(scope) if _header(scope, b"authorization") is not None else None
+            if presented is None:
+                presented = _header(scope, b"x-api-key")
+            if presented is None:
+                await _answer(send, 401, f"an API key is required: {_HOW}", _CHALLENGE)
+                return
+            if not _KEY_PATTERN.fullmatch(presented.strip()):
+                await _answer(
+                    send, 401, f"malformed API key: keys look like cck_ and 43 characters; {_HOW}", _CHALLENGE
+                )
+                return
+            try:
+                row = await access.keys.identify(presented.strip())
+            except Exception as exc:
+                if not (is_database_unavailable(exc) or isinstance(exc, TimeoutError)):
+                    raise
+                log.warning("cannot check API keys: database unavailable", error=repr(exc))
+                await _answer(send, 503, "the database is unavailable, try again shortly", {})
+                return
+            if row is None:
+                await _answer(send, 401, "invalid API key (unknown or revoked)", _CHALLENGE)
+                return
+            identity, own_limit = "key:" + row.name, row.rate_limit
+
+        verdict = await access.quotas.charge(identity, own_limit, request_cost(path, scope["query_string"]))
+        if verdict is not None and not verdict.allowed:
+            detail = f"over the quota ({verdict.policy}): retry in {verdict.retry_after} s"
+            await _answer(send, 429, detail, _too_many(verdict))
+            return
+        if verdict is not None:
+            send = _with_headers(send, {"RateLimit-Policy": verdict.policy})
+        # Per key only: without keys, one address may be many users behind one NAT, and the
+        # per-process caps bound what all of them hold.
+        kind = access.caps.kind_of(path) if access.keys_required else None
+        if kind is None:
+            await self.app(scope, receive, send)
+            return
+        with access.caps.holding(kind, identity) as allowed:
+            if not allowed:
+                detail = f"at most {access.caps.cap(kind)} open at once per API key: finish one first"
+                await _answer(send, 429, detail, {"Retry-After": "1"})
+                return
+            await self.app(scope, receive, send)
+
+
+def _with_headers(send: Send, headers: dict[str, Any]) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            mutable = MutableHeaders(scope=message)
+            for name, value in headers.items():
+                mutable[name] = value
+        await send(message)
+
+    return sending
