@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from crypto_client import __version__, metrics
+from crypto_client.api import quality, resample
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.deps import ReadDatabase
 from crypto_client.api.errors import UnknownTickerError, unknown_ticker_response
@@ -173,6 +174,8 @@ def create_app(settings: Settings | None = None, *, lifespans: Sequence[Lifespan
     app.state.extra_lifespans = tuple(lifespans)
     app.include_router(router)
     app.include_router(repeatable_router)
+    app.include_router(resample.router)
+    app.include_router(quality.router)
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

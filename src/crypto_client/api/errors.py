@@ -3,6 +3,9 @@
 from fastapi import Request
 from starlette.responses import JSONResponse
 
+from crypto_client.config import Settings
+from crypto_client.db.repository import PriceReader
+
 
 class UnknownTickerError(Exception):
     """A ticker neither configured nor stored: a typo must not look like "no data yet"."""
@@ -22,3 +25,9 @@ class UnknownTickerError(Exception):
 def unknown_ticker_response(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UnknownTickerError)
     return JSONResponse({"detail": exc.detail}, status_code=404)
+
+
+async def require_known(reader: PriceReader, settings: Settings, ticker: str) -> None:
+    """`UnknownTickerError` for a ticker neither configured nor stored (nor tracked)."""
+    if ticker not in settings.tickers and not await reader.is_known(ticker):
+        raise UnknownTickerError(ticker)

@@ -14,8 +14,13 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from crypto_client import exact_json, metrics
 from crypto_client.api import live
 from crypto_client.api.deps import LatestCacheDep, ReadDatabaseDep, SettingsDep, reject_repeated_parameters
-from crypto_client.api.errors import UnknownTickerError
+from crypto_client.api.errors import require_known as _require_known
 from crypto_client.api.pagination import decode_cursor, invalid_parameter, next_page_link
+from crypto_client.api.responses import INVALID as _INVALID
+from crypto_client.api.responses import PAGED as _PAGED
+from crypto_client.api.responses import UNAVAILABLE as _UNAVAILABLE
+from crypto_client.api.responses import UNKNOWN as _UNKNOWN
+from crypto_client.api.responses import JSONBytes
 from crypto_client.api.schemas import (
     CANDLE_SECONDS,
     WEEK_ORIGIN,
@@ -36,17 +41,22 @@ from crypto_client.api.schemas import (
     SnapshotQuery,
     TickerOut,
     TickerQuery,
-    ValidationErrorOut,
 )
 from crypto_client.config import Settings
 from crypto_client.coverage import measure
 from crypto_client.db.engine import is_database_unavailable
-from crypto_client.db.repository import CSV_HEADER, PriceReader
+from crypto_client.db.repository import CSV_HEADER, ExportFormat, PriceReader
 from crypto_client.domain import MAX_TS, PriceRow
+from crypto_client.export.parquet import ParquetStream, table_of
 
 log = structlog.get_logger(__name__)
 
 EXPORT_BATCH_ROWS = 10_000
+_EXPORT_TYPES = {
+    "csv": ("csv", "text/csv"),
+    "ndjson": ("ndjson", "application/x-ndjson"),
+    "parquet": ("parquet", "application/vnd.apache.parquet"),
+}
 
 COVERAGE_WINDOW_SECONDS = 86_400
 
@@ -65,27 +75,9 @@ _MAX_SEQ = 2**63 - 1
 # not "now": it must not pin the newest price at age 0 while nothing is stored any more.
 FUTURE_TS_TOLERANCE_SECONDS = 5
 
-_INVALID: dict[int | str, dict[str, Any]] = {
-    422: {"model": ValidationErrorOut, "description": "A parameter is missing, unknown or invalid."}
-}
-_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorOut, "description": "The database cannot be reached."}
-}
-_UNKNOWN: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorOut, "description": "The ticker is neither configured nor stored (see /tickers)."}
-}
-_PAGED: dict[str, Any] = {
-    "description": 'Rows oldest first. A `Link: <...>; rel="next"` header is present when more rows follow.',
-    "headers": {"Link": {"description": "RFC 8288 link to the next page.", "schema": {"type": "string"}}},
-}
-
 router = APIRouter(dependencies=[Depends(reject_repeated_parameters)])
 # Routes whose parameters may repeat by design (`/prices/snapshot?ticker=a&ticker=b`).
 repeatable_router = APIRouter()
-
-
-class JSONBytes(Response):
-    media_type = "application/json"
 
 
 def _json(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONBytes:
@@ -103,12 +95,6 @@ def _with_age(row: PriceRow, now: float) -> dict[str, Any]:
 def _fresh_until(now: float) -> int:
     """The newest `ts` that counts as a current price at `now`."""
     return int(now) + FUTURE_TS_TOLERANCE_SECONDS
-
-
-async def _require_known(reader: PriceReader, settings: Settings, ticker: str) -> None:
-    """`UnknownTickerError` for a ticker neither configured nor stored (nor tracked)."""
-    if ticker not in settings.tickers and not await reader.is_known(ticker):
-        raise UnknownTickerError(ticker)
 
 
 def _resume_point(last_event_id: str | None) -> int | None:
@@ -399,13 +385,13 @@ async def prometheus_metrics(database: ReadDatabaseDep, settings: SettingsDep) -
     responses={
         200: {
             "description": "The whole range as a file, streamed oldest first.",
-            "content": {"text/csv": {}, "application/x-ndjson": {}},
+            "content": {"text/csv": {}, "application/x-ndjson": {}, "application/vnd.apache.parquet": {}},
         },
         **_UNKNOWN,
         **_INVALID,
         **_UNAVAILABLE,
     },
-    summary="A ticker's prices in a range as CSV or NDJSON, streamed",
+    summary="A ticker's prices in a range as CSV, NDJSON or Parquet, streamed",
 )
 async def export(
     query: Annotated[ExportQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
@@ -414,7 +400,11 @@ async def export(
     async with database.reader() as reader:
         await _require_known(reader, settings, query.ticker)
 
-    async def batches() -> AsyncIterator[str]:
+    # Parquet is made from the CSV batches (the database's exact price text).
+    parquet = ParquetStream() if query.format == "parquet" else None
+    batch_format: ExportFormat = "csv" if query.format == "parquet" else query.format
+
+    async def batches() -> AsyncIterator[str | bytes]:
         # Keyset batches, each on a connection of its own: memory stays bounded whatever the
         # range, and a client that leaves stops the export between two batches.
         start: int | None = lower
@@ -425,12 +415,20 @@ async def export(
             while start is not None:
                 async with database.reader() as reader:
                     page = await reader.export_batch(
-                        query.ticker, query.format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
+                        query.ticker, batch_format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
                     )
-                if page.text:
+                if parquet is not None:
+                    # Whole row groups only: `add` keeps smaller batches for the next one.
+                    groups = parquet.add(table_of(page.text)) if page.text else b""
+                    if groups:
+                        yield groups
+                elif page.text:
                     yield page.text + "\n"
                 rows_sent += page.rows
                 start = page.next_ts
+            if parquet is not None:
+                # The footer: without it (a cut body) no reader takes the file for whole.
+                yield parquet.finish()
         except Exception as exc:
             # The status line (200) is long sent: what is left is to end the body so that no
             # client takes it for the whole file. NDJSON gets an error line a line reader
@@ -456,9 +454,7 @@ async def export(
                 yield exact_json.dumps(problem).decode() + "\n"
             raise
 
-    extension, media_type = (
-        ("csv", "text/csv") if query.format == "csv" else ("ndjson", "application/x-ndjson")
-    )
+    extension, media_type = _EXPORT_TYPES[query.format]
     name = f"{query.ticker}_{lower}_{query.to_ts if query.to_ts is not None else 'now'}.{extension}"
     return StreamingResponse(
         batches(),

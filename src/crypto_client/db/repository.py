@@ -108,6 +108,11 @@ class PriceReader:
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
 
+    @property
+    def connection(self) -> AsyncConnection:
+        """For the readers of other table families (db/resample.py), on the same connection."""
+        return self._connection
+
     async def ping(self) -> None:
         """Fails unless this connection can read `price_ticks` (reachable, migrated, allowed)."""
         await self._connection.execute(_PING)
