@@ -4,6 +4,7 @@ of the primary key, bounded memory whatever the range)."""
 import io
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -142,5 +143,5 @@ class ParquetStream:
         return self._sink.take()
 
 
-def write_file(path: str, table: pa.Table) -> None:
+def write_file(path: Path, table: pa.Table) -> None:
     pq.write_table(table.unify_dictionaries().combine_chunks(), path, **WRITER_OPTIONS)

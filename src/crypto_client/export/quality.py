@@ -154,6 +154,7 @@ class Span:
     window: tuple[int, int] | None  # the first and last expected slot
     first_day: int | None  # None: no day to report
     last_day: int
+    last_row_ts: int | None  # the newest row within the bounds
 
 
 async def span_of(
@@ -184,11 +185,12 @@ async def span_of(
         for ts in (None if last_in is None else last_in.ts, None if window is None else window[1])
         if ts is not None
     ]
+    last_row_ts = None if last_in is None else last_in.ts
     if not firsts:
-        return Span(window, None, 0)
+        return Span(window, None, 0, last_row_ts)
     first = max(lower, min(firsts))
     last = min(upper, max(lasts))
-    return Span(window, first - first % DAY_SECONDS, last - last % DAY_SECONDS)
+    return Span(window, first - first % DAY_SECONDS, last - last % DAY_SECONDS, last_row_ts)
 
 
 async def day_rows(open_reader: OpenReader, ticker: str, lower: int, upper: int) -> pa.Table:
