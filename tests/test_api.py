@@ -218,6 +218,8 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
         "/prices/at",
         "/prices/snapshot",
         "/prices/export",
+        "/prices/resample",
+        "/quality",
     }
     assert {"200", "404", "422", "503"} <= set(paths["/prices/latest"]["get"]["responses"])
     params = {p["name"] for p in paths["/prices/range"]["get"]["parameters"]}

@@ -67,7 +67,7 @@ def test_no_input_breaks_the_api(api_url: str) -> None:
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result.err()
         operations.append(result.ok())
-    assert len(operations) == 13
+    assert len(operations) == 15
 
     for operation in operations:
         if operation.path == "/prices/stream":
