@@ -12,7 +12,6 @@ from crypto_client.api.pagination import decode_cursor, next_page_link
 from crypto_client.api.responses import INVALID, PAGED, UNAVAILABLE, UNKNOWN, JSONBytes
 from crypto_client.api.schemas import QualityOut, QualityQuery
 from crypto_client.domain import DAY_SECONDS, MAX_TS
-from crypto_client.export.quality import report_day, span_of
 
 router = APIRouter(dependencies=[Depends(reject_repeated_parameters)])
 
@@ -34,6 +33,9 @@ async def quality(
     database: ReadDatabaseDep,
     settings: SettingsDep,
 ) -> JSONBytes:
+    # pyarrow costs some 50 MB in every API process: only one that answers this loads it.
+    from crypto_client.export.quality import report_day, span_of
+
     interval = settings.ingest_interval_seconds
     lower = query.from_ts or 0
     upper = MAX_TS if query.to_ts is None else query.to_ts

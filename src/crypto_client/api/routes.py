@@ -4,7 +4,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
@@ -47,7 +47,9 @@ from crypto_client.coverage import measure
 from crypto_client.db.engine import is_database_unavailable
 from crypto_client.db.repository import CSV_HEADER, ExportFormat, PriceReader
 from crypto_client.domain import MAX_TS, PriceRow
-from crypto_client.export.parquet import ParquetStream, table_of
+
+if TYPE_CHECKING:
+    from crypto_client.export.parquet import ParquetStream
 
 log = structlog.get_logger(__name__)
 
@@ -380,6 +382,13 @@ async def prometheus_metrics(database: ReadDatabaseDep, settings: SettingsDep) -
     return Response(metrics.exposition(families), media_type=metrics.CONTENT_TYPE)
 
 
+def _parquet_stream() -> "ParquetStream":
+    # pyarrow costs some 50 MB in every API process: only one that exports Parquet loads it.
+    from crypto_client.export.parquet import ParquetStream
+
+    return ParquetStream()
+
+
 @router.get(
     "/prices/export",
     responses={
@@ -401,7 +410,7 @@ async def export(
         await _require_known(reader, settings, query.ticker)
 
     # Parquet is made from the CSV batches (the database's exact price text).
-    parquet = ParquetStream() if query.format == "parquet" else None
+    parquet = _parquet_stream() if query.format == "parquet" else None
     batch_format: ExportFormat = "csv" if query.format == "parquet" else query.format
 
     async def batches() -> AsyncIterator[str | bytes]:
@@ -419,7 +428,7 @@ async def export(
                     )
                 if parquet is not None:
                     # Whole row groups only: `add` keeps smaller batches for the next one.
-                    groups = parquet.add(table_of(page.text)) if page.text else b""
+                    groups = parquet.add(page.text) if page.text else b""
                     if groups:
                         yield groups
                 elif page.text:

@@ -121,7 +121,9 @@ class ParquetStream:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
-    def add(self, table: pa.Table) -> bytes:
+    def add(self, csv_lines: str) -> bytes:
+        """Take an export batch (as `table_of`); returns the bytes of any row group it completed."""
+        table = table_of(csv_lines)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         if self._pending_rows < ROW_GROUP_ROWS:
