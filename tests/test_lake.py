@@ -157,3 +157,10 @@ async def test_lake_shows_a_progress_bar_on_a_terminal(
     assert "3/3" in shown.stderr
     quiet = export(db_url, tmp_path / "quiet")
     assert "3/3" not in quiet.stderr
+
+
+def test_lake_of_an_unmigrated_database_is_one_line(tmp_path: Path) -> None:
+    done = export(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path / "lake")
+    assert done.returncode == 1
+    assert "cannot read the database: no such table: price_ticks" in done.stderr
+    assert "Traceback" not in done.stderr

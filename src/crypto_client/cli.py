@@ -287,6 +287,8 @@ def export(
     Files of closed, complete days are final: a rerun checks their sha256 and leaves them;
     other days are rewritten. Exits 1 when a final file is missing or changed.
     """
+    from sqlalchemy.exc import DBAPIError
+
     from crypto_client.db.engine import create_engine
     from crypto_client.db.repository import PriceReader
     from crypto_client.domain import MAX_TS, parse_ticker
@@ -326,7 +328,13 @@ def export(
         finally:
             await engine.dispose()
 
-    result = asyncio.run(run())
+    try:
+        result = asyncio.run(run())
+    except DBAPIError as exc:
+        first_line = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+        raise _fail(
+            f"cannot read the database: {first_line}", "is it migrated? (`crypto-client migrate`)"
+        ) from None
     typer.echo(
         f"{file_format} lake in {out}: {result.written} files written, {result.unchanged} final files"
         f" unchanged, {result.removed} removed"
