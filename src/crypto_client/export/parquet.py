@@ -42,7 +42,8 @@ WRITER_OPTIONS: dict[str, object] = {
     },
 }
 _CSV_COLUMNS = CSV_HEADER.split(",")
-_CSV_READ = pa_csv.ReadOptions(column_names=_CSV_COLUMNS)
+# One thread: the batches are small, and the database and the server share the cores.
+_CSV_READ = pa_csv.ReadOptions(column_names=_CSV_COLUMNS, use_threads=False)
 _CSV_CONVERT = pa_csv.ConvertOptions(
     column_types={"ticker": pa.string(), "ts": pa.int64(), "price": pa.string(), "source": pa.string()},
     strings_can_be_null=False,
