@@ -238,6 +238,8 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
         "/prices/snapshot",
         "/prices/export",
         "/settlements",
+        "/prices/resample",
+        "/quality",
     }
     assert {"200", "404", "422", "503"} <= set(paths["/prices/latest"]["get"]["responses"])
     params = {p["name"] for p in paths["/prices/range"]["get"]["parameters"]}

@@ -326,3 +326,51 @@ async def test_the_dashboard_asks_for_a_key_once_and_streams_with_it(
             timeout=10_000,
         )
         await page.close()
+
+
+def grade(completeness: float | None) -> str:
+    """The cell class calendar.js gives a day of this completeness."""
+    if completeness is None:
+        return "none"
+    for least, name in ((1, "complete"), (0.99, "high"), (0.9, "medium")):
+        if completeness >= least:
+            return name
+    return "low" if completeness > 0 else "empty"
+
+
+async def test_the_calendar_strip_shows_each_days_completeness_from_quality(
+    api: ApiServer, browser: Browser, seeded: dict[str, Any]
+) -> None:
+    page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+    await page.goto(api.url + "/")
+    await ready(page)
+    await page.wait_for_function("() => window.dashboard.calendar.ready", timeout=10_000)
+    calendar = (await state(page))["calendar"]
+    assert calendar["ticker"] == "btc_usd"
+    today = int(time.time()) // 86_400 * 86_400
+    report = api.get("/quality", ticker="btc_usd", from_ts=today - 29 * 86_400).json()
+    assert [(d["day"], d["completeness"]) for d in calendar["days"]] == [
+        (d["day"], d["completeness"]) for d in report["days"]
+    ]
+    # Six hours with five slots missing: the day holding the gap is not complete.
+    cells = page.locator("#calendar li.day")
+    assert await cells.count() == len(report["days"]) >= 1
+    classes = [await cells.nth(i).get_attribute("class") for i in range(await cells.count())]
+    assert classes == [f"day {grade(d['completeness'])}" for d in report["days"]]
+    assert "day complete" not in classes or len(classes) == 2
+    missing = sum(d["missing_slots"] for d in report["days"])
+    # The gap, plus the slots completed since the seeded rows end (nothing is ingesting).
+    trailing = (int(time.time()) // 60 * 60 - 60 - (seeded["gap_start"] + 2 * 3600)) // 60
+    assert GAP_SLOTS <= missing <= GAP_SLOTS + trailing
+    label = await cells.last.get_attribute("aria-label")
+    last = report["days"][-1]
+    assert label is not None
+    assert f"{last['day']}:" in label
+    assert f"of {last['expected_slots']} slots" in label
+    # Another ticker: the strip follows the chart.
+    await page.locator('tr[data-ticker="eth_usd"] button').click()
+    await page.wait_for_function("() => window.dashboard.calendar.ticker === 'eth_usd'", timeout=10_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.locator('tr[data-ticker="btc_usd"] button').click()
+    await page.wait_for_function("() => window.dashboard.calendar.ticker === 'btc_usd'", timeout=10_000)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-calendar.png"), full_page=True)

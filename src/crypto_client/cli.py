@@ -8,9 +8,9 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import structlog
 import typer
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = structlog.get_logger("crypto_client.cli")
+
+if TYPE_CHECKING:
+    from crypto_client.export.lake import LakeRun
 
 
 def _show_version(value: bool) -> None:
@@ -467,6 +470,82 @@ def backfill(
         )
         typer.echo(line + (f"  FAILED: {report.error}" if report.error else ""))
     raise typer.Exit(0 if all(report.ok for report in reports) else 1)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="The lake's folder (created when missing).")],
+    file_format: Annotated[
+        Literal["parquet"], typer.Option("--format", help="The files' format (parquet).")
+    ] = "parquet",
+    ticker: Annotated[
+        list[str] | None,
+        typer.Option("--ticker", help="A ticker to export (repeatable; default: every stored one)."),
+    ] = None,
+    from_ts: Annotated[int | None, typer.Option(min=0, help="Export rows from this UNIX time on.")] = None,
+    to_ts: Annotated[int | None, typer.Option(min=0, help="Export rows up to this UNIX time.")] = None,
+) -> None:
+    """Write the history as a data lake: DIR/<ticker>/<YYYY-MM-DD>.parquet and DIR/manifest.json.
+
+    Files of closed, complete days are final: a rerun checks their sha256 and leaves them;
+    other days are rewritten. Exits 1 when a final file is missing or changed.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from crypto_client.db.engine import create_engine
+    from crypto_client.db.reader import PriceReader
+    from crypto_client.domain import MAX_TS, parse_ticker
+    from crypto_client.export.lake import terminal_progress, write_lake
+    from crypto_client.startup import database_need
+
+    settings = _settings()
+    try:
+        tickers = list(dict.fromkeys(parse_ticker(name) for name in ticker)) if ticker else None
+    except ValueError as exc:
+        typer.echo(f"crypto-client: --ticker: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if (from_ts is not None and from_ts > MAX_TS) or (to_ts is not None and to_ts > MAX_TS):
+        raise _fail(f"--from-ts and --to-ts must not exceed {MAX_TS}")
+    if from_ts is not None and to_ts is not None and from_ts > to_ts:
+        raise _fail(f"--from-ts ({from_ts}) must not be after --to-ts ({to_ts})")
+    _require([database_need(settings, reading=True)])
+
+    async def run() -> "LakeRun":
+        engine = create_engine(settings.database_read_url_value, read_only=True)
+
+        @contextlib.asynccontextmanager
+        async def open_reader() -> AsyncIterator[PriceReader]:
+            async with engine.connect() as connection:
+                yield PriceReader(connection)
+
+        try:
+            with terminal_progress() as progress:
+                return await write_lake(
+                    open_reader,
+                    out,
+                    tickers,
+                    interval=settings.ingest_interval_seconds,
+                    from_ts=from_ts,
+                    to_ts=to_ts,
+                    progress=progress,
+                )
+        finally:
+            await engine.dispose()
+
+    try:
+        result = asyncio.run(run())
+    except DBAPIError as exc:
+        first_line = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+        raise _fail(
+            f"cannot read the database: {first_line}", "is it migrated? (`crypto-client migrate`)"
+        ) from None
+    typer.echo(
+        f"{file_format} lake in {out}: {result.written} files written, {result.unchanged} final files"
+        f" unchanged, {result.removed} removed"
+    )
+    for problem in result.problems:
+        typer.echo(f"crypto-client: {problem}", err=True)
+    raise typer.Exit(1 if result.problems else 0)
 
 
 @app.command()

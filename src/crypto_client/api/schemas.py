@@ -137,7 +137,28 @@ class SnapshotQuery(_Query):
 
 
 class ExportQuery(TimeBoundsQuery):
-    format: Literal["csv", "ndjson"] = Field(default="csv", description="csv (with a header line) or ndjson.")
+    format: Literal["csv", "ndjson", "parquet"] = Field(
+        default="csv", description="csv (with a header line), ndjson, or parquet (row groups)."
+    )
+
+
+FillPolicy = Literal["none", "null", "prev"]
+
+
+class ResampleQuery(TimeBoundsQuery):
+    interval: CandleInterval = Field(description="Bucket size; weeks start on Monday 00:00 UTC.")
+    fill: FillPolicy = Field(
+        default="none",
+        description="Empty buckets: none omits them, null gives them a null price, prev carries "
+        "the last earlier price forward (as of the bucket's start).",
+    )
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Buckets per page.")] = 1000
+    cursor: Cursor = None
+
+
+class QualityQuery(TimeBoundsQuery):
+    limit: Annotated[int, Field(ge=1, le=1000, description="UTC days per page.")] = 100
+    cursor: Cursor = None
 
 
 class CandleOut(BaseModel):
@@ -148,6 +169,63 @@ class CandleOut(BaseModel):
     close: ExactPrice = Field(description="The price of the bucket's last row by ts.")
     count: int = Field(description="Rows in the bucket.")
     backfilled: int = Field(description="How many of them were back-filled.")
+
+
+class ResampleOut(BaseModel):
+    ts: int = Field(description="The bucket's start, UNIX seconds.")
+    price: ExactPrice | None = Field(
+        description="The price of the bucket's last row by ts; for a filled bucket the carried "
+        "price (fill=prev) or null (fill=null, or nothing earlier to carry)."
+    )
+    count: int = Field(description="Rows in the bucket (0 for a filled one).")
+    backfilled: int = Field(description="How many of them were back-filled from Deribit's history.")
+    trade: int = Field(description="How many of them came from trades.")
+    filled: bool = Field(description="The bucket had no row: its price is the fill policy's.")
+
+
+class JumpOut(BaseModel):
+    ts: int = Field(description="The later row's ts.")
+    previous_ts: int
+    previous_price: ExactPrice
+    price: ExactPrice
+    change: ExactPrice = Field(description="price - previous_price (may be negative).")
+    relative: float = Field(description="change / previous_price.")
+
+
+class GapSpanOut(BaseModel):
+    from_ts: int = Field(description="Start of the first missing slot.")
+    to_ts: int = Field(description="Last second of the last missing slot.")
+    slots: int
+
+
+class SourceDifferenceOut(BaseModel):
+    minute_ts: int = Field(description="The minute's start.")
+    poll: ExactPrice = Field(description="The polled price in that minute.")
+    other: ExactPrice = Field(description="The chart (backfill) or trade price in that minute.")
+    other_source: str
+    difference: ExactPrice = Field(description="|poll - other|.")
+
+
+class QualityDayOut(BaseModel):
+    day: str = Field(description="The UTC day, YYYY-MM-DD.", examples=["2026-12-01"])
+    from_ts: int = Field(description="The day's first second.")
+    expected_slots: int
+    stored_slots: dict[str, int] = Field(description="Expected slots with a row, by the row's source.")
+    missing_slots: int
+    completeness: float | None = Field(description="Stored over expected slots; null when none expected.")
+    rows: int = Field(description="Rows in the day, expected slots or not.")
+    first_ts: int | None
+    last_ts: int | None
+    longest_gap: GapSpanOut | None
+    largest_absolute_jump: JumpOut | None
+    largest_relative_jump: JumpOut | None
+    largest_source_difference: SourceDifferenceOut | None
+
+
+class QualityOut(BaseModel):
+    ticker: str
+    interval_seconds: int
+    days: list[QualityDayOut]
 
 
 class SnapshotOut(BaseModel):

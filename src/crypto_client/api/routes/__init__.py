@@ -15,6 +15,8 @@ from crypto_client.api.routes import (
     metrics,
     pages,
     prices,
+    quality,
+    resample,
     settlements,
     stream,
     tickers,
@@ -22,7 +24,7 @@ from crypto_client.api.routes import (
 
 # A parameter given twice is a 422 here (`reject_repeated_parameters`).
 checked = APIRouter(dependencies=[Depends(reject_repeated_parameters)])
-for module in (prices, candles, export, coverage, settlements, tickers, health, metrics):
+for module in (prices, candles, resample, export, coverage, quality, settlements, tickers, health, metrics):
     checked.include_router(module.router)
 
 router = APIRouter()

@@ -1,7 +1,7 @@
-"""A ticker's prices in a range as a CSV or NDJSON file, streamed in keyset batches."""
+"""A ticker's prices in a range as a CSV, NDJSON or Parquet file, streamed in keyset batches."""
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 from fastapi import APIRouter, Query
@@ -13,14 +13,30 @@ from crypto_client.api.errors import require_known
 from crypto_client.api.limits import ExportSlot
 from crypto_client.api.responses import INVALID, UNAVAILABLE, UNKNOWN
 from crypto_client.api.schemas import ExportQuery
-from crypto_client.db.pages import CSV_HEADER
+from crypto_client.db.pages import CSV_HEADER, ExportFormat
 from crypto_client.domain import MAX_TS
 
+if TYPE_CHECKING:
+    from crypto_client.export.parquet import ParquetStream
+
 log = structlog.get_logger(__name__)
+
+_EXPORT_TYPES = {
+    "csv": ("csv", "text/csv"),
+    "ndjson": ("ndjson", "application/x-ndjson"),
+    "parquet": ("parquet", "application/vnd.apache.parquet"),
+}
 
 EXPORT_BATCH_ROWS = 10_000
 
 router = APIRouter()
+
+
+def _parquet_stream() -> "ParquetStream":
+    # pyarrow costs some 50 MB in every API process: only one that exports Parquet loads it.
+    from crypto_client.export.parquet import ParquetStream
+
+    return ParquetStream()
 
 
 @router.get(
@@ -29,13 +45,13 @@ router = APIRouter()
     responses={
         200: {
             "description": "The whole range as a file, streamed oldest first.",
-            "content": {"text/csv": {}, "application/x-ndjson": {}},
+            "content": {"text/csv": {}, "application/x-ndjson": {}, "application/vnd.apache.parquet": {}},
         },
         **UNKNOWN,
         **INVALID,
         **UNAVAILABLE,
     },
-    summary="A ticker's prices in a range as CSV or NDJSON, streamed",
+    summary="A ticker's prices in a range as CSV, NDJSON or Parquet, streamed",
 )
 async def export(
     query: Annotated[ExportQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
@@ -44,7 +60,11 @@ async def export(
     async with database.reader() as reader:
         await require_known(reader, settings, query.ticker)
 
-    async def batches() -> AsyncIterator[str]:
+    # Parquet is made from the CSV batches (the database's exact price text).
+    parquet = _parquet_stream() if query.format == "parquet" else None
+    batch_format: ExportFormat = "csv" if query.format == "parquet" else query.format
+
+    async def batches() -> AsyncIterator[str | bytes]:
         # Keyset batches, each on a connection of its own: memory stays bounded whatever the
         # range, and a client that leaves stops the export between two batches.
         start: int | None = lower
@@ -55,12 +75,20 @@ async def export(
             while start is not None:
                 async with database.reader() as reader:
                     page = await reader.export_batch(
-                        query.ticker, query.format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
+                        query.ticker, batch_format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
                     )
-                if page.text:
+                if parquet is not None:
+                    # Whole row groups only: `add` keeps smaller batches for the next one.
+                    groups = parquet.add(page.text) if page.text else b""
+                    if groups:
+                        yield groups
+                elif page.text:
                     yield page.text + "\n"
                 rows_sent += page.rows
                 start = page.next_ts
+            if parquet is not None:
+                # The footer: without it (a cut body) no reader takes the file for whole.
+                yield parquet.finish()
         except Exception as exc:
             # The status line (200) is long sent: what is left is to end the body so that no
             # client takes it for the whole file. NDJSON gets an error line a line reader
@@ -86,9 +114,7 @@ async def export(
                 yield exact_json.dumps(problem).decode() + "\n"
             raise
 
-    extension, media_type = (
-        ("csv", "text/csv") if query.format == "csv" else ("ndjson", "application/x-ndjson")
-    )
+    extension, media_type = _EXPORT_TYPES[query.format]
     name = f"{query.ticker}_{lower}_{query.to_ts if query.to_ts is not None else 'now'}.{extension}"
     return StreamingResponse(
         batches(),
