@@ -43,6 +43,9 @@ async def api(engine: AsyncEngine, db_url: str) -> AsyncIterator[httpx.AsyncClie
         ("/prices/stream", {}),
         ("/prices/export", {"format": "ndjson"}),
         ("/coverage", {}),
+        ("/prices/resample", {"interval": "1h", "from_ts": 0, "to_ts": 86_400}),
+        ("/quality", {"from_ts": 0, "to_ts": 86_400}),
+        ("/settlements", {}),
     ],
 )
 async def test_an_unknown_ticker_is_the_same_404_on_every_endpoint(

@@ -1,9 +1,10 @@
-"""The SDK against endpoints other branches are building: `/prices/resample` and `/quality`
-(issue 26), `/settlements` (issue 25), API keys and 429 (issue 27). Written against the
-contracts in those issues; each is skipped only until its endpoint lands on this branch."""
+"""The SDK against `/prices/resample` and `/quality` (issue 26), `/settlements` (issue 25), and
+an API that requires keys and limits their rate (issue 27)."""
 
 import datetime
 import json
+import subprocess
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from crypto_client_sdk import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crypto_client.db.settlements import Settlement as DbSettlement
+from crypto_client.db.settlements import Settlements
 from crypto_client.db.writer import write_transaction
-from tests.support.services import ApiServer
+from tests.support.services import ApiServer, crypto_client
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +45,6 @@ def raw_pages(api: ApiServer, path: str, **params: Any) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.skip(reason="waits for GET /prices/resample (issue 26)")
 async def test_resample_fills_as_asked(api: ApiServer, engine: AsyncEngine) -> None:
     # 5-minute buckets over 30 minutes; minutes 10 to 19 (buckets 2 and 3) have no rows.
     await store(engine, [("btc_usd", f"{m}.10", BASE_TS + 60 * m) for m in range(30) if not 10 <= m < 20])
@@ -67,7 +69,6 @@ async def test_resample_fills_as_asked(api: ApiServer, engine: AsyncEngine) -> N
     ]
 
 
-@pytest.mark.skip(reason="waits for GET /quality (issue 26)")
 async def test_quality_reports_each_day(api: ApiServer, engine: AsyncEngine) -> None:
     # A tracked day of minutes with the last hour missing: 1,380 of 1,440 slots.
     await store(engine, [("btc_usd", f"{m}.5", BASE_TS + 60 * m) for m in range(1380)])
@@ -83,10 +84,13 @@ async def test_quality_reports_each_day(api: ApiServer, engine: AsyncEngine) -> 
     assert days[0].completeness == Decimal("0.958333")
 
 
-@pytest.mark.skip(reason="waits for GET /settlements (issue 25)")
-async def test_settlements_are_exact_and_paged(api: ApiServer) -> None:
-    # Issue 25 fills the settlement table from the simulator's get_delivery_prices on first run:
-    # this compares the SDK's walk with the raw pages of whatever the server holds.
+async def test_settlements_are_exact_and_paged(api: ApiServer, engine: AsyncEngine) -> None:
+    prices = [
+        DbSettlement(datetime.date(2026, 1, day), Decimal(price))
+        for day, price in ((1, "87512.40"), (2, "0.00000015"), (3, "88001"), (4, "87999.9999"), (5, "1"))
+    ]
+    async with write_transaction(engine) as writer:
+        await Settlements(writer.connection).store("btc_usd", prices)
     literal = raw_pages(api, "/settlements", ticker="btc_usd", limit=3)
     with Client(api.url, page_size=3) as client:
         walked = list(client.settlements("btc_usd"))
@@ -103,25 +107,27 @@ async def test_settlements_are_exact_and_paged(api: ApiServer) -> None:
     assert since == walked[1:]
 
 
-# The setting issue 27 is to add for the accepted keys, and a limit low enough to reach.
-API_KEYS_SETTING = "API_KEYS"
-RATE_LIMIT_SETTING = "API_RATE_LIMIT_PER_MINUTE"
-
-
-@pytest.mark.skip(reason="waits for API keys and 429 with Retry-After (issue 27)")
 async def test_the_api_key_is_sent_and_a_429_is_retried_after_its_wait(
     postgresql_url: str, engine: AsyncEngine, tmp_path: Path
 ) -> None:
     await store(engine, [("btc_usd", "2291.40", BASE_TS)])
-    env = {**api_env(postgresql_url), API_KEYS_SETTING: "sdk-test-key", RATE_LIMIT_SETTING: "2"}
-    with ApiServer.command("api", env, tmp_path) as api:
+    created = subprocess.run(
+        crypto_client("keys", "create", f"sdk-{time.time_ns()}"),
+        env={"DATABASE_URL": postgresql_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = created.stdout.strip()
+    env = {**api_env(postgresql_url), "API_KEYS_REQUIRED": "true", "API_RATE_LIMIT": "2/second"}
+    with ApiServer.command("api", env, tmp_path, ready_path="/livez") as api:
         with Client(api.url) as anonymous, pytest.raises(Unauthorized):
             list(anonymous.prices("btc_usd"))
         no_retries = RetryPolicy(max_retries=0)
-        with Client(api.url, api_key="sdk-test-key", retry=no_retries) as client:
+        with Client(api.url, api_key=key, retry=no_retries) as client:
             assert [p.price for p in client.prices("btc_usd")] == [Decimal("2291.40")]
             with pytest.raises(RateLimited) as limited:
                 [list(client.prices("btc_usd")) for _ in range(5)]
         assert limited.value.retry_after is not None
-        with Client(api.url, api_key="sdk-test-key", retry=RetryPolicy(max_retries=3)) as patient:
+        with Client(api.url, api_key=key, retry=RetryPolicy(max_retries=3)) as patient:
             assert [p.price for p in patient.prices("btc_usd")] == [Decimal("2291.40")]

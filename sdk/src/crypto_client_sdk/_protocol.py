@@ -124,7 +124,7 @@ def settlements_of(body: Any) -> list[Settlement]:
     return [Settlement(datetime.date.fromisoformat(s["date"]), exact(s["delivery_price"])) for s in body]
 
 
-_QUALITY_FIELDS = ("date", "expected_slots", "stored_slots", "missing_slots", "completeness")
+_QUALITY_FIELDS = ("day", "expected_slots", "stored_slots", "missing_slots", "completeness")
 
 
 def quality_of(body: Any) -> list[QualityDay]:
@@ -132,11 +132,11 @@ def quality_of(body: Any) -> list[QualityDay]:
     days = body["days"] if isinstance(body, Mapping) else body
     return [
         QualityDay(
-            date=datetime.date.fromisoformat(d["date"]),
+            date=datetime.date.fromisoformat(d["day"]),
             expected_slots=d["expected_slots"],
             stored_slots=d["stored_slots"],
             missing_slots=d["missing_slots"],
-            completeness=exact(d["completeness"]),
+            completeness=None if d["completeness"] is None else exact(d["completeness"]),
             figures={k: v for k, v in d.items() if k not in _QUALITY_FIELDS},
         )
         for d in days

@@ -102,7 +102,7 @@ class QualityDay:
     expected_slots: int
     stored_slots: Mapping[str, int]
     missing_slots: int
-    completeness: Decimal
+    completeness: Decimal | None  # None for a day with no expected slot
     figures: Mapping[str, Any]
 
 

@@ -6,9 +6,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from crypto_client import exact_json
-from crypto_client.api.deps import ReadDatabaseDep
+from crypto_client.api.deps import ReadDatabaseDep, SettingsDep
+from crypto_client.api.errors import require_known
 from crypto_client.api.pagination import decode_cursor, next_page_link
-from crypto_client.api.responses import INVALID, PAGED, UNAVAILABLE, JSONBytes
+from crypto_client.api.responses import INVALID, PAGED, UNAVAILABLE, UNKNOWN, JSONBytes
 from crypto_client.api.schemas import SettlementOut, SettlementQuery
 from crypto_client.db.settlements import Settlements
 from crypto_client.domain import DAY_SECONDS
@@ -25,11 +26,14 @@ def _day_ts(day: date) -> int:
 @router.get(
     "/settlements",
     response_model=list[SettlementOut],
-    responses={200: PAGED, **INVALID, **UNAVAILABLE},
+    responses={200: PAGED, **UNKNOWN, **INVALID, **UNAVAILABLE},
     summary="Daily settlement (delivery) prices of a ticker, oldest first, paged",
 )
 async def list_settlements(
-    request: Request, query: Annotated[SettlementQuery, Query()], database: ReadDatabaseDep
+    request: Request,
+    query: Annotated[SettlementQuery, Query()],
+    database: ReadDatabaseDep,
+    settings: SettingsDep,
 ) -> JSONBytes:
     lower = query.from_ or _FIRST_DAY
     if query.cursor is not None:
@@ -39,6 +43,7 @@ async def list_settlements(
             datetime.fromtimestamp(decode_cursor(query.cursor) // DAY_SECONDS * DAY_SECONDS, UTC).date(),
         )
     async with database.reader() as reader:
+        await require_known(reader, settings, query.ticker)
         page = await Settlements(reader.connection).page(
             query.ticker, lower, query.to or _LAST_DAY, limit=query.limit
         )
