@@ -1,6 +1,8 @@
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.clients.deribit.http import DeribitHttpClient
@@ -78,3 +80,15 @@ def throwaway_pg() -> Iterator[ThrowawayPostgres]:
     server = ThrowawayPostgres()
     yield server
     server.destroy()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that configure logging in this process: put the usual handler and structlog's
+    defaults back, so that later tests' `capture_logs` sees their lines."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()

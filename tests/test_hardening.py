@@ -66,6 +66,7 @@ async def test_head_is_answered_on_every_get_route(engine: AsyncEngine, db_url: 
             assert head.headers["content-type"] == get.headers["content-type"], path
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_control_characters_are_escaped_in_text_logs(capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging("INFO", "text")
     logging.getLogger("crypto_client.test").info("request %s", "/prices\x1b[2J\x07")

@@ -162,5 +162,5 @@ async def test_lake_shows_a_progress_bar_on_a_terminal(
 def test_lake_of_an_unmigrated_database_is_one_line(tmp_path: Path) -> None:
     done = export(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path / "lake")
     assert done.returncode == 1
-    assert "cannot read the database: no such table: price_ticks" in done.stderr
+    assert "it is not migrated yet: run `crypto-client migrate`" in done.stderr
     assert "Traceback" not in done.stderr

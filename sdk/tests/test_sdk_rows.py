@@ -85,7 +85,7 @@ async def test_unknown_ticker_and_bad_parameters_raise_with_the_servers_detail(a
             list(client.candles("btc_usd", "7m"))
     assert unknown.value.status == 404
     assert unknown.value.detail == (
-        "unknown ticker 'doge_usd': it is neither configured nor stored; /tickers lists them"
+        "unknown ticker 'doge_usd': it is neither configured nor stored; GET /tickers lists the known ones"
     )
     assert no_price.value.detail == "no price stored for ticker 'btc_usd' yet"
     assert bounds.value.status == 422

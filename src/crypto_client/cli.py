@@ -439,8 +439,6 @@ def backfill(
     except ValueError as exc:
         typer.echo(f"crypto-client: --ticker: {exc}", err=True)
         raise typer.Exit(2) from None
-    _require([database_need(settings)])
-    _require_data_origin(settings)
 
     if since is None and until is not None:
         typer.echo("crypto-client: --until needs --since", err=True)
@@ -454,6 +452,9 @@ def backfill(
         if last is not None and last < first:
             typer.echo("crypto-client: --until is before --since", err=True)
             raise typer.Exit(2)
+    _require([database_need(settings)])
+    _require_data_origin(settings)
+    if since is not None:
         raise typer.Exit(history_command.run(settings, tickers, first, last, dry_run))
 
     async def run() -> list[BackfillReport]:

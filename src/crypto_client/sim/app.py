@@ -206,8 +206,9 @@ class Simulator:
             case "negative_price":
                 return (ts_ms, Decimal("-1.5"))
             case _:  # "string_price"
-                text = price.contents if isinstance(price, orjson.Fragment) else str(price)
-                return (ts_ms, text if isinstance(text, str) else text.decode())
+                # A served price is kept as its JSON literal (a Fragment): dumping it gives the text.
+                text = orjson.dumps(price).decode() if isinstance(price, orjson.Fragment) else str(price)
+                return (ts_ms, text)
 
     async def answer(
         self,
