@@ -1,7 +1,7 @@
 # Developer shortcuts; each target is one command you could type yourself.
 # Statement coverage of the test process itself (servers the tests start run uncovered).
 COVERAGE_FLOOR = 67
-EMBEDDED_TESTS = tests/test_api.py tests/test_repository.py tests/test_queries.py tests/test_migrations.py
+EMBEDDED_TESTS = tests/api/test_api.py tests/db/test_repository.py tests/db/test_queries.py tests/db/test_migrations.py
 .PHONY: lint docs format test test-embedded test-fast bench-smoke bench serve sim
 
 lint:  ## ruff, formatting and mypy --strict, as CI runs them

@@ -11,7 +11,7 @@ STATIC = Path(__file__).parent.parent / "static"
 _DASHBOARD = (STATIC / "dashboard" / "index.html").read_text()
 # The dashboard loads only its own files, talks only to this API, and is never framed. The
 # one inline style is the vendored chart library's attribution logo, allowed by its hash
-# (tests/test_dashboard.py fails on any CSP violation, so a library upgrade that changes it
+# (tests/api/test_dashboard.py fails on any CSP violation, so a library upgrade that changes it
 # is caught).
 _CHART_LOGO_STYLE = "'sha256-3pRED1tOXas1FXFoPb9TGCjmYe9XQsmO9OV23khV2nY='"
 DASHBOARD_CSP = (

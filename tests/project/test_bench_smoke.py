@@ -10,7 +10,7 @@ from tests.support.databases import pg_admin_url
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke_run_writes_a_complete_report(postgresql_url: str) -> None:

@@ -23,7 +23,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)]
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 GAP_SLOTS = 5
 
 
@@ -185,7 +185,7 @@ def test_the_page_and_its_chart_library_are_served_offline(api: ApiServer) -> No
     assert "https://cdn" not in page.text
     library = api.get("/static/lightweight-charts/lightweight-charts.standalone.production.js")
     assert library.status_code == 200
-    vendored = Path(__file__).resolve().parent.parent / "src/crypto_client/api/static/lightweight-charts"
+    vendored = Path(__file__).resolve().parents[2] / "src/crypto_client/api/static/lightweight-charts"
     assert "Apache License" in (vendored / "LICENSE").read_text()
     recorded = (vendored / "VERSION").read_text()
     assert hashlib.sha256(library.content).hexdigest() in recorded  # the pinned file, unedited

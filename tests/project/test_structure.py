@@ -9,7 +9,7 @@ from crypto_client.api.schemas import PriceOut
 from crypto_client.config import Settings, SettingsError, load_settings
 from crypto_client.domain import PriceRow
 
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "crypto_client"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "crypto_client"
 
 
 def imported_modules(directory: Path) -> set[str]:

@@ -121,7 +121,7 @@ async def test_api_docs_are_served_without_a_network(db_url: str) -> None:
             response = await api.get(asset)
             assert response.status_code == 200, asset
             assert len(response.content) > 100
-    static = Path(__file__).resolve().parent.parent / "src/crypto_client/api/static/swagger-ui"
+    static = Path(__file__).resolve().parents[2] / "src/crypto_client/api/static/swagger-ui"
     assert "Apache License" in (static / "LICENSE").read_text()
 
 

@@ -14,7 +14,7 @@ from typer.main import get_command
 from crypto_client.cli import app
 from crypto_client.config import Settings, load_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 APP_SERVICES = ("migrate", "api", "worker", "beat", "stream")
