@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import cached_property
 from itertools import pairwise
 
 import structlog
@@ -230,13 +231,22 @@ def _usable(ticker: str, range_name: str, points: Sequence[HistoryPoint]) -> lis
     return usable
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: the cached properties keep their values in __dict__
 class _Answer:
     """One range's answer: its usable points and what they say about a slot without one."""
 
     range_name: str
     reach: int | None
     points: list[tuple[int, Decimal]]
+
+    @cached_property
+    def times(self) -> list[int]:
+        return [ts_ms for ts_ms, _ in self.points]
+
+    @cached_property
+    def spacing(self) -> float:
+        """The usual distance between points, in ms (asked once per slot: computed once)."""
+        return statistics.median(b - a for a, b in pairwise(self.times))
 
     def first_point_per_slot(self, slots: set[int], interval: int) -> dict[int, tuple[int, Decimal]]:
         chosen: dict[int, tuple[int, Decimal]] = {}
@@ -253,7 +263,7 @@ class _Answer:
         where = f"range {self.range_name}"
         if self.reach is not None and now - slot > self.reach:
             return "not_repairable", f"older than Deribit's history reaches ({where})"
-        times = [ts_ms for ts_ms, _ in self.points]
+        times = self.times
         if not times:
             return "history_unavailable", f"Deribit's history ({where}) answered no usable point"
         after = bisect_left(times, slot * 1000)
@@ -267,7 +277,7 @@ class _Answer:
                 "history_unavailable",
                 f"Deribit's history ({where}) ends before the slot, at {_iso(times[-1] / 1000)}",
             )
-        spacing = statistics.median(b - a for a, b in pairwise(times))
+        spacing = self.spacing
         hole = times[after] - times[after - 1]
         apart = f"points about {spacing / 1000:g} s apart"
         if hole <= _HOLE_FACTOR * spacing:
