@@ -46,8 +46,8 @@ def test_a_missing_run_is_split_by_the_recorded_reasons() -> None:
     ]
 
 
-async def tick_at_next_slot(runtime: IngestionRuntime) -> int:
-    slot = current_slot(1) + 1
+async def tick_at(runtime: IngestionRuntime, slot: int) -> int:
+    """The tick of `slot`, run once the slot has begun (at once if it already has)."""
     await asyncio.sleep(max(0.0, slot - time.time()))
     await runtime.run_tick(slot)
     return slot
@@ -75,11 +75,13 @@ async def test_failed_slots_are_listed_then_back_filled_exactly(
     )
     async with DeribitHttpClient(sim.rpc_url, timeout=2, max_retries=0) as client:
         runtime = IngestionRuntime(settings, engine, client, client)
-        await tick_at_next_slot(runtime)
+        first = await tick_at(runtime, current_slot(1) + 1)
         sim.faults(TICKER, outage=True)
-        failed = [await tick_at_next_slot(runtime) for _ in range(3)]
+        # Consecutive slots whatever the machine's load: a tick that finds Deribit down fails
+        # the same way, late or not.
+        failed = [await tick_at(runtime, first + n) for n in (1, 2, 3)]
         sim.reset()
-        await tick_at_next_slot(runtime)
+        await tick_at(runtime, first + 4)
         await asyncio.sleep(max(0.0, current_slot(1) + 1.05 - time.time()))  # the last slot is complete
     before = await polled_rows(engine)
 
