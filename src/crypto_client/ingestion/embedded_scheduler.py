@@ -12,7 +12,8 @@ import structlog
 from crypto_client.config import Settings
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.jobs import JOBS, PeriodicJob
-from crypto_client.ingestion.runtime import StreamHealth, open_runtime
+from crypto_client.ingestion.runtime import open_runtime
+from crypto_client.ingestion.stream_consumer import StreamHealth
 from crypto_client.ingestion.tick import WRITING, TickSummary
 
 log = structlog.get_logger(__name__)
