@@ -1,7 +1,8 @@
-"""What every ingestion runner opens: the write engine and the price source, closed together.
+"""What every ingestion runner opens: the write engine and the price sources, closed together.
 
-The embedded scheduler, the Celery task, `crypto-client ingest` and the benchmark all open an
-`IngestionRuntime`, so pool sizes, clients and shutdown are decided here once.
+The embedded scheduler, the Celery tasks, `crypto-client ingest` and the benchmark all open an
+`IngestionRuntime`, so pool sizes, sources and shutdown are decided here once. The sources
+come from `clients/factory.py`; this module sees only their protocols.
 """
 
 import asyncio
