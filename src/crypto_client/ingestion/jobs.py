@@ -105,7 +105,3 @@ JOBS: tuple[PeriodicJob[Any], ...] = (
     # Deribit's daily delivery prices (at start and each UTC midnight).
     PeriodicJob("update-settlements", lambda _: SETTLEMENTS_INTERVAL_SECONDS, _settle, _settlement_counts),
 )
-
-
-def job_named(name: str) -> PeriodicJob[Any]:
-    return next(job for job in JOBS if job.name == name)
