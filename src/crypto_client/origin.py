@@ -7,6 +7,7 @@ this project's simulator says so itself in a response header, on whatever host a
 runs; its URL alone proves nothing.
 """
 
+from typing import Protocol
 from urllib.parse import urlsplit
 
 SIMULATOR_ORIGIN = "simulator"
@@ -39,3 +40,15 @@ def origin_of(url: str, *, simulator: bool) -> str:
 def is_deribit_host(url: str) -> bool:
     """Whether `url` names one of Deribit's own hosts, whose origin is known without asking."""
     return (urlsplit(url).hostname or "").lower() in _DERIBIT_HOSTS
+
+
+class OriginSource(Protocol):
+    """What a price source tells about itself (every source in `clients/` does)."""
+
+    @property
+    def origin(self) -> str: ...
+
+    @property
+    def answered(self) -> bool:
+        """Whether `origin` is the server's word (it has answered), not only its URL's."""
+        ...

@@ -13,7 +13,7 @@ from crypto_client.api.app import create_app
 from crypto_client.config import Settings, load_settings
 from crypto_client.db import migrations
 from crypto_client.ingestion.embedded_scheduler import embedded_ingestion
-from crypto_client.ingestion.runtime import StreamHealth
+from crypto_client.ingestion.stream_consumer import StreamHealth
 from crypto_client.logging import setup_logging
 
 

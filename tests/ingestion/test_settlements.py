@@ -11,7 +11,7 @@ from crypto_client.db.models import PriceTick, SettlementPrice
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.sim.history import TradeHistory
 from crypto_client.sim.prices import PriceWalk
-from crypto_client.worker.celery_app import SETTLEMENTS_TASK, celery_app
+from crypto_client.worker.celery_app import celery_app
 from tests.support.api import api_client
 from tests.support.services import SimServer
 from tests.support.settings import make_settings
@@ -100,6 +100,6 @@ async def test_settlement_prices_are_exact_paged_and_kept_current(
 
 def test_the_daily_job_is_a_beat_entry_that_expires() -> None:
     entry = celery_app.conf.beat_schedule["update-settlements"]
-    assert entry["task"] == SETTLEMENTS_TASK
+    assert entry["task"] == "crypto_client.update_settlements"
     assert entry["schedule"].interval_seconds == 86_400
     assert entry["options"]["expires"] == 86_400

@@ -102,23 +102,20 @@ def _module_level_imports(path: Path, modules: set[str]) -> set[str]:
     return found & modules
 
 
-def test_ingestion_depends_on_the_price_source_protocol_not_a_client() -> None:
-    tick_imports = imported_modules(PACKAGE / "ingestion") - {"crypto_client.ingestion.runtime"}
-    # Only the runtime, which chooses the source, may name a concrete client.
-    runtime = ast.parse((PACKAGE / "ingestion" / "runtime.py").read_text())
-    others = {
-        node.module
-        for path in (PACKAGE / "ingestion").glob("*.py")
-        if path.name != "runtime.py"
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module
+def test_only_the_source_factory_names_a_concrete_client() -> None:
+    """A second exchange is a new client package and a choice in `clients/factory.py`:
+    ingestion, the worker and the commands see only the protocols of `clients/source.py`."""
+    concrete = ("crypto_client.clients.deribit",)
+    namers = {
+        path.relative_to(PACKAGE).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if not path.is_relative_to(PACKAGE / "clients" / "deribit")
+        if any(module.startswith(concrete) for module in imported_modules_of(path))
     }
-    assert not any(module.startswith("crypto_client.clients.deribit") for module in others)
-    assert any(
-        isinstance(node, ast.ImportFrom) and node.module == "crypto_client.clients.deribit.http"
-        for node in ast.walk(runtime)
-    )
-    assert "crypto_client.clients.source" in tick_imports
+    assert namers == {"clients/factory.py"}
+    ingestion_imports = imported_modules(PACKAGE / "ingestion")
+    assert "crypto_client.clients.source" in ingestion_imports
+    assert "crypto_client.clients.factory" in ingestion_imports
 
 
 def test_price_objects_have_one_shape() -> None:

@@ -19,9 +19,9 @@ TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
 
 _PUBLISH = """
 from crypto_client.worker.celery_app import celery_app
-from crypto_client.worker.tasks import ingest_tick_task
+from crypto_client.worker.tasks import TASKS
 options = celery_app.conf.beat_schedule["ingest-tick"]["options"]
-print(ingest_tick_task.apply_async(**options).id)
+print(TASKS["ingest-tick"].apply_async(**options).id)
 """
 
 

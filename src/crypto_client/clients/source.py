@@ -1,13 +1,17 @@
-"""What ingestion needs from a price source, whatever its transport.
+"""What ingestion needs from a price source, whatever its transport or exchange.
 
-A new source (a WebSocket stream, another exchange) implements `PriceSource`; ingestion
-never imports a concrete client.
+A polled source implements `PolledSource` (current prices, its own history, who it is), a
+stream implements `StreamingSource`; `clients/factory.py` builds the configured ones, and
+ingestion never imports a concrete client.
 """
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
+
+from crypto_client.origin import OriginSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +66,32 @@ class PriceSource(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class PolledSource(PriceSource, HistorySource, OriginSource, Protocol):
+    """A source asked for its prices once per slot, which can also tell its history."""
+
+
+OnObservation = Callable[[Observation], Awaitable[None]]
+
+
+class StreamingSource(OriginSource, Protocol):
+    """A source that pushes its prices: one connection, made again whenever it drops."""
+
+    @property
+    def connected(self) -> asyncio.Event:
+        """Set while a connection is up and subscribed."""
+        ...
+
+    @property
+    def reconnects(self) -> int: ...
+
+    @property
+    def prices(self) -> int:
+        """Prices delivered so far, over every connection."""
+        ...
+
+    async def run(self, tickers: Sequence[str], on_observation: OnObservation) -> None:
+        """Deliver the prices of `tickers` to `on_observation` until cancelled; an error other
+        than the connection's own ends it (the runner starts a new source)."""
+        ...

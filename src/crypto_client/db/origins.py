@@ -9,7 +9,7 @@ refused all the same. Engines without a declared origin (tools, tests) are not c
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Protocol
+from typing import ClassVar, NamedTuple
 
 import structlog
 from sqlalchemy import inspect, select
@@ -18,23 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
 from crypto_client.db.tables import data_origin
+from crypto_client.origin import OriginSource
 
 log = structlog.get_logger(__name__)
 
 _OPTION = "crypto_client_writer_origin"
 OVERRIDE_SETTING = "ALLOW_ORIGIN_CHANGE"
-
-
-class OriginSource(Protocol):
-    """What a price source tells about itself (`clients.deribit`'s clients do)."""
-
-    @property
-    def origin(self) -> str: ...
-
-    @property
-    def answered(self) -> bool:
-        """Whether `origin` is the server's word (it has answered), not only its URL's."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

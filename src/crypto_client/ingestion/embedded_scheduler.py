@@ -1,17 +1,19 @@
-"""The embedded scheduler: ingestion in `crypto-client serve`'s own process, without Celery."""
+"""The embedded scheduler: the periodic jobs (`ingestion.jobs.JOBS`) in `crypto-client serve`'s
+own process, without Celery."""
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 
 from crypto_client.config import Settings
 from crypto_client.domain import current_slot
-from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
-from crypto_client.ingestion.runtime import StreamHealth, open_runtime
-from crypto_client.ingestion.settlements import SETTLEMENTS_INTERVAL_SECONDS
+from crypto_client.ingestion.jobs import JOBS, PeriodicJob
+from crypto_client.ingestion.runtime import open_runtime
+from crypto_client.ingestion.stream_consumer import StreamHealth
 from crypto_client.ingestion.tick import WRITING, TickSummary
 
 log = structlog.get_logger(__name__)
@@ -83,47 +85,37 @@ def _deribit_unreachable(summary: TickSummary) -> bool:
 @asynccontextmanager
 async def embedded_ingestion(
     settings: Settings, stream_health: StreamHealth | None = None
-) -> AsyncIterator[IntervalScheduler]:
-    """Ingest every interval, repair recent gaps every `BACKFILL_INTERVAL_SECONDS`, keep
-    the storage (partitions, `RETENTION_DAYS`) every hour and the settlement prices every
-    day (at start and each UTC midnight), until the context exits (the
-    database must be migrated). With `STREAM_ENABLED` the stream consumer runs too, its
-    state in `stream_health`."""
+) -> AsyncIterator[None]:
+    """Run every job of `JOBS` on its period (the ingest tick every interval, the repair every
+    `BACKFILL_INTERVAL_SECONDS`, the storage upkeep every hour, the settlement prices every
+    day), until the context exits (the database must be migrated). With `STREAM_ENABLED` the
+    stream consumer runs too, its state in `stream_health`."""
     async with open_runtime(settings) as runtime:
         offline_said = False
 
-        async def tick(slot: int) -> TickSummary:
+        def say_once_if_offline(result: object) -> None:
             nonlocal offline_said
-            summary = await runtime.run_tick(slot)
-            if not offline_said and _deribit_unreachable(summary):
+            if not offline_said and isinstance(result, TickSummary) and _deribit_unreachable(result):
                 offline_said = True
                 log.warning(
                     "Deribit is unreachable: no price can be fetched. Without internet, "
                     "`crypto-client serve --simulate` is the offline demo",
                     deribit=settings.deribit_rpc_url,
                     setting="DERIBIT_RPC_URL",
-                    error=summary.outcomes[0].error,
+                    error=result.outcomes[0].error,
                 )
-            return summary
 
-        scheduler = IntervalScheduler(settings.ingest_interval_seconds, tick)
-        schedulers = [scheduler]
-        if settings.backfill_interval_seconds:
+        def runner(job: PeriodicJob[Any]) -> Callable[[int], Awaitable[object]]:
+            async def run(slot: int) -> object:
+                result = await job.run(runtime, slot)
+                say_once_if_offline(result)
+                return result
 
-            async def repair(_slot: int) -> object:
-                return await runtime.repair_recent()
+            return run
 
-            schedulers.append(IntervalScheduler(settings.backfill_interval_seconds, repair))
-
-        async def maintain(_slot: int) -> object:
-            return await runtime.maintain_storage()
-
-        schedulers.append(IntervalScheduler(MAINTENANCE_INTERVAL_SECONDS, maintain))
-
-        async def settle(_slot: int) -> object:
-            return await runtime.update_settlements()
-
-        schedulers.append(IntervalScheduler(SETTLEMENTS_INTERVAL_SECONDS, settle))
+        schedulers = [
+            IntervalScheduler(period, runner(job)) for job in JOBS if (period := job.period_seconds(settings))
+        ]
         for each in schedulers:
             each.start()
         stream = (
@@ -138,7 +130,7 @@ async def embedded_ingestion(
             tickers=settings.tickers,
         )
         try:
-            yield scheduler
+            yield
         finally:
             if stream is not None:
                 stream.cancel()

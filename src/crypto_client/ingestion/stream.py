@@ -12,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.clients.source import Observation
 from crypto_client.domain import NewPrice, current_slot
 from crypto_client.ingestion.clock import SourceClock
-from crypto_client.ingestion.tick import TickerOutcome, WriteResult, count_outcomes, log_lost, place, store
+from crypto_client.ingestion.outcomes import TickerOutcome, count_outcomes
+from crypto_client.ingestion.placement import place
+from crypto_client.ingestion.storage import WriteResult, log_lost, store
 
 log = structlog.get_logger(__name__)
 

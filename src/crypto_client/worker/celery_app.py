@@ -17,14 +17,11 @@ from celery.schedules import schedstate, schedule
 from crypto_client import metrics
 from crypto_client.config import Settings, get_settings
 from crypto_client.domain import current_slot
-from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
-from crypto_client.ingestion.settlements import SETTLEMENTS_INTERVAL_SECONDS
+from crypto_client.ingestion.jobs import JOBS
 from crypto_client.logging import setup_logging
 
-INGEST_TASK = "crypto_client.ingest_tick"
-BACKFILL_TASK = "crypto_client.repair_recent"
-MAINTENANCE_TASK = "crypto_client.maintain_storage"
-SETTLEMENTS_TASK = "crypto_client.update_settlements"
+# The tasks that run once per slot: the slot is stamped on the message when it is published.
+SLOT_JOBS = {job.task: job for job in JOBS if job.claims_slot}
 SLOT_HEADER = "slot_ts"
 # A running tick refreshes its Redis claim every CLAIM_REFRESH_SECONDS; a claim not refreshed
 # for CLAIM_TTL_SECONDS belongs to a dead worker and may be taken over.
@@ -103,35 +100,16 @@ celery_app.conf.update(
     # Our setup_logging() formats every line; Celery must not replace the root handler.
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
+    # One entry per job of the table; a run not started within its period is dropped, not
+    # piled up behind others (the next one supersedes it).
     beat_schedule={
-        "ingest-tick": {
-            "task": INGEST_TASK,
-            "schedule": SlotSchedule(settings.ingest_interval_seconds),
-            # A tick not started within its own slot is dropped, not piled up behind others.
-            "options": {"expires": settings.ingest_interval_seconds},
-        },
-        **(
-            {
-                "repair-recent": {
-                    "task": BACKFILL_TASK,
-                    "schedule": SlotSchedule(settings.backfill_interval_seconds),
-                    # A repair that waited a whole period is superseded by the next one.
-                    "options": {"expires": settings.backfill_interval_seconds},
-                }
-            }
-            if settings.backfill_interval_seconds
-            else {}
-        ),
-        "maintain-storage": {
-            "task": MAINTENANCE_TASK,
-            "schedule": SlotSchedule(MAINTENANCE_INTERVAL_SECONDS),
-            "options": {"expires": MAINTENANCE_INTERVAL_SECONDS},
-        },
-        "update-settlements": {
-            "task": SETTLEMENTS_TASK,
-            "schedule": SlotSchedule(SETTLEMENTS_INTERVAL_SECONDS),
-            "options": {"expires": SETTLEMENTS_INTERVAL_SECONDS},
-        },
+        job.name: {
+            "task": job.task,
+            "schedule": SlotSchedule(period),
+            "options": {"expires": period},
+        }
+        for job in JOBS
+        if (period := job.period_seconds(settings))
     },
 )
 
@@ -146,8 +124,9 @@ def _setup_logging(**_kwargs: Any) -> None:
 def _stamp_slot(sender: str | None = None, headers: dict[str, Any] | None = None, **_kwargs: Any) -> None:
     # The slot is fixed when the tick is published, so a redelivered message reruns the same
     # slot rather than the one current when it finally runs.
-    if sender == INGEST_TASK and headers is not None:
-        headers.setdefault(SLOT_HEADER, current_slot(settings.ingest_interval_seconds))
+    job = SLOT_JOBS.get(sender or "")
+    if job is not None and headers is not None:
+        headers.setdefault(SLOT_HEADER, current_slot(job.period_seconds(settings)))
 
 
 @signals.worker_init.connect
@@ -200,7 +179,7 @@ def _forget_pool_process(**_kwargs: Any) -> None:
 def _report_expired_tick(request: Any = None, expired: bool = False, **_kwargs: Any) -> None:
     # Celery discards an expired message with a debug line; a slot that was never ingested
     # must be visible.
-    if expired and getattr(request, "name", None) == INGEST_TASK:
+    if expired and getattr(request, "name", None) in SLOT_JOBS:
         headers = getattr(request, "request_dict", None) or {}
         log.warning(
             "tick expired before a worker ran it: slot not ingested",

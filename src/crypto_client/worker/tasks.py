@@ -1,4 +1,5 @@
-"""The Celery task: claims its slot in Redis and runs the shared ingestion function.
+"""The Celery tasks, one per job of `ingestion.jobs.JOBS`: the ingest tick claims its slot in
+Redis, every other job takes a lock, and each runs the same function as the embedded scheduler.
 
 Celery tasks are synchronous and the ingestion is async, so every worker process keeps one
 event loop of its own, with its own engine and HTTP client bound to that loop. Sharing one
@@ -20,17 +21,11 @@ from celery import Task, signals
 from redis.exceptions import RedisError
 
 from crypto_client.domain import current_slot
-from crypto_client.ingestion.maintenance import MAINTENANCE_INTERVAL_SECONDS
+from crypto_client.ingestion.jobs import JOBS, PeriodicJob
 from crypto_client.ingestion.runtime import IngestionRuntime, open_runtime
-from crypto_client.ingestion.settlements import SETTLEMENTS_INTERVAL_SECONDS
-from crypto_client.ingestion.tick import TickSummary
 from crypto_client.worker.celery_app import (
-    BACKFILL_TASK,
     CLAIM_REFRESH_SECONDS,
     CLAIM_TTL_SECONDS,
-    INGEST_TASK,
-    MAINTENANCE_TASK,
-    SETTLEMENTS_TASK,
     SLOT_HEADER,
     celery_app,
     settings,
@@ -81,84 +76,71 @@ def _close_runtime(**_kwargs: Any) -> None:
     runtime.runner.close()
 
 
-@celery_app.task(name=INGEST_TASK, bind=True)
-def ingest_tick_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
-    slot_ts = self.request.get(SLOT_HEADER) or current_slot(settings.ingest_interval_seconds)
-    task_id = str(self.request.id)
-    runtime = _process_runtime()
-    with structlog.contextvars.bound_contextvars(
-        task_id=task_id,
-        slot_ts=slot_ts,
-        redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
-    ):
-        log.info("task started", task=INGEST_TASK, tickers=list(settings.tickers))
-        # The runner would otherwise reuse the context of its first run, with stale task ids.
-        summary = runtime.runner.run(_run_claimed(runtime, int(slot_ts), task_id), context=copy_context())
-        if summary is None:
-            return None
-        counts = {status: summary.count(status) for status in ("stored", "duplicate", "failed")}
-        level = log.info if summary.ok else log.error
-        level(
-            "task finished", task=INGEST_TASK, duration_ms=round(summary.duration_seconds * 1000, 1), **counts
-        )
-        return counts
+TaskResult = dict[str, int] | None
 
 
-@celery_app.task(name=BACKFILL_TASK, bind=True)
-def repair_recent_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
-    runtime = _process_runtime()
+def _slot_task(job: PeriodicJob[Any]) -> Callable[[Task[[], TaskResult]], TaskResult]:
+    """The task of a job that runs once per slot: it claims its slot, then runs."""
 
-    async def repair() -> dict[str, int]:
-        reports = await runtime.ingestion.repair_recent() or []
-        return {
-            "filled": sum(report.filled for report in reports),
-            "not_repairable": sum(report.not_repairable for report in reports),
-            "history_unavailable": sum(report.history_unavailable for report in reports),
-            "failed_tickers": sum(1 for report in reports if not report.ok),
-        }
+    def run_slot(self: Task[[], TaskResult]) -> TaskResult:
+        period = job.period_seconds(settings)
+        slot_ts = int(self.request.get(SLOT_HEADER) or current_slot(period))
+        task_id = str(self.request.id)
+        runtime = _process_runtime()
+        with structlog.contextvars.bound_contextvars(
+            task_id=task_id,
+            slot_ts=slot_ts,
+            redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
+        ):
+            log.info("task started", task=job.task, tickers=list(settings.tickers))
+            # The runner would otherwise reuse the context of its first run, with stale task ids.
+            work = _run_claimed(runtime, job, slot_ts, task_id)
+            ran = runtime.runner.run(work, context=copy_context())
+            if ran is None:
+                return None
+            counts, duration_seconds = ran
+            level = log.error if counts.get("failed") else log.info
+            level(
+                "task finished",
+                task=job.task,
+                duration_ms=round(duration_seconds * 1000, 1),
+                **counts,
+            )
+            return counts
 
-    lock = _Lock("crypto-client:repair-recent", max(60, settings.backfill_interval_seconds))
-    return _run_locked(runtime, lock, str(self.request.id), repair)
+    return run_slot
 
 
-@celery_app.task(name=MAINTENANCE_TASK, bind=True)
-def maintain_storage_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
-    runtime = _process_runtime()
+def _locked_task(job: PeriodicJob[Any]) -> Callable[[Task[[], TaskResult]], TaskResult]:
+    """The task of every other job: it runs unless another worker holds the job's lock."""
 
-    async def maintain() -> dict[str, int]:
-        report = await runtime.ingestion.maintain_storage()
-        return {"created": len(report.created), "dropped": len(report.dropped), "deleted": report.deleted}
+    def run_locked(self: Task[[], TaskResult]) -> TaskResult:
+        runtime = _process_runtime()
+        task_id = str(self.request.id)
 
-    lock = _Lock("crypto-client:maintain-storage", MAINTENANCE_INTERVAL_SECONDS)
-    return _run_locked(runtime, lock, str(self.request.id), maintain)
+        async def work() -> dict[str, int]:
+            return job.summarise(await job.run(runtime.ingestion, int(time.time())))
+
+        lock = _Lock(job.lock_key, job.lock_seconds(settings))
+        with structlog.contextvars.bound_contextvars(task_id=task_id):
+            return runtime.runner.run(_locked(runtime, lock, task_id, work), context=copy_context())
+
+    return run_locked
 
 
-@celery_app.task(name=SETTLEMENTS_TASK, bind=True)
-def update_settlements_task(self: Task[[], dict[str, int] | None]) -> dict[str, int] | None:
-    runtime = _process_runtime()
-
-    async def settle() -> dict[str, int]:
-        reports = await runtime.ingestion.update_settlements()
-        return {
-            "stored": sum(report.stored for report in reports),
-            "failed_tickers": sum(1 for report in reports if report.error is not None),
-        }
-
-    lock = _Lock("crypto-client:update-settlements", SETTLEMENTS_INTERVAL_SECONDS)
-    return _run_locked(runtime, lock, str(self.request.id), settle)
+# Every job of the table is a task, by its name.
+TASKS = {
+    job.name: celery_app.task(name=job.task, bind=True)(
+        _slot_task(job) if job.claims_slot else _locked_task(job)
+    )
+    for job in JOBS
+}
 
 
 @dataclass(frozen=True)
 class _Lock:
     key: str
     ttl_seconds: int
-
-
-def _run_locked(
-    runtime: _ProcessRuntime, lock: _Lock, task_id: str, work: Callable[[], Awaitable[dict[str, int]]]
-) -> dict[str, int] | None:
-    with structlog.contextvars.bound_contextvars(task_id=task_id):
-        return runtime.runner.run(_locked(runtime, lock, task_id, work), context=copy_context())
 
 
 async def _locked(
@@ -181,8 +163,11 @@ async def _locked(
                 await runtime.redis.delete(lock.key)
 
 
-async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> TickSummary | None:
-    """Run the slot's tick unless another live task holds it or has already done it."""
+async def _run_claimed(
+    runtime: _ProcessRuntime, job: PeriodicJob[Any], slot_ts: int, task_id: str
+) -> tuple[dict[str, int], float] | None:
+    """Run the slot's job unless another live task holds the slot or has already done it:
+    the job's counts and how long it took."""
     key = f"crypto-client:ingest-slot:{slot_ts}"
     running = f"running:{task_id}"
     try:
@@ -196,13 +181,15 @@ async def _run_claimed(runtime: _ProcessRuntime, slot_ts: int, task_id: str) -> 
 
     heartbeat = asyncio.create_task(_keep_claim(runtime.redis, key, running))
     try:
-        summary = await runtime.ingestion.run_tick(slot_ts)
+        started = time.monotonic()
+        counts = job.summarise(await job.run(runtime.ingestion, slot_ts))
+        duration_seconds = time.monotonic() - started
     finally:
         heartbeat.cancel()
     with suppress(RedisError):
         # Remember the slot as done for a while so a late duplicate does not fetch again.
-        await runtime.redis.set(key, f"done:{task_id}", ex=max(60, 2 * settings.ingest_interval_seconds))
-    return summary
+        await runtime.redis.set(key, f"done:{task_id}", ex=max(60, 2 * job.period_seconds(settings)))
+    return counts, duration_seconds
 
 
 async def _claim(redis: aioredis.Redis, key: str, running: str) -> bool:
