@@ -16,9 +16,10 @@ import pytest
 from limits import parse
 
 from crypto_client.api import auth
-from crypto_client.api.client_address import client_address, parse_networks
+from crypto_client.api.client_address import client_address
 from crypto_client.api.quotas import Quotas
 from crypto_client.db.api_keys import ApiKeyRow
+from crypto_client.setting_values import parse_networks
 from tests.support.api import api_client
 from tests.support.services import ApiServer, ThrowawayRedis, crypto_client, free_port
 from tests.support.settings import make_settings

@@ -27,13 +27,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import MutableHeaders
 from starlette.types import Message, Receive, Scope, Send
 
-from crypto_client.api.client_address import Network, client_address, parse_networks
+from crypto_client.api.client_address import client_address
 from crypto_client.api.middleware import HttpMiddleware
 from crypto_client.api.quotas import ConcurrencyCaps, Quotas, Verdict, request_cost
 from crypto_client.config import Settings
 from crypto_client.db import api_keys
 from crypto_client.db.api_keys import ApiKeyRow
 from crypto_client.db.engine import create_engine, is_database_unavailable
+from crypto_client.setting_values import Network, parse_networks
 
 log = structlog.get_logger(__name__)
 

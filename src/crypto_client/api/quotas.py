@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import structlog
-from limits import RateLimitItem, parse_many
+from limits import RateLimitItem
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
+
+# Re-exported: the `keys` command checks a key's own limit with it.
+from crypto_client.setting_values import parse_rate_limit as parse_rate_limit
 
 log = structlog.get_logger(__name__)
 
@@ -29,17 +32,6 @@ EXPENSIVE_COST = 10
 _EXPENSIVE_PATHS = frozenset({"/prices/export", "/prices/resample"})
 STREAM_PATHS = frozenset({"/prices/stream"})
 EXPORT_PATHS = frozenset({"/prices/export"})
-
-
-def parse_rate_limit(text: str) -> tuple[RateLimitItem, ...]:
-    """`100/second;10000/hour` as limits; raises `ValueError` saying what is wrong."""
-    try:
-        items = tuple(parse_many(text))
-    except ValueError:
-        items = ()
-    if not items:
-        raise ValueError(f"{text!r} is not a rate limit: e.g. 100/second or 100/second;10000/hour")
-    return items
 
 
 def request_cost(path: str, query_string: bytes) -> int:
