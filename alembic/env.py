@@ -7,8 +7,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
 from crypto_client.config import get_settings
-from crypto_client.db.engine import async_url
 from crypto_client.db.models import Base
+from crypto_client.setting_values import async_url
 
 config = context.config
 # `crypto-client migrate` configures logging itself; the plain `alembic` command uses the ini's.

@@ -10,10 +10,13 @@ from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from crypto_client.api.client_address import parse_networks
-from crypto_client.api.quotas import parse_rate_limit
-from crypto_client.db.engine import check_broker_url, check_database_url
 from crypto_client.domain import DAY_SECONDS, parse_ticker
+from crypto_client.setting_values import (
+    check_broker_url,
+    check_database_url,
+    parse_networks,
+    parse_rate_limit,
+)
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///crypto-client.db"
 # `serve --simulate`'s default: made-up prices never go into the real default file.

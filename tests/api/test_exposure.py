@@ -16,9 +16,10 @@ import pytest
 from limits import parse
 
 from crypto_client.api import auth
-from crypto_client.api.client_address import client_address, parse_networks
+from crypto_client.api.client_address import client_address
 from crypto_client.api.quotas import Quotas
 from crypto_client.db.api_keys import ApiKeyRow
+from crypto_client.setting_values import parse_networks
 from tests.support.api import api_client
 from tests.support.services import ApiServer, ThrowawayRedis, crypto_client, free_port
 from tests.support.settings import make_settings
@@ -198,6 +199,37 @@ def test_expensive_requests_cost_more_and_streams_are_capped_per_key(
         assert "at most 1" in second_stream.json()["detail"]
 
 
+async def test_the_openapi_document_says_what_the_guard_asks(sqlite_url: str) -> None:
+    """With keys required: a key in either header for every operation, none for the open
+    paths, and the 401 documented; each operation answers without a key as its entry says.
+    Without keys the document declares nothing."""
+    async with api_client(make_settings(sqlite_url, api_keys_required=True)) as client:
+        document = (await client.get("/openapi.json")).json()
+        schemes = document["components"]["securitySchemes"]
+        assert (schemes["bearerKey"]["type"], schemes["bearerKey"]["scheme"]) == ("http", "bearer")
+        header = schemes["headerKey"]
+        assert (header["type"], header["in"], header["name"]) == ("apiKey", "header", "X-API-Key")
+        assert document["security"] == [{"bearerKey": []}, {"headerKey": []}]  # either one
+        open_paths = set()
+        for path, operations in document["paths"].items():
+            keyless = await client.get(path)
+            for operation in operations.values():
+                if operation.get("security") == []:
+                    open_paths.add(path)
+                    assert keyless.status_code in (200, 503), path
+                else:
+                    assert keyless.status_code == 401, path
+                    assert operation["responses"]["401"]["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorOut"
+                    }
+        assert open_paths == {"/health", "/livez", "/readyz"}
+        assert "ErrorOut" in document["components"]["schemas"]
+    async with api_client(make_settings(sqlite_url)) as client:
+        document = (await client.get("/openapi.json")).json()
+    assert "securitySchemes" not in document["components"]
+    assert "security" not in document
+
+
 async def test_forwarded_for_is_believed_only_from_allowed_proxies(sqlite_url: str) -> None:
     """The in-process client connects from 127.0.0.1: a proxy when allowed, a client otherwise."""
     spoofed = [{"X-Forwarded-For": f"203.0.113.{n}"} for n in (1, 2, 3)]
@@ -331,6 +363,66 @@ async def test_high_limits_are_taken_from_the_store_in_chunks_and_never_exceeded
     verdicts = [await quotas.charge("key:chunked", "1000/minute", 1) for _ in range(25)]
     assert all(each is not None and each.allowed for each in verdicts)
     stats = await quotas._limiter.get_window_stats(parse("1000/minute"), "key:chunked")
-    assert stats.remaining == 1000 - 30  # three chunks of ten, five permits still held here
+    counted = 1000 - stats.remaining
+    assert counted % 10 == 0  # whole chunks
+    assert 25 < counted <= 25 + 2 * 10  # at most the chunk in use and the next one held here
     verdicts += [await quotas.charge("key:chunked", "1000/minute", 1) for _ in range(1075)]
     assert sum(1 for each in verdicts if each is not None and each.allowed) == 1000
+
+
+async def test_the_next_chunk_is_fetched_before_the_reserve_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a chunk spent, the next is fetched in the background: the requests meanwhile and
+    after it spend permits held here, none waits for the store."""
+    quotas = Quotas("memory://", None)
+    trips: list[int] = []
+    hit = quotas._limiter.hit
+
+    async def counted_hit(*args: Any, cost: int = 1) -> bool:
+        trips.append(cost)
+        return await hit(*args, cost=cost)
+
+    monkeypatch.setattr(quotas._limiter, "hit", counted_hit)
+    for _ in range(6):  # chunks of ten: four left, under half
+        assert await quotas.charge("key:ahead", "1000/minute", 1) is not None
+    (reserve,) = quotas._reserves.values()
+    assert trips == [10]
+    assert reserve.refill is not None  # under way, not awaited by any request
+    assert await reserve.refill
+    assert trips == [10, 10]
+    for _ in range(4 + 4):  # the four left, then four of the next chunk (six left: no refill yet)
+        assert await quotas.charge("key:ahead", "1000/minute", 1) is not None
+    assert trips == [10, 10]
+    assert reserve.refill is None
+
+
+async def test_a_key_in_use_is_read_again_before_its_entry_expires() -> None:
+    """Past half its life, an entry still answers while the key is read again in the
+    background (one read, however many requests): no request waits for the database, and a
+    revocation meanwhile is seen once the read is done."""
+    key = auth.generate_key()
+    digest = auth.key_digest(key)
+    stored = {digest: ApiKeyRow("carol", digest, 0, None, None)}
+    reads: list[bytes] = []
+    gate = asyncio.Event()
+
+    class Ring(auth.KeyRing):
+        async def _lookup(self, digest: bytes) -> ApiKeyRow | None:
+            reads.append(digest)
+            if len(reads) > 1:
+                await gate.wait()  # the database is slow
+            return stored.get(digest)
+
+    ring = Ring(engine=None)  # type: ignore[arg-type]
+    assert await ring.identify(key) is not None
+    assert await ring.identify(key) is not None
+    assert len(reads) == 1  # cached
+    row, _refresh_at, expires_at = ring._cache[digest]
+    ring._cache[digest] = (row, time.monotonic() - 0.1, expires_at)  # past half its life
+    del stored[digest]  # revoked
+    for _ in range(3):  # answered from the entry while the read waits
+        assert await asyncio.wait_for(ring.identify(key), 1) is not None
+    reading = ring._lookups[digest]  # one read under way for all three
+    gate.set()
+    assert await reading is None
+    assert len(reads) == 2
+    assert await ring.identify(key) is None

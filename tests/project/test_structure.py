@@ -54,6 +54,25 @@ def test_the_db_layer_imports_nothing_above_it() -> None:
     assert leaks == set()
 
 
+def test_config_imports_nothing_from_the_layers_that_read_it() -> None:
+    """Config sits below the layers: neither it nor anything it imports (at module level)
+    loads the API, ingestion, worker or database code; what they and config both parse lives
+    in `setting_values`."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    layers = ("api", "ingestion", "worker", "db", "clients", "cli")
+    above = tuple(f"crypto_client.{layer}" for layer in layers)
+    reached, pending = set(), ["crypto_client.config"]
+    while pending:
+        name = pending.pop()
+        reached.add(name)
+        pending += sorted(_module_level_imports(modules[name], set(modules)) - reached)
+    assert "crypto_client.setting_values" in reached  # the walk follows config's imports
+    assert {name for name in reached if name.startswith(above)} == set()
+    # Nor inside a function of config's.
+    config_imports = imported_modules_of(modules["crypto_client.config"])
+    assert {module for module in config_imports if module.startswith(above)} == set()
+
+
 def test_each_route_module_stands_alone() -> None:
     """A resource's routes import no other resource's: what they share lives in `api/`."""
     for path in (PACKAGE / "api" / "routes").glob("*.py"):

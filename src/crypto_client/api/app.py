@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from crypto_client import __version__, metrics
-from crypto_client.api.auth import Access, AccessGuard
+from crypto_client.api.auth import Access, AccessGuard, with_key_security
 from crypto_client.api.cache import LatestPriceCache
 from crypto_client.api.errors import NoPriceError, UnknownTickerError, not_found_response
 from crypto_client.api.limits import ConcurrencyCap
@@ -190,6 +190,9 @@ def create_app(
     app.state.embedded = embedded
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if settings.api_keys_required:  # the document says what AccessGuard asks
+        document = app.openapi
+        app.openapi = lambda: with_key_security(document())  # type: ignore[method-assign]
 
     # Innermost of the middleware: CORS answers a preflight without a key, and the request
     # log records the refusals too.

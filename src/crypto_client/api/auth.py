@@ -6,9 +6,10 @@ Keys are random 32-byte tokens; the database holds only their sha256. A key is l
 its hash (a unique-index seek) and what was found is compared with `hmac.compare_digest`, also
 when nothing was found (against a dummy), so a wrong key and a right one take the same work.
 A lookup is cached for `KEY_CACHE_SECONDS`: a revoked key stops working within that on every
-API process. The API's database connections are read-only; "last used" is kept in memory
-and written every `LAST_USED_FLUSH_SECONDS` (and at shutdown) by a one-connection writer on
-`DATABASE_URL`, never once per request.
+API process. A key in use is read again in the background halfway through, so that under load
+no request waits for the database when its entry expires. The API's database connections are
+read-only; "last used" is kept in memory and written every `LAST_USED_FLUSH_SECONDS` (and at
+shutdown) by a one-connection writer on `DATABASE_URL`, never once per request.
 """
 
 import asyncio
@@ -24,22 +25,24 @@ from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.datastructures import MutableHeaders
 from starlette.types import Message, Receive, Scope, Send
 
-from crypto_client.api.client_address import Network, client_address, parse_networks
+from crypto_client.api.client_address import client_address
 from crypto_client.api.middleware import HttpMiddleware
 from crypto_client.api.quotas import ConcurrencyCaps, Quotas, Verdict, request_cost
 from crypto_client.config import Settings
 from crypto_client.db import api_keys
 from crypto_client.db.api_keys import ApiKeyRow
 from crypto_client.db.engine import create_engine, is_database_unavailable
+from crypto_client.setting_values import Network, parse_networks
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "cck_"
 _KEY_PATTERN = re.compile(r"cck_[A-Za-z0-9_-]{43}")
 KEY_CACHE_SECONDS = 2.0
+# A key in use is read again in the background once its entry is this old.
+_KEY_REFRESH_SECONDS = KEY_CACHE_SECONDS / 2
 _KEY_CACHE_ENTRIES = 10_000
 LAST_USED_FLUSH_SECONDS = 60.0
 _LOOKUP_TIMEOUT_SECONDS = 2.0
@@ -59,13 +62,39 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+# The two ways to send a key, as the API's OpenAPI document declares them (either will do).
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "bearerKey": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY`"},
+    "headerKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: KEY`"},
+}
+
+
+def with_key_security(document: dict[str, Any]) -> dict[str, Any]:
+    """The API's OpenAPI document when keys are required: every operation needs a key in
+    either header, the open paths none, and a refusal is documented as a 401."""
+    document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    document["security"] = [{name: []} for name in SECURITY_SCHEMES]
+    refused = {
+        "description": "No key, a malformed one, or one unknown or revoked.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+    }
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            if path in OPEN_PATHS:
+                operation["security"] = []
+            else:
+                operation.setdefault("responses", {}).setdefault("401", refused)
+    return document
+
+
 class KeyRing:
     """Looks keys up (cached briefly) and remembers when each was last used."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._cache: dict[bytes, tuple[ApiKeyRow | None, float]] = {}
-        self._pending: dict[bytes, asyncio.Future[ApiKeyRow | None]] = {}
+        # digest -> (row, read again after, usable until): monotonic times
+        self._cache: dict[bytes, tuple[ApiKeyRow | None, float, float]] = {}
+        self._lookups: dict[bytes, asyncio.Task[ApiKeyRow | None]] = {}
         self.used: dict[str, int] = {}
 
     async def identify(self, presented: str) -> ApiKeyRow | None:
@@ -73,28 +102,45 @@ class KeyRing:
         digest = key_digest(presented)
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is None or cached[1] <= now:
-            # One lookup per key at a time: when an entry expires under load, every request
-            # of that key in flight would otherwise query at once.
-            pending = self._pending.get(digest)
-            if pending is None:
-                pending = self._pending[digest] = asyncio.ensure_future(self._lookup(digest))
-                pending.add_done_callback(lambda _done: self._pending.pop(digest, None))
-            row = await asyncio.shield(pending)
-            if len(self._cache) >= _KEY_CACHE_ENTRIES:  # a flood of made-up keys: start afresh
-                self._cache.clear()
-            self._cache[digest] = (row, now + KEY_CACHE_SECONDS)
+        if cached is None or cached[2] <= now:
+            # Shielded: a request whose client leaves does not cancel the others' lookup.
+            row = await asyncio.shield(self._lookup_once(digest))
         else:
             row = cached[0]
-        return self.check(row, digest)
+            if cached[1] <= now:  # read it again meanwhile: under load no request waits for it
+                self._lookup_once(digest)
+        found = self.check(row, digest)
+        if found is not None:
+            self.used[found.name] = int(time.time())
+        return found
 
-    def check(self, row: ApiKeyRow | None, digest: bytes) -> ApiKeyRow | None:
+    @staticmethod
+    def check(row: ApiKeyRow | None, digest: bytes) -> ApiKeyRow | None:
         """`row` if its hash is `digest`: one constant-time comparison whether or not a row
         was found."""
         matches = hmac.compare_digest(row.key_hash if row is not None else _NO_KEY, digest)
-        if row is None or not matches:
-            return None
-        self.used[row.name] = int(time.time())
+        return row if row is not None and matches else None
+
+    def _lookup_once(self, digest: bytes) -> "asyncio.Task[ApiKeyRow | None]":
+        """The lookup of `digest` in flight, started if there is none: when an entry expires
+        under load, every request of that key in flight would otherwise query at once."""
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = self._lookups[digest] = asyncio.create_task(self._read(digest))
+            # A background read that failed is nobody's to report: the entry expires, and the
+            # next request's own lookup answers 503 if the database is still out of reach.
+            lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return lookup
+
+    async def _read(self, digest: bytes) -> ApiKeyRow | None:
+        started = time.monotonic()  # the row is no older than this: revocation is seen in time
+        try:
+            row = await self._lookup(digest)
+        finally:
+            del self._lookups[digest]
+        if len(self._cache) >= _KEY_CACHE_ENTRIES:  # a flood of made-up keys: start afresh
+            self._cache.clear()
+        self._cache[digest] = (row, started + _KEY_REFRESH_SECONDS, started + KEY_CACHE_SECONDS)
         return row
 
     async def _lookup(self, digest: bytes) -> ApiKeyRow | None:
@@ -153,15 +199,19 @@ class Access:
             await self.flush_last_used()
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+def _credentials(scope: Scope) -> tuple[str | None, str | None]:
+    """The `Authorization` and `X-API-Key` headers (one pass over the request's headers)."""
+    authorization = api_key = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1")
+    return authorization, api_key
 
 
-def _bearer(scope: Scope) -> str | None:
-    authorization = _header(scope, b"authorization")
+def _bearer(authorization: str | None) -> str | None:
+    """The token of `Bearer TOKEN`; "" for another scheme (a malformed key), None without one."""
     if authorization is None:
         return None
     scheme, _, credentials = authorization.partition(" ")
@@ -195,29 +245,28 @@ class AccessGuard(HttpMiddleware):
         if access.is_open(path):
             await self.app(scope, receive, send)
             return
+        authorization, api_key = _credentials(scope)
         if path == "/metrics" and access.metrics_digest is not None:
-            token = _bearer(scope) or ""
+            token = _bearer(authorization) or ""
             if not hmac.compare_digest(key_digest(token), access.metrics_digest):
                 await _answer(send, 401, "/metrics needs the METRICS_TOKEN as a bearer token", _CHALLENGE)
                 return
             await self.app(scope, receive, send)
             return
 
-        identity, own_limit = "address:" + client_address(scope, access.trusted_proxies), None
         if access.keys_required:
-            presented = _bearer(scope) if _header(scope, b"authorization") is not None else None
-            if presented is None:
-                presented = _header(scope, b"x-api-key")
+            presented = _bearer(authorization) if authorization is not None else api_key
             if presented is None:
                 await _answer(send, 401, f"an API key is required: {_HOW}", _CHALLENGE)
                 return
-            if not _KEY_PATTERN.fullmatch(presented.strip()):
+            presented = presented.strip()
+            if not _KEY_PATTERN.fullmatch(presented):
                 await _answer(
                     send, 401, f"malformed API key: keys look like cck_ and 43 characters; {_HOW}", _CHALLENGE
                 )
                 return
             try:
-                row = await access.keys.identify(presented.strip())
+                row = await access.keys.identify(presented)
             except Exception as exc:
                 if not (is_database_unavailable(exc) or isinstance(exc, TimeoutError)):
                     raise
@@ -228,6 +277,8 @@ class AccessGuard(HttpMiddleware):
                 await _answer(send, 401, "invalid API key (unknown or revoked)", _CHALLENGE)
                 return
             identity, own_limit = "key:" + row.name, row.rate_limit
+        else:
+            identity, own_limit = "address:" + client_address(scope, access.trusted_proxies), None
 
         verdict = await access.quotas.charge(identity, own_limit, request_cost(path, scope["query_string"]))
         if verdict is not None and not verdict.allowed:
@@ -235,7 +286,7 @@ class AccessGuard(HttpMiddleware):
             await _answer(send, 429, detail, _too_many(verdict))
             return
         if verdict is not None:
-            send = _with_headers(send, {"RateLimit-Policy": verdict.policy})
+            send = _with_header(send, b"ratelimit-policy", verdict.policy.encode("latin-1"))
         # Per key only: without keys, one address may be many users behind one NAT, and the
         # per-process caps bound what all of them hold.
         kind = access.caps.kind_of(path) if access.keys_required else None
@@ -250,12 +301,12 @@ class AccessGuard(HttpMiddleware):
             await self.app(scope, receive, send)
 
 
-def _with_headers(send: Send, headers: dict[str, Any]) -> Send:
+def _with_header(send: Send, name: bytes, value: bytes) -> Send:
+    """`send`, adding a header to the response (raw: cheaper than `MutableHeaders` per request)."""
+
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            mutable = MutableHeaders(scope=message)
-            for name, value in headers.items():
-                mutable[name] = value
+            message["headers"] = [*message.get("headers", ()), (name, value)]
         await send(message)
 
     return sending

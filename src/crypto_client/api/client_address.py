@@ -8,29 +8,13 @@ the first address that is not a trusted proxy is the client.
 
 import ipaddress
 import re
-from collections.abc import Iterable
 
 from starlette.types import Scope
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from crypto_client.setting_values import Network
 
 _SCOPE_KEY = "crypto_client.client_address"
 _FORWARDED_FOR = re.compile(r'for="?\[?([^\]";,]+)', re.IGNORECASE)
-
-
-def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
-    """`FORWARDED_ALLOW_IPS`'s entries (addresses or CIDR networks; `*` is every address);
-    raises `ValueError` naming a bad entry."""
-    networks: list[Network] = []
-    for entry in entries:
-        if entry == "*":
-            networks += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
-    return tuple(networks)
 
 
 def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import structlog
-from limits import RateLimitItem, parse_many
+from limits import RateLimitItem
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
+
+# Re-exported: the `keys` command checks a key's own limit with it.
+from crypto_client.setting_values import parse_rate_limit as parse_rate_limit
 
 log = structlog.get_logger(__name__)
 
@@ -29,17 +32,6 @@ EXPENSIVE_COST = 10
 _EXPENSIVE_PATHS = frozenset({"/prices/export", "/prices/resample"})
 STREAM_PATHS = frozenset({"/prices/stream"})
 EXPORT_PATHS = frozenset({"/prices/export"})
-
-
-def parse_rate_limit(text: str) -> tuple[RateLimitItem, ...]:
-    """`100/second;10000/hour` as limits; raises `ValueError` saying what is wrong."""
-    try:
-        items = tuple(parse_many(text))
-    except ValueError:
-        items = ()
-    if not items:
-        raise ValueError(f"{text!r} is not a rate limit: e.g. 100/second or 100/second;10000/hour")
-    return items
 
 
 def request_cost(path: str, query_string: bytes) -> int:
@@ -52,10 +44,13 @@ def request_cost(path: str, query_string: bytes) -> int:
 
 # A store round trip per request would cost more than the request (bench/exposure.py): a
 # limit of N per window is taken from the store N / RESERVE_DIVISOR permits at a time, and the
-# process spends them locally. Limits below RESERVE_DIVISOR * 2 stay exact, one trip each;
-# above, a key may get up to 1 % per process fewer than its limit in a window, never more.
+# process spends them locally. The next chunk is fetched in the background when half of one is
+# spent, so under steady load no request waits for the store. Limits below RESERVE_DIVISOR * 2
+# stay exact, one trip each; above, a key may get up to 2 % per process fewer than its limit in
+# a window (a chunk in use and the next one), never more.
 RESERVE_DIVISOR = 100
 _RESERVATIONS = 10_000
+_STORAGE_WARNING_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +61,49 @@ class Verdict:
     retry_after: int = 0
 
 
-def _policy(items: tuple[RateLimitItem, ...]) -> str:
-    return ", ".join(f"{item.amount};w={item.get_expiry()}" for item in items)
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """One limit of a policy, with what each request needs of it worked out once."""
+
+    item: RateLimitItem
+    key: str  # item.key_for(): the slot of this limit's permits held here
+    chunk: int  # permits taken from the store at a time (1: exact)
+
+
+class _Policy:
+    def __init__(self, items: tuple[RateLimitItem, ...]) -> None:
+        self.limits = tuple(_Limit(item, item.key_for(), item.amount // RESERVE_DIVISOR) for item in items)
+        header = ", ".join(f"{item.amount};w={item.get_expiry()}" for item in items)
+        self.allowed = Verdict(True, header, items[0].amount)  # the same answer every time
+
+
+class _Reserve:
+    """Permits of one limit for one identity, counted in the store ahead of use: the batch in
+    use and the one fetched next, each usable only while its permits are still in the window."""
+
+    __slots__ = ("left", "next_left", "next_until", "refill", "until")
+
+    def __init__(self) -> None:
+        self.left = self.next_left = 0
+        self.until = self.next_until = 0.0
+        self.refill: asyncio.Task[bool] | None = None
+
+    def take(self, cost: int, now: float) -> bool:
+        if self.left < cost or self.until <= now:
+            if self.next_left < cost or self.next_until <= now:
+                return False
+            self.left, self.until, self.next_left = self.next_left, self.next_until, 0
+        self.left -= cost
+        return True
+
+    def add(self, permits: int, until: float) -> None:
+        if self.left == 0 or self.until <= time.monotonic():
+            self.left, self.until = permits, until
+        else:
+            self.next_left, self.next_until = permits, until
+
+    def runs_low(self, chunk: int) -> bool:
+        return self.refill is None and self.next_left == 0 and self.left * 2 < chunk
 
 
 class Quotas:
@@ -77,80 +113,81 @@ class Quotas:
         options = {"implementation": "redispy"} if storage_url.startswith(("redis", "rediss")) else {}
         self._storage = storage_from_string(f"async+{storage_url}", wrap_exceptions=True, **options)
         self._limiter = MovingWindowRateLimiter(self._storage)
-        self._default = parse_rate_limit(default_limit) if default_limit else ()
-        self._parsed: dict[str, tuple[RateLimitItem, ...]] = {}
-        self._storage_failed_at = 0.0
-        # Permits this process counted ahead in the store: (left, usable until, monotonic).
-        self._reserved: dict[tuple[str, str], tuple[int, float]] = {}
-        self._refilling: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._default = _Policy(parse_rate_limit(default_limit)) if default_limit else None
+        self._policies: dict[str, _Policy] = {}
+        self._storage_failed_at = -_STORAGE_WARNING_SECONDS
+        self._reserves: dict[tuple[str, str], _Reserve] = {}
 
-    def limits_for(self, own_limit: str | None) -> tuple[RateLimitItem, ...]:
+    def _policy_for(self, own_limit: str | None) -> _Policy | None:
         if own_limit is None:
             return self._default
-        items = self._parsed.get(own_limit)
-        if items is None:
-            items = self._parsed[own_limit] = parse_rate_limit(own_limit)
-        return items
+        policy = self._policies.get(own_limit)
+        if policy is None:
+            policy = self._policies[own_limit] = _Policy(parse_rate_limit(own_limit))
+        return policy
 
     async def charge(self, identity: str, own_limit: str | None, cost: int) -> Verdict | None:
         """None when the identity has no limit; else whether the request may run and, when
         not, how long to wait."""
-        items = self.limits_for(own_limit)
-        if not items:
+        policy = self._policy_for(own_limit)
+        if policy is None:
             return None
-        policy = _policy(items)
         try:
-            for item in items:
-                if await self._from_reserve(identity, item, cost):
+            for limit in policy.limits:
+                if limit.chunk > cost and await self._from_reserve(identity, limit, cost):
                     continue
-                if not await self._limiter.hit(item, identity, cost=cost):
-                    stats = await self._limiter.get_window_stats(item, identity)
+                if not await self._limiter.hit(limit.item, identity, cost=cost):
+                    stats = await self._limiter.get_window_stats(limit.item, identity)
                     wait = max(1, math.ceil(stats.reset_time - time.time()))
-                    return Verdict(False, policy, item.amount, wait)
+                    return Verdict(False, policy.allowed.policy, limit.item.amount, wait)
         except StorageError as exc:
-            # A read API stays up when its quota store is down: let requests through and say so
-            # (at most once a minute per process).
-            if time.monotonic() - self._storage_failed_at > 60:
-                self._storage_failed_at = time.monotonic()
-                log.warning("quota storage unavailable: requests are not limited", error=str(exc))
+            # A read API stays up when its quota store is down: let requests through.
+            self._storage_failed(exc)
             return None
-        return Verdict(True, policy, items[0].amount)
+        return policy.allowed
 
-    async def _from_reserve(self, identity: str, item: RateLimitItem, cost: int) -> bool:
-        """Whether the request was paid from permits this process holds, reserving a chunk
-        when the limit is high enough; False: charge it to the store alone."""
-        chunk = max(cost, item.amount // RESERVE_DIVISOR)
-        if chunk == cost:
-            return False
-        slot = (identity, item.key_for())
-        while not self._take_reserved(identity, item, cost):
-            refilling = self._refilling.get(slot)
-            if refilling is not None:  # one refill at a time: else each request in flight reserves
-                await asyncio.shield(refilling)
-                continue
-            refill = self._refilling[slot] = asyncio.get_running_loop().create_future()
-            try:
-                if not await self._limiter.hit(item, identity, cost=chunk):
-                    return False  # near the limit: exact, one permit at a time
-                self._reserve(identity, item, chunk - cost)
-                return True
-            finally:
-                del self._refilling[slot]
-                refill.set_result(None)
+    async def _from_reserve(self, identity: str, limit: _Limit, cost: int) -> bool:
+        """Whether the request was paid from permits this process holds; False: near the
+        limit, charge it to the store alone."""
+        slot = (identity, limit.key)
+        reserve = self._reserves.get(slot)
+        if reserve is None:
+            if len(self._reserves) >= _RESERVATIONS:
+                self._reserves.clear()
+            reserve = self._reserves[slot] = _Reserve()
+        while not reserve.take(cost, time.monotonic()):
+            # One refill at a time: else each request in flight would reserve a chunk.
+            refill = reserve.refill or self._start_refill(identity, limit, reserve)
+            if not await asyncio.shield(refill):
+                return False
+        if reserve.runs_low(limit.chunk):
+            self._start_refill(identity, limit, reserve)
         return True
 
-    def _take_reserved(self, identity: str, item: RateLimitItem, cost: int) -> bool:
-        held = self._reserved.get((identity, item.key_for()))
-        if held is None or held[1] <= time.monotonic() or held[0] < cost:
-            return False
-        self._reserved[(identity, item.key_for())] = (held[0] - cost, held[1])
-        return True
+    def _start_refill(self, identity: str, limit: _Limit, reserve: _Reserve) -> asyncio.Task[bool]:
+        reserve.refill = asyncio.create_task(self._refill(identity, limit, reserve))
+        return reserve.refill
 
-    def _reserve(self, identity: str, item: RateLimitItem, permits: int) -> None:
-        if len(self._reserved) >= _RESERVATIONS:
-            self._reserved.clear()
-        # Counted in the window from now on: usable only while they are in it.
-        self._reserved[(identity, item.key_for())] = (permits, time.monotonic() + item.get_expiry())
+    async def _refill(self, identity: str, limit: _Limit, reserve: _Reserve) -> bool:
+        """Count a chunk in the store for this process; False when the store refuses (near the
+        limit) or cannot be reached (the request then finds out by itself)."""
+        # Counted in the window from the moment asked: usable only while they are in it.
+        until = time.monotonic() + limit.item.get_expiry()
+        try:
+            granted = await self._limiter.hit(limit.item, identity, cost=limit.chunk)
+        except StorageError as exc:
+            self._storage_failed(exc)
+            return False
+        finally:
+            reserve.refill = None
+        if granted:
+            reserve.add(limit.chunk, until)
+        return granted
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        if time.monotonic() - self._storage_failed_at > _STORAGE_WARNING_SECONDS:  # once a minute
+            self._storage_failed_at = time.monotonic()
+            log.warning("quota storage unavailable: requests are not limited", error=str(exc))
 
 
 class ConcurrencyCaps:

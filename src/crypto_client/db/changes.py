@@ -17,9 +17,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from crypto_client.db.engine import async_url
 from crypto_client.db.tables import PRICE_ROW_COLUMNS, price_ticks
 from crypto_client.domain import PriceRow
+from crypto_client.setting_values import async_url
 
 log = structlog.get_logger(__name__)
 

@@ -1,10 +1,10 @@
-"""Engines: URL normalization, the connection settings each backend needs, and what counts
-as the database being out of reach."""
+"""Engines: the connection settings each backend needs (URLs are normalized by
+`setting_values.async_url`), and what counts as the database being out of reach."""
 
 import asyncio
 import socket
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
@@ -12,45 +12,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-# The async driver this service uses for each backend, whatever driver a URL names.
-_ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+from crypto_client.setting_values import async_url
+
 _CONNECT_TIMEOUT_SECONDS = 5.0
-
-
-def async_url(url: str | URL) -> URL:
-    """`url` with this service's async driver: `postgres://` and `postgresql+psycopg://` alike."""
-    parsed = make_url(str(url).replace("postgres://", "postgresql://", 1)) if isinstance(url, str) else url
-    backend = parsed.get_backend_name()
-    if backend not in _ASYNC_DRIVERS:
-        raise ValueError(f"unsupported database {backend!r}: use PostgreSQL or SQLite")
-    return parsed.set(drivername=_ASYNC_DRIVERS[backend])
-
-
-def check_database_url(url: str) -> None:
-    """Raise `ValueError` saying what is wrong when `url` is not a PostgreSQL or SQLite URL."""
-    try:
-        parsed = async_url(url)
-    except ValueError:
-        raise
-    except Exception as exc:  # SQLAlchemy's parser raises several kinds
-        raise ValueError(
-            f"not a database URL ({exc}); e.g. postgresql://user:pass@host/db or sqlite:///path.db"
-        ) from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        # An in-memory database would be a different, empty one in every connection.
-        raise ValueError("a SQLite URL needs a file path, e.g. sqlite:///crypto-client.db")
-
-
-def check_broker_url(url: str) -> None:
-    """Raise `ValueError` unless `url` is a Redis URL (the broker also holds slot claims and
-    locks, so it must be Redis)."""
-    parsed = urlsplit(url)
-    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
-        raise ValueError("must be a Redis URL, e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS)")
-    try:
-        parsed.port  # noqa: B018 (raises on a port that is not a number)
-    except ValueError:
-        raise ValueError("the port is not a number; e.g. redis://127.0.0.1:6379/0") from None
 
 
 def describe_database(url: str) -> str:
