@@ -299,8 +299,10 @@ class ThrowawayPostgres:
             timeout=60,
         )
 
-    def start(self) -> None:
+    def start(self, *settings: str) -> None:
+        """Start the server; `settings` are more `name=value` server settings."""
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {setting}" for setting in settings)
         self._ctl("start", "-w", "-o", options)
 
     def stop(self) -> None:

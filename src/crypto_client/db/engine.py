@@ -148,5 +148,18 @@ def is_database_unavailable(error: BaseException) -> bool:
     if isinstance(error, DatabaseUnavailableError | OSError | TimeoutError):
         return True
     if isinstance(error, DBAPIError):
-        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+        if error.connection_invalidated or isinstance(error, OperationalError | InterfaceError):
+            return True
+        # asyncpg's errors arrive as plain DBAPIError: a server starting up, shutting down or
+        # cut off says so only in its SQLSTATE.
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        return isinstance(sqlstate, str) and (
+            sqlstate.startswith(_CONNECTION_EXCEPTION) or sqlstate in _SERVER_GOING_AWAY
+        )
     return False
+
+
+_CONNECTION_EXCEPTION = "08"  # the SQLSTATE class of connection exceptions
+# admin_shutdown, crash_shutdown, cannot_connect_now ("the database system is starting up"),
+# too_many_connections
+_SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
