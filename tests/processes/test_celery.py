@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.support.celery_stack import TICKERS, CeleryStack, kill_pool_children
 from tests.support.databases import create_pg_database, drop_pg_database
@@ -42,6 +43,20 @@ async def wait_for_log(process: Process, text: str, count: int = 1, timeout: flo
     await asyncio.to_thread(
         wait_until, lambda: process.output.count(text) >= count, timeout, what=f"{count}x {text}"
     )
+
+
+async def wait_for_no_task(stack: CeleryStack) -> None:
+    """Wait until no task is queued or running: the queue is empty and, since tasks are acked
+    late, no delivered message is left unacknowledged."""
+    broker = redis.Redis.from_url(stack.broker_url)
+    try:
+
+        def idle() -> bool:
+            return broker.llen("celery") == 0 and broker.hlen("unacked") == 0
+
+        await asyncio.to_thread(wait_until, idle, 30, what="no task queued or running")
+    finally:
+        broker.close()
 
 
 def assert_one_row_per_slot(rows: list[tuple[str, int, int | None]], interval: int) -> None:
@@ -196,7 +211,7 @@ async def test_two_workers_and_two_api_processes_share_one_database(stack: Celer
     try:
         await wait_for_rows(stack, per_ticker=5, timeout=40)
         beat.stop()
-        await asyncio.sleep(2)  # a tick already published finishes
+        await wait_for_no_task(stack)  # a tick already published finishes
         rows = await stack.rows()
         assert_one_row_per_slot(rows, stack.interval)
         for ticker in TICKERS:
