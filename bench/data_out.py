@@ -4,7 +4,7 @@ the same query in PostgreSQL.
 
     uv run python -m bench.data_out [--tickers N] [--rows-per-ticker N] [--keep]
 
-The table is loaded as `python -m bench` loads it (bench/__main__.py's `create_database`).
+The table is loaded as `python -m bench` loads it (bench/database.py's `create_database`).
 """
 
 import argparse
