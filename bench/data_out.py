@@ -18,7 +18,9 @@ import asyncpg
 import duckdb
 import httpx
 
-from bench.__main__ import ADMIN_URL, WORK, Plan, Results, create_database, machine, peak_rss, server
+from bench.common import ADMIN_URL, WORK, Plan, Results, peak_rss, server
+from bench.database import create_database
+from bench.report import machine
 from crypto_client.db.engine import create_engine
 from crypto_client.db.reader import PriceReader
 from crypto_client.export.lake import write_lake

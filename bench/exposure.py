@@ -15,7 +15,7 @@ import statistics
 import time
 from decimal import Decimal
 
-from bench.__main__ import WORK, server
+from bench.common import WORK, server
 from bench.load import Load, load
 from crypto_client.api.auth import generate_key, key_digest
 from crypto_client.db import api_keys
