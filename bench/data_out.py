@@ -4,7 +4,7 @@ the same query in PostgreSQL.
 
     uv run python -m bench.data_out [--tickers N] [--rows-per-ticker N] [--keep]
 
-The table is loaded as `python -m bench` loads it (bench/__main__.py's `create_database`).
+The table is loaded as `python -m bench` loads it (bench/database.py's `create_database`).
 """
 
 import argparse
@@ -18,7 +18,9 @@ import asyncpg
 import duckdb
 import httpx
 
-from bench.__main__ import ADMIN_URL, WORK, Plan, Results, create_database, machine, peak_rss, server
+from bench.common import ADMIN_URL, WORK, Plan, Results, peak_rss, server
+from bench.database import create_database
+from bench.report import machine
 from crypto_client.db.engine import create_engine
 from crypto_client.db.reader import PriceReader
 from crypto_client.export.lake import write_lake

@@ -30,7 +30,7 @@ from decimal import Decimal
 
 import psutil
 
-from bench.__main__ import WORK, server
+from bench.common import WORK, server
 from bench.load import Load, load
 from crypto_client.api.auth import generate_key, key_digest
 from crypto_client.db import api_keys

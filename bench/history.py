@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import httpx
 
-from bench.__main__ import ADMIN_URL, HERE, WORK
+from bench.common import ADMIN_URL, HERE, WORK
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import SimServer
 

@@ -15,7 +15,7 @@ import time
 
 import asyncpg
 
-from bench.__main__ import ADMIN_URL, HERE, WORK, server
+from bench.common import ADMIN_URL, HERE, WORK, server
 from bench.load import load
 from crypto_client.ingestion.maintenance import month_partition
 from crypto_client.sim.prices import INDEXES, SYNTHETIC_INDEXES

@@ -25,7 +25,8 @@ import asyncpg
 import httpx
 from crypto_client_sdk import Client
 
-from bench.__main__ import ADMIN_URL, WORK, load_history
+from bench.common import ADMIN_URL, WORK
+from bench.database import load_history
 from crypto_client.db import migrations
 from crypto_client.sim.prices import INDEXES
 from tests.support.databases import create_pg_database, drop_pg_database

@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.__main__ import machine
+from bench.report import machine
 from crypto_client.db import migrations
 from tests.support.services import ApiServer, crypto_client, free_port
 

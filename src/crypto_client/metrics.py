@@ -1,7 +1,7 @@
 """Every Prometheus metric of the service, defined once, and how each process kind shows them.
 
 - API processes serve `/metrics`. `crypto-client api` points `PROMETHEUS_MULTIPROC_DIR` at a
-  fresh directory before its workers start (see `cli.py`: it must happen before this module
+  fresh directory before its workers start (see `cli/common.py`: it must happen before this module
   is imported), so any worker answers for all of them.
 - The Celery worker (its pool processes write to a multiprocess directory the same way), the
   beat and the stream consumer serve their own on `METRICS_PORT`.
@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # also in cli.py, which must not import this
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # also in cli/common.py, which must not import this
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

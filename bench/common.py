@@ -1,0 +1,97 @@
+"""What the benchmark's parts share: the plan, the results, the database's shape and the
+processes it measures."""
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.load import Load
+from crypto_client.sim.prices import INDEXES
+from tests.support.services import ApiServer
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work"
+ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BASE_TS = 1_699_999_980  # a whole minute
+STEP = 60
+
+
+@dataclass
+class Plan:
+    tickers: int
+    rows_per_ticker: int
+    seconds: float
+    connections: int
+    ingest_tickers: int
+    smoke: bool
+
+    @property
+    def names(self) -> list[str]:
+        return list(INDEXES)[: self.tickers]
+
+    @property
+    def depth(self) -> int:
+        return min(400_000, int(self.rows_per_ticker * 0.8))
+
+
+@dataclass
+class Results:
+    rows: list[tuple[str, Load, Load | None]] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    targets: list[tuple[str, bool, str]] = field(default_factory=list)
+    bytes_per_row: dict[str, float] = field(default_factory=dict)
+
+    def load(self, name: str) -> Load:
+        return next(ours for label, ours, _ in self.rows if label == name)
+
+    def baseline(self, name: str) -> Load:
+        base = next(base for label, _, base in self.rows if label == name)
+        assert base is not None
+        return base
+
+
+@contextmanager
+def server(args: list[str], env: dict[str, str], port: int, log_name: str) -> Iterator[psutil.Process]:
+    with ApiServer(args, env, WORK / log_name, port=port) as api:
+        yield psutil.Process(api.process.popen.pid)
+
+
+@contextmanager
+def peak_rss(process: psutil.Process) -> Iterator[list[float]]:
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            # The server's own process and its workers (granian serves from a child process).
+            family = [process, *process.children(recursive=True)]
+            with contextlib.suppress(psutil.Error):
+                peak[0] = max(peak[0], sum(each.memory_info().rss for each in family) / 2**20)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+
+
+def one_at_a_time_ms(url: str, times: int = 5) -> float:
+    timings = []
+    for _ in range(times):
+        started = time.perf_counter()
+        httpx.get(url, timeout=120).raise_for_status()
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
