@@ -1,6 +1,7 @@
 """A ticker's prices in a range as a CSV, NDJSON or Parquet file, streamed in keyset batches."""
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated
 
 import structlog
@@ -13,7 +14,7 @@ from crypto_client.api.errors import require_known
 from crypto_client.api.limits import ExportSlot
 from crypto_client.api.responses import INVALID, UNAVAILABLE, UNKNOWN
 from crypto_client.api.schemas import ExportQuery
-from crypto_client.db.pages import CSV_HEADER, ExportFormat
+from crypto_client.db.pages import CSV_HEADER, ExportFormat, TextPage
 from crypto_client.domain import MAX_TS
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ _EXPORT_TYPES = {
 }
 
 EXPORT_BATCH_ROWS = 10_000
+# Parquet's batches are only parsed, never sent as they are: larger ones cost fewer queries,
+# and half a row group keeps the memory of one in flight small.
+PARQUET_BATCH_ROWS = 50_000
 
 router = APIRouter()
 
@@ -37,6 +41,27 @@ def _parquet_stream() -> "ParquetStream":
     from crypto_client.export.parquet import ParquetStream
 
     return ParquetStream()
+
+
+async def _prefetched(
+    read_batch: Callable[[int], Awaitable[TextPage]], lower: int
+) -> AsyncIterator[TextPage]:
+    """The keyset batches from `lower` on, each asked for as soon as the one before it is
+    read, so that the database renders it while the caller handles its predecessor. One batch
+    ahead at most: memory stays bounded. A caller that stops cancels the read ahead."""
+    ahead = asyncio.ensure_future(read_batch(lower))
+    try:
+        while True:
+            page = await ahead
+            if page.next_ts is not None:
+                ahead = asyncio.ensure_future(read_batch(page.next_ts))
+            yield page
+            if page.next_ts is None:
+                return
+    finally:
+        ahead.cancel()
+        # Collects the read's outcome, whatever it was: no "exception never retrieved".
+        await asyncio.gather(ahead, return_exceptions=True)
 
 
 @router.get(
@@ -63,6 +88,13 @@ async def export(
     # Parquet is made from the CSV batches (the database's exact price text).
     parquet = _parquet_stream() if query.format == "parquet" else None
     batch_format: ExportFormat = "csv" if query.format == "parquet" else query.format
+    batch_rows = PARQUET_BATCH_ROWS if query.format == "parquet" else EXPORT_BATCH_ROWS
+
+    async def read_batch(start: int) -> TextPage:
+        async with database.reader() as reader:
+            return await reader.export_batch(
+                query.ticker, batch_format, lower=start, upper=upper, limit=batch_rows
+            )
 
     async def batches() -> AsyncIterator[str | bytes]:
         # Keyset batches, each on a connection of its own: memory stays bounded whatever the
@@ -72,14 +104,12 @@ async def export(
         if query.format == "csv":
             yield CSV_HEADER + "\n"
         try:
-            while start is not None:
-                async with database.reader() as reader:
-                    page = await reader.export_batch(
-                        query.ticker, batch_format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
-                    )
+            async for page in _prefetched(read_batch, lower):
                 if parquet is not None:
-                    # Whole row groups only: `add` keeps smaller batches for the next one.
-                    groups = parquet.add(page.text) if page.text else b""
+                    # Whole row groups only: `add` keeps smaller batches for the next one. It
+                    # runs in a thread (pyarrow releases the GIL) while the database renders
+                    # the next batch: the two take the machine's cores side by side.
+                    groups = await asyncio.to_thread(parquet.add, page.text) if page.text else b""
                     if groups:
                         yield groups
                 elif page.text:
@@ -88,7 +118,7 @@ async def export(
                 start = page.next_ts
             if parquet is not None:
                 # The footer: without it (a cut body) no reader takes the file for whole.
-                yield parquet.finish()
+                yield await asyncio.to_thread(parquet.finish)
         except Exception as exc:
             # The status line (200) is long sent: what is left is to end the body so that no
             # client takes it for the whole file. NDJSON gets an error line a line reader
