@@ -378,6 +378,21 @@ def check_rows(
             )
 
 
+def _served_chart_times(served: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """The times (seconds) of every history point the simulator served, per index, sorted."""
+    times: dict[str, set[int]] = defaultdict(set)
+    for record in served:
+        if record["kind"] == "chart":
+            times[record["index"]].add(int(record["ts_ms"]) // 1000)
+    return {index: sorted(each) for index, each in times.items()}
+
+
+def _history_skips(times: Sequence[int], slot: int, interval: int) -> bool:
+    """Whether served history points lie before and after the slot, and none inside it."""
+    after = bisect_left(times, slot)
+    return 0 < after < len(times) and times[after] >= slot + interval
+
+
 def check_slots(
     report: Report,
     rows: Sequence[Row],
@@ -386,9 +401,15 @@ def check_slots(
     span: tuple[int, int],
     interval: int,
     injected: Sequence[Injected],
+    served: Iterable[Mapping[str, Any]] = (),
 ) -> None:
     """Every slot of the span holds exactly one row, or `/coverage` lists it with a reason an
-    injected fault explains; `/coverage` lists no slot that has a row."""
+    injected fault explains; `/coverage` lists no slot that has a row.
+
+    A slot that no tick could take (a process killed, the broker or database gone) may be
+    listed as `not_repairable`: only where the simulator's own record shows the history it
+    served around the slot had no point inside it."""
+    chart_times = _served_chart_times(served)
     per_slot: Counter[tuple[str, int]] = Counter()
     for row in rows:
         per_slot[(row.ticker, row.slot_ts if row.slot_ts is not None else row.ts // interval * interval)] += 1
@@ -414,7 +435,11 @@ def check_slots(
             elif slot not in listed:
                 report.lost += 1
                 report.add(Finding("lost", ticker, slot, "no row and /coverage lists no gap", kinds))
-            elif _explains(listed[slot], near):
+            elif _explains(listed[slot], near) or (
+                listed[slot] == "not_repairable"
+                and _explains("no_tick_ran", near)
+                and _history_skips(chart_times.get(ticker, []), slot, interval)
+            ):
                 report.explained[listed[slot]] += 1
             else:
                 report.lost += 1

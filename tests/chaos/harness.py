@@ -540,7 +540,7 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
     every_row = checker.read_rows(run.database)  # a superset of `rows`: nothing is deleted
     served = checker.read_served(run.sim.url)
     checker.check_rows(report, every_row, served, TICKERS, INTERVAL, run.injected)
-    checker.check_slots(report, rows, gaps, TICKERS, (first_slot, last_slot), INTERVAL, run.injected)
+    checker.check_slots(report, rows, gaps, TICKERS, (first_slot, last_slot), INTERVAL, run.injected, served)
     stored_claims, lost_claims = checker.log_claims(run.log_paths)
     checker.check_log_claims(report, every_row, stored_claims, lost_claims, INTERVAL, run.injected)
     checker.check_candles(report, rows, candles, to_ts)

@@ -76,6 +76,25 @@ def test_slots_missing_duplicated_or_misexplained() -> None:
     ]
 
 
+def test_not_repairable_after_a_kill_holds_only_where_the_served_history_skips_the_slot() -> None:
+    kill = Injected("kill_serve", SLOT, SLOT + 1)
+    gaps = {"btc_usd": [{"from_ts": SLOT, "to_ts": SLOT + 3, "reason": "not_repairable"}]}
+    # Points served at SLOT - 1, SLOT + 2.5 and SLOT + 4: none inside SLOT, SLOT + 1 or SLOT + 3;
+    # one inside SLOT + 2, which the repair should have filled.
+    record = [
+        served("chart", "1", (SLOT + 30) * 1000, ts_ms=ts_ms)
+        for ts_ms in ((SLOT - 1) * 1000, (SLOT + 2) * 1000 + 500, (SLOT + 4) * 1000)
+    ]
+    report = Report()
+    checker.check_slots(report, [], gaps, TICKERS, (SLOT, SLOT + 3), 1, [kill], record)
+    assert report.explained == {"not_repairable": 3}
+    assert [(f.check, f.slot_ts) for f in report.findings] == [("lost", SLOT + 2)]
+    # Without the record nothing vouches for the verdict.
+    unchecked = Report()
+    checker.check_slots(unchecked, [], gaps, TICKERS, (SLOT, SLOT + 3), 1, [kill])
+    assert unchecked.lost == 4
+
+
 def test_a_stored_claim_without_its_rows_is_found() -> None:
     report = Report()
     claims = {"tick finished": {SLOT: 1, SLOT + 1: 1}, "task finished": {SLOT: 1}}
