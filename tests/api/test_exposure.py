@@ -4,7 +4,6 @@ over HTTP to real `crypto-client api` processes (both backends; Redis for shared
 import asyncio
 import hashlib
 import hmac
-import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -330,8 +329,9 @@ def test_key_comparison_is_constant_time_by_construction(monkeypatch: pytest.Mon
 
 
 async def test_wrong_key_takes_as_long_as_a_right_one() -> None:
-    """Statistically: the median time of the whole check (hash, cache, compare) for a wrong
-    key and for the right key of another name, measured interleaved, differ by little."""
+    """Statistically: the time of the whole check (hash, cache, compare) for a wrong key and
+    for the right key of another name, measured interleaved, differ by little. Each is the
+    fastest of its batches: the cost of the check itself, not of what else the machine ran."""
     right, wrong = auth.generate_key(), auth.generate_key()
     rows = {auth.key_digest(right): ApiKeyRow("other", auth.key_digest(right), 0, None, None)}
 
@@ -353,7 +353,7 @@ async def test_wrong_key_takes_as_long_as_a_right_one() -> None:
     for _ in range(300):
         right_times.append(batch(right))
         wrong_times.append(batch(wrong))
-    ratio = statistics.median(wrong_times) / statistics.median(right_times)
+    ratio = min(wrong_times) / min(right_times)
     assert 0.8 < ratio < 1.25, ratio
 
 
