@@ -46,7 +46,8 @@ def start_simulator(port: int = 0) -> dict[str, str]:
     WebSocket)."""
     import uvicorn
 
-    from crypto_client.sim.app import Simulator, create_sim_app
+    from crypto_client.sim.app import create_sim_app
+    from crypto_client.sim.simulator import Simulator
 
     if not port:
         with socket.socket() as probe:

@@ -69,9 +69,10 @@ def sim(
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    from crypto_client.sim.app import Simulator, create_sim_app
+    from crypto_client.sim.app import create_sim_app
     from crypto_client.sim.connections import capped_protocol
     from crypto_client.sim.faults import Faults
+    from crypto_client.sim.simulator import Simulator
 
     setup_logging("INFO")
     faults = Faults(
