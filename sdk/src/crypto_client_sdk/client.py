@@ -11,6 +11,7 @@ import httpx
 
 from crypto_client_sdk import _protocol as protocol
 from crypto_client_sdk import frames
+from crypto_client_sdk._stream import STREAM_PATH, PriceStream
 from crypto_client_sdk.models import Bucket, Candle, Coverage, LatestPrice, Price, QualityDay, Settlement
 
 if TYPE_CHECKING:
@@ -147,12 +148,16 @@ class Client:
     def stream(self, tickers: Iterable[str] | str, last_event_id: int | str | None = None) -> Iterator[Price]:
         """Prices as they are stored, each with its `event_id`, forever: a lost connection (or
         a restarted server) is reconnected with `Last-Event-ID`, so no row is missed or repeated."""
-        state = protocol.PriceStream(tickers, last_event_id, self.retry)
+        state = PriceStream(tickers, last_event_id, self.retry)
         timeout = httpx.Timeout(self._http.timeout.connect, read=state.READ_TIMEOUT_SECONDS)
         while True:
             try:
                 with self._http.stream(
-                    "GET", protocol.STREAM_PATH, params=state.params, headers=state.headers(), timeout=timeout
+                    "GET",
+                    STREAM_PATH,
+                    params=state.params,
+                    headers=state.headers(),
+                    timeout=timeout,
                 ) as response:
                     if response.status_code != 200:
                         wait = state.refused(
