@@ -167,3 +167,18 @@ def test_the_command_line_imports_prometheus_client_only_after_choosing_its_mode
     probe = "import sys, crypto_client.cli; print('prometheus_client' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_source_module_is_over_four_hundred_lines() -> None:
+    root = PACKAGE.parents[1]
+    sources = [root / "src", root / "bench", root / "sdk" / "src", root / "alembic"]
+    too_long = {
+        str(path.relative_to(root)): lines
+        for folder in sources
+        for path in folder.rglob("*.py")
+        if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert too_long == {}
