@@ -315,13 +315,16 @@ class ThrowawayPostgres:
 
 
 class ThrowawayRedis:
-    """A private redis-server on a free port, keeping nothing on disk."""
+    """A private redis-server on a free port, keeping nothing on disk; or, `persistent`, keeping
+    its data across a restart in an append-only file synced on every write (as compose's
+    Redis does with `--appendonly yes`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server not installed")
         self.binary = str(binary)
+        self.persistent = persistent
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = Path(tempfile.mkdtemp(prefix="cc-redis-"))
@@ -337,8 +340,12 @@ class ThrowawayRedis:
             "127.0.0.1",
             "--save",
             "",
+            "--dir",
+            str(self.dir),
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
         ]
         self.process = Process(args, {}, self.dir / "redis.log")
         wait_until(lambda: port_open(self.port), 10, what="redis-server")
