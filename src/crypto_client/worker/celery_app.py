@@ -19,6 +19,7 @@ from crypto_client.config import Settings, get_settings
 from crypto_client.domain import current_slot
 from crypto_client.ingestion.jobs import JOBS
 from crypto_client.logging import setup_logging
+from crypto_client.worker.broker import use_for_redis_urls
 
 # The tasks that run once per slot: the slot is stamped on the message when it is published.
 SLOT_JOBS = {job.task: job for job in JOBS if job.claims_slot}
@@ -63,6 +64,8 @@ class SlotSchedule(schedule):
         return self.__class__, (self.interval_seconds,)
 
 
+# Before any broker connection: a Redis restart with a tick in flight must not end the worker.
+use_for_redis_urls()
 celery_app = Celery("crypto_client", include=["crypto_client.worker.tasks"])
 app = celery_app  # the name `celery -A crypto_client.worker.celery_app` looks for first
 _result_backend = settings.celery_result_backend
