@@ -1,6 +1,7 @@
 """Ingestion through real Celery worker and beat processes over Redis."""
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from crypto_client.worker.celery_app import SLOT_HEADER
 from tests.support.celery_stack import TICKERS, CeleryStack, kill_pool_children
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, Process, SimServer, ThrowawayRedis
@@ -167,6 +169,75 @@ async def test_worker_and_beat_survive_a_redis_restart(
         assert time.monotonic() < deadline, "\n".join(p.output[-3000:] for p in stack.processes)
         await asyncio.sleep(0.5)
     assert_one_row_per_slot(await stack.rows(), stack.interval)
+
+
+def _unacked_tick_slot(broker_url: str) -> int | None:
+    """The slot of the one message delivered and not acknowledged (its tick runs), once the
+    worker's next BRPOP waits in Redis too; None before."""
+    broker = redis.Redis.from_url(broker_url)
+    try:
+        waiting = any(c["cmd"] == "brpop" and "b" in c["flags"] for c in broker.client_list())
+        unacked = broker.hvals("unacked")
+        if not waiting or len(unacked) != 1:
+            return None
+        payload, _exchange, _routing_key = json.loads(unacked[0])
+        return int(payload["headers"][SLOT_HEADER])
+    finally:
+        broker.close()
+
+
+async def test_worker_survives_a_redis_restart_with_a_tick_in_flight(stack: CeleryStack) -> None:
+    """Issue 22: a worker that lost Redis while a tick ran, its next BRPOP waiting, died in
+    kombu's transport (`_connparams` of a closed connection: AttributeError, `hostname`) and
+    stored nothing more. It must reconnect by itself; Redis keeps the tick's message across the
+    restart (on disk, as compose's does), and every slot is stored once."""
+    broker = ThrowawayRedis(persistent=True)
+    stack.broker_url = broker.url
+    try:
+        stack.interval = 10
+        stack.sim.faults(latency_ms=4000)
+        # Two pool processes: while one runs the tick, the worker waits on BRPOP for the next.
+        worker = stack.worker("w1", concurrency=2)
+        # Publish as beat would, right at the start of a slot: the slow fetch ends inside it.
+        await asyncio.sleep(10 - time.time() % 10 + 0.05)
+        stack.publish_tick()
+        await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
+        in_flight_slot = await asyncio.to_thread(
+            wait_until,
+            lambda: _unacked_tick_slot(broker.url),
+            30,
+            what="the tick unacknowledged and a BRPOP waiting",
+        )
+        assert in_flight_slot is not None
+        broker.stop()
+        await wait_for_log(worker, "Connection to broker lost")
+        stack.sim.reset()
+        broker.start()
+        stack.beat()
+
+        # Under the bug the worker logs "Unrecoverable error" at once, then exits once the tick
+        # finishes: fail as soon as it says so, with its log.
+        deadline = time.monotonic() + 60
+        while True:
+            assert "Unrecoverable error" not in worker.output, worker.output[-6000:]
+            assert worker.popen.poll() is None, worker.output[-6000:]
+            rows = await stack.rows()
+            if {ticker for ticker, _, slot in rows if slot is not None and slot > in_flight_slot} == set(
+                TICKERS
+            ):
+                break
+            assert time.monotonic() < deadline, "\n".join(p.output[-3000:] for p in stack.processes)
+            await asyncio.sleep(0.5)
+        stack.processes[-1].stop()  # beat: no more ticks, so the queue can drain
+        await wait_for_no_task(stack)  # the tick's message too: acknowledged, or delivered again
+        assert worker.popen.poll() is None
+        assert "Unrecoverable error" not in worker.output
+        rows = await stack.rows()
+        assert_one_row_per_slot(rows, stack.interval)
+        assert sorted(ticker for ticker, _, slot in rows if slot == in_flight_slot) == sorted(TICKERS)
+    finally:
+        stack.stop_all()
+        broker.destroy()
 
 
 def _wait_in_flight(sim: SimServer) -> None:
