@@ -12,6 +12,13 @@ from tests.support.databases import create_pg_database, drop_pg_database, empty_
 from tests.support.services import SimServer, ThrowawayPostgres, ThrowawayRedis
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that start processes first: pytest-xdist hands out the first quarter of the
+    items round-robin, so the long ones spread over the workers instead of ending the run on
+    one of them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 async def deribit(sim: SimServer) -> AsyncIterator[DeribitHttpClient]:
     """A client of the simulator, configured as `ingestion_settings`."""

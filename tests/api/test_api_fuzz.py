@@ -24,6 +24,8 @@ from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, crypto_client
 from tests.support.waiting import wait_until
 
+pytestmark = pytest.mark.slow
+
 FUZZ_EXAMPLES = 100  # Hypothesis's own default, per operation
 
 
