@@ -1,4 +1,4 @@
-"""PostgreSQL stopped for ~30 s under a running deployment: the API reports it and recovers
+"""PostgreSQL stopped for ~15 s under a running deployment: the API reports it and recovers
 without a restart; ingestion keeps every fetched price and stores each slot exactly once."""
 
 import asyncio
@@ -24,8 +24,8 @@ from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.slow
 
-OUTAGE_SECONDS = 30
-INTERVAL = 6
+OUTAGE_SECONDS = 15
+INTERVAL = 3
 
 
 @pytest.fixture
