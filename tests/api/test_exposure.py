@@ -73,6 +73,7 @@ def _assert_refused(response: httpx.Response, detail_part: str) -> None:
     assert detail_part in response.json()["detail"]
 
 
+@pytest.mark.slow
 def test_keys_over_http(keyed_api: ApiServer, db_url: str) -> None:
     """401 for a missing, malformed, wrong and revoked key; 200 for a good one in either header;
     the open paths need none; a wrong key and a revoked one get the same answer."""
@@ -105,6 +106,7 @@ def test_keys_over_http(keyed_api: ApiServer, db_url: str) -> None:
     assert "Traceback" not in keyed_api.output
 
 
+@pytest.mark.slow
 def test_keys_list_shows_last_use_after_a_flush(keyed_api: ApiServer, db_url: str) -> None:
     name = unique("bob")
     key = create_key(db_url, name, "--rate", "5/second")
@@ -142,6 +144,7 @@ def redis_pair(postgresql_url: str, tmp_path: Path) -> Iterator[tuple[ApiServer,
         redis.stop()
 
 
+@pytest.mark.slow
 async def test_quota_holds_across_two_processes_under_64_connections(
     redis_pair: tuple[ApiServer, ApiServer, ThrowawayRedis], postgresql_url: str
 ) -> None:
@@ -167,6 +170,7 @@ async def test_quota_holds_across_two_processes_under_64_connections(
     assert served.headers["ratelimit-policy"] == "50;w=60"
 
 
+@pytest.mark.slow
 def test_retry_after_is_honest(
     redis_pair: tuple[ApiServer, ApiServer, ThrowawayRedis], postgresql_url: str
 ) -> None:
@@ -181,6 +185,7 @@ def test_retry_after_is_honest(
     assert httpx.get(second.url + "/tickers", headers=headers).status_code == 200
 
 
+@pytest.mark.slow
 def test_expensive_requests_cost_more_and_streams_are_capped_per_key(
     redis_pair: tuple[ApiServer, ApiServer, ThrowawayRedis], postgresql_url: str
 ) -> None:

@@ -84,6 +84,7 @@ def test_models_match_the_migrations(sqlite_url: str) -> None:
     assert diff == []
 
 
+@pytest.mark.slow
 async def test_concurrent_migrations_on_a_fresh_database_all_succeed() -> None:
     url = await create_pg_database(migrate=False)
     try:

@@ -202,6 +202,7 @@ async def test_an_export_equals_the_pages_walked_to_the_end(
     assert len(as_rows) == 25_000
 
 
+@pytest.mark.slow
 async def test_an_interrupted_export_stops_and_leaves_no_query(postgresql_url: str, tmp_path: Path) -> None:
     connection = await asyncpg.connect(plain_dsn(postgresql_url))
     try:

@@ -243,6 +243,7 @@ def exact_rows(server: ApiServer, ticker: str) -> list[tuple[str, int, Decimal, 
     return [(r["ticker"], r["ts"], r["price"], r["source"]) for r in rows]
 
 
+@pytest.mark.slow
 async def test_parquet_export_is_exact_in_pyarrow_duckdb_and_polars(
     server: ApiServer, writer_engine: AsyncEngine, tmp_path: Path
 ) -> None:

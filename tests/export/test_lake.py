@@ -67,6 +67,7 @@ def polars_rows(out: Path) -> list[tuple[Any, ...]]:
     return list(frame.sort("ticker", "ts").collect().iter_rows())
 
 
+@pytest.mark.slow
 async def test_lake_layout_manifest_and_exact_reads(engine: AsyncEngine, db_url: str, tmp_path: Path) -> None:
     # btc_usd: all of 2024-01-01 (final once written), 100 minutes of 2024-01-02.
     whole_day = [NewPrice("btc_usd", Decimal(f"4{m}.25"), D0 + m * 60, D0 + m * 60) for m in range(1440)]
@@ -123,6 +124,7 @@ async def test_lake_layout_manifest_and_exact_reads(engine: AsyncEngine, db_url:
     assert f"{changed}: its sha256 differs" in third.stderr
 
 
+@pytest.mark.slow
 async def test_lake_of_chosen_tickers_and_bounds(engine: AsyncEngine, db_url: str, tmp_path: Path) -> None:
     await store(
         engine,

@@ -155,6 +155,7 @@ async def test_prices_older_than_the_bound_are_reported_failed(
     assert all(Decimal(row["price"]) > 0 for row in lost["rows"])
 
 
+@pytest.mark.slow
 def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_url: str) -> None:
     env = {"DATABASE_URL": postgresql_url, "DERIBIT_RPC_URL": sim.rpc_url, "PATH": "/usr/bin:/bin"}
 

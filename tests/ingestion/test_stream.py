@@ -276,6 +276,7 @@ async def test_the_backoff_starts_again_after_each_good_session(fast_sim: SimSer
         assert then["opened"] - dropped["closed"] < 2.0, sessions
 
 
+@pytest.mark.slow
 async def test_the_stream_command_stores_one_row_per_ticker_per_slot(
     sim: SimServer, postgresql_url: str, tmp_path: Path
 ) -> None:
@@ -317,6 +318,7 @@ async def test_the_stream_command_stores_one_row_per_ticker_per_slot(
     assert all("Traceback" not in consumer.output for consumer in consumers)
 
 
+@pytest.mark.slow
 async def test_the_stream_command_stores_on_through_hostile_frames(
     sim: SimServer, postgresql_url: str, tmp_path: Path
 ) -> None:
@@ -374,6 +376,7 @@ async def test_the_stream_command_stores_on_through_hostile_frames(
     assert "Traceback" not in consumer.output
 
 
+@pytest.mark.slow
 def test_polling_fills_the_slots_while_the_stream_is_out_and_the_reverse(
     sim: SimServer, tmp_path: Path
 ) -> None:

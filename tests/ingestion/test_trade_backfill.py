@@ -183,6 +183,7 @@ async def fresh_pg() -> AsyncIterator[str]:
     await drop_pg_database(url)
 
 
+@pytest.mark.slow
 async def test_a_run_killed_part_way_then_rerun_gives_the_same_rows(
     sim: SimServer, fresh_pg: str, tmp_path: Path
 ) -> None:

@@ -49,6 +49,7 @@ def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
     assert "LOG_FORMAT" in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("variable", "value"),
     [

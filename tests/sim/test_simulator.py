@@ -352,6 +352,7 @@ def test_admin_rejects_unknown_hostile_frames(sim: SimServer) -> None:
     assert "explode" in response.json()["detail"]
 
 
+@pytest.mark.slow
 def test_stream_faults_from_the_command_line(tmp_path: Path) -> None:
     hostile = SimServer(
         tmp_path,
