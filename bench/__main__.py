@@ -32,7 +32,7 @@ def main() -> None:
         Plan(
             tickers=3,
             rows_per_ticker=5_000,
-            seconds=args.seconds or 1,
+            seconds=args.seconds or 0.5,
             connections=4,
             ingest_tickers=10,
             smoke=True,

@@ -158,10 +158,11 @@ def http_scenarios(plan: Plan, url: str, results: Results) -> None:
     with server(uncached_cmd, {**ours_env, "API_LATEST_CACHE_SECONDS": "0"}, uncached_port, "uncached.log"):
         middle_ts = BASE_TS + (plan.rows_per_ticker // 2) * STEP + 17
         base = f"http://127.0.0.1:{uncached_port}"
-        latest_ms = one_at_a_time_ms(f"{base}/prices/latest?{q}", times=200)
-        at_ms = one_at_a_time_ms(f"{base}/prices/at?{q}&ts={middle_ts}", times=200)
+        times = 40 if plan.smoke else 200
+        latest_ms = one_at_a_time_ms(f"{base}/prices/latest?{q}", times=times)
+        at_ms = one_at_a_time_ms(f"{base}/prices/at?{q}&ts={middle_ts}", times=times)
         results.extra["/prices/at (middle of the history) and /prices/latest (cache off), one at a time"] = (
-            f"median {at_ms:.2f} ms and {latest_ms:.2f} ms over 200 each"
+            f"median {at_ms:.2f} ms and {latest_ms:.2f} ms over {times} each"
         )
         results.targets.append(
             (
