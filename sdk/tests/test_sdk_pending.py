@@ -9,7 +9,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from conftest import BASE_TS, api_env, store
 from crypto_client_sdk import (
@@ -26,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db.settlements import Settlement as DbSettlement
 from crypto_client.db.settlements import Settlements
 from crypto_client.db.writer import write_transaction
+from tests.support import local_http
 from tests.support.services import ApiServer, crypto_client
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def raw_pages(api: ApiServer, path: str, **params: Any) -> list[dict[str, Any]]:
     url: str | None = api.url + path
     query: dict[str, Any] | None = params
     while url is not None:
-        response = httpx.get(url, params=query, timeout=10)
+        response = local_http.get(url, params=query, timeout=10)
         response.raise_for_status()
         found.extend(json.loads(response.text, parse_float=str, parse_int=str))
         link = response.links.get("next")

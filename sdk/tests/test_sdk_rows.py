@@ -3,7 +3,6 @@
 import json
 from decimal import Decimal
 
-import httpx
 import pytest
 from conftest import BASE_TS, store
 from crypto_client_sdk import (
@@ -19,6 +18,7 @@ from crypto_client_sdk import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.writer import write_transaction
+from tests.support import local_http
 from tests.support.databases import stored_rows
 from tests.support.services import ApiServer
 
@@ -59,7 +59,7 @@ async def test_prices_are_exact_decimals_never_floats(api: ApiServer, engine: As
         rows = list(client.prices("btc_usd"))
         latest = client.latest("btc_usd")
     # The Decimal of the server's exact text: the same digits and places as the JSON literal.
-    raw = httpx.get(f"{api.url}/prices", params={"ticker": "btc_usd"}).text
+    raw = local_http.get(f"{api.url}/prices", params={"ticker": "btc_usd"}).text
     literals = [row["price"] for row in json.loads(raw, parse_float=str, parse_int=str)]
     assert [format(row.price, "f") for row in rows] == literals == list(TRICKY_PRICES)
     assert [row.price for row in rows] == [Decimal(text) for text in TRICKY_PRICES]

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +19,7 @@ from schemathesis.core.result import Ok
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
+from tests.support import local_http
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, crypto_client
 from tests.support.waiting import wait_until
@@ -95,7 +95,7 @@ def test_no_input_breaks_the_api(api_url: str, key_headers: dict[str, str]) -> N
         operations.append(result.ok())
     assert len(operations) == 16
     for operation in operations:  # without the key, only the open paths answer
-        keyless = httpx.get(f"{api_url}{operation.path}", timeout=10)
+        keyless = local_http.get(f"{api_url}{operation.path}", timeout=10)
         expected = {200, 503} if operation.path in {"/health", "/livez", "/readyz"} else {401}
         assert keyless.status_code in expected, (operation.path, keyless.status_code)
 
@@ -124,7 +124,7 @@ def test_no_input_breaks_the_stream(api_url: str, key_headers: dict[str, str]) -
     @settings(max_examples=FUZZ_EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck))
     def call(case: Any) -> None:
         request = case.as_transport_kwargs(base_url=api_url, headers=key_headers)
-        with httpx.stream(
+        with local_http.stream(
             "GET", request["url"], params=request.get("params"), headers=request.get("headers"), timeout=10
         ) as response:
             if response.status_code == 200:
@@ -156,7 +156,7 @@ async def test_hand_written_nasty_inputs(api_url: str, key_headers: dict[str, st
         "/prices?ticker=%ff%fe",
         "/prices",
     ]
-    async with httpx.AsyncClient(base_url=api_url, headers=key_headers) as client:
+    async with local_http.async_client(base_url=api_url, headers=key_headers) as client:
         for path in nasty:
             response = await client.get(path)
             assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
@@ -175,4 +175,4 @@ def test_oversized_request_line_is_refused_by_the_server(api_url: str) -> None:
         connection.sendall(b"GET /prices?ticker=" + b"a" * 1_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         status_line = connection.recv(4096).split(b"\r\n", 1)[0]
     assert status_line.startswith(b"HTTP/1.1 431")
-    assert httpx.get(f"{api_url}/health").status_code == 200
+    assert local_http.get(f"{api_url}/health").status_code == 200

@@ -19,6 +19,7 @@ from crypto_client.api.client_address import client_address
 from crypto_client.api.quotas import Quotas
 from crypto_client.db.api_keys import ApiKeyRow
 from crypto_client.setting_values import parse_networks
+from tests.support import local_http
 from tests.support.api import api_client
 from tests.support.services import ApiServer, ThrowawayRedis, crypto_client, free_port
 from tests.support.settings import make_settings
@@ -81,27 +82,27 @@ def test_keys_over_http(keyed_api: ApiServer, db_url: str) -> None:
     key = create_key(db_url, name)
     url = keyed_api.url + "/tickers"
 
-    _assert_refused(httpx.get(url), "API key is required")
-    _assert_refused(httpx.get(url, headers={"Authorization": "Bearer nope"}), "malformed")
-    _assert_refused(httpx.get(url, headers={"X-API-Key": key[:-1]}), "malformed")
-    _assert_refused(httpx.get(url, headers={"Authorization": f"Basic {key}"}), "malformed")
+    _assert_refused(local_http.get(url), "API key is required")
+    _assert_refused(local_http.get(url, headers={"Authorization": "Bearer nope"}), "malformed")
+    _assert_refused(local_http.get(url, headers={"X-API-Key": key[:-1]}), "malformed")
+    _assert_refused(local_http.get(url, headers={"Authorization": f"Basic {key}"}), "malformed")
     wrong = auth.generate_key()
-    wrong_answer = httpx.get(url, headers={"Authorization": f"Bearer {wrong}"})
+    wrong_answer = local_http.get(url, headers={"Authorization": f"Bearer {wrong}"})
     _assert_refused(wrong_answer, "invalid API key")
 
-    assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    assert httpx.get(url, headers={"X-API-Key": key}).status_code == 200
-    assert httpx.get(keyed_api.url + "/metrics").status_code == 401  # no token: guarded like data
+    assert local_http.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert local_http.get(url, headers={"X-API-Key": key}).status_code == 200
+    assert local_http.get(keyed_api.url + "/metrics").status_code == 401  # no token: guarded like data
     for open_path in ("/health", "/livez", "/readyz", "/", "/openapi.json", "/static/dashboard/dashboard.js"):
-        assert httpx.get(keyed_api.url + open_path).status_code in (200, 503), open_path
+        assert local_http.get(keyed_api.url + open_path).status_code in (200, 503), open_path
 
     revoke_key(db_url, name)
     wait_until(
-        lambda: httpx.get(url, headers={"X-API-Key": key}).status_code == 401,
+        lambda: local_http.get(url, headers={"X-API-Key": key}).status_code == 401,
         auth.KEY_CACHE_SECONDS + 5,
         what="the revoked key refused",
     )
-    revoked_answer = httpx.get(url, headers={"X-API-Key": key})
+    revoked_answer = local_http.get(url, headers={"X-API-Key": key})
     assert revoked_answer.json() == wrong_answer.json()
     assert "Traceback" not in keyed_api.output
 
@@ -113,7 +114,7 @@ def test_keys_list_shows_last_use_after_a_flush(keyed_api: ApiServer, db_url: st
     listed = keys_command(db_url, "list").stdout
     assert f"{name}" in listed
     assert "never" in listed.split(name)[1].splitlines()[0]
-    assert httpx.get(keyed_api.url + "/tickers", headers={"X-API-Key": key}).status_code == 200
+    assert local_http.get(keyed_api.url + "/tickers", headers={"X-API-Key": key}).status_code == 200
     keyed_api.stop()  # the API writes "last used" at shutdown (and every minute)
     line = keys_command(db_url, "list").stdout.split(name)[1].splitlines()[0]
     assert "never" not in line
@@ -152,7 +153,7 @@ async def test_quota_holds_across_two_processes_under_64_connections(
     key = create_key(postgresql_url, unique("busy"), "--rate", "50/minute")
     headers = {"X-API-Key": key}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with local_http.async_client(limits=limits, timeout=30) as client:
 
         async def one(index: int) -> httpx.Response:
             server = first if index % 2 else second
@@ -176,13 +177,13 @@ def test_retry_after_is_honest(
 ) -> None:
     first, second, _redis = redis_pair
     headers = {"X-API-Key": create_key(postgresql_url, unique("retry"), "--rate", "3/3 seconds")}
-    while (answer := httpx.get(first.url + "/tickers", headers=headers)).status_code == 200:
+    while (answer := local_http.get(first.url + "/tickers", headers=headers)).status_code == 200:
         pass
     assert answer.status_code == 429
     wait = int(answer.headers["retry-after"])
     assert 1 <= wait <= 3
     time.sleep(wait)  # what is tested is the wait the API asked for, exactly
-    assert httpx.get(second.url + "/tickers", headers=headers).status_code == 200
+    assert local_http.get(second.url + "/tickers", headers=headers).status_code == 200
 
 
 @pytest.mark.slow
@@ -191,14 +192,14 @@ def test_expensive_requests_cost_more_and_streams_are_capped_per_key(
 ) -> None:
     first, _second, _redis = redis_pair
     headers = {"X-API-Key": create_key(postgresql_url, unique("export"), "--rate", "15/minute")}
-    assert httpx.get(first.url + "/prices/export?ticker=btc_usd", headers=headers).status_code == 200
-    assert httpx.get(first.url + "/prices/export?ticker=btc_usd", headers=headers).status_code == 429
-    assert httpx.get(first.url + "/tickers", headers=headers).status_code == 200
+    assert local_http.get(first.url + "/prices/export?ticker=btc_usd", headers=headers).status_code == 200
+    assert local_http.get(first.url + "/prices/export?ticker=btc_usd", headers=headers).status_code == 429
+    assert local_http.get(first.url + "/tickers", headers=headers).status_code == 200
 
     streaming = {"X-API-Key": create_key(postgresql_url, unique("stream"))}
-    with httpx.stream("GET", first.url + "/prices/stream", headers=streaming, timeout=10) as open_stream:
+    with local_http.stream("GET", first.url + "/prices/stream", headers=streaming, timeout=10) as open_stream:
         assert open_stream.status_code == 200
-        second_stream = httpx.get(first.url + "/prices/stream", headers=streaming, timeout=10)
+        second_stream = local_http.get(first.url + "/prices/stream", headers=streaming, timeout=10)
         assert second_stream.status_code == 429
         assert "at most 1" in second_stream.json()["detail"]
 
@@ -298,7 +299,7 @@ def test_api_metrics_on_their_own_port(sqlite_url: str, tmp_path: Path) -> None:
     with ApiServer.command("api", env, tmp_path, ready_path="/livez") as server:
         assert server.get("/tickers").status_code == 401
         metrics_url = f"http://127.0.0.1:{port}/metrics"
-        wait_until(lambda: 'route="/livez"' in httpx.get(metrics_url).text, 10, what="the API's metrics")
+        wait_until(lambda: 'route="/livez"' in local_http.get(metrics_url).text, 10, what="the API's metrics")
 
 
 def test_exposure_warning_at_start(sqlite_url: str, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db.changes import stored_signal
 from crypto_client.db.writer import PriceWriter, write_transaction
 from crypto_client.domain import NewPrice
+from tests.support import local_http
 from tests.support.services import ApiServer
 from tests.support.waiting import wait_until, wait_until_async
 
@@ -67,7 +68,7 @@ async def listening(url: str, *, last_event_id: str | None = None, **params: str
 
     async def run() -> None:
         async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client,
+            local_http.async_client(timeout=httpx.Timeout(10, read=None)) as client,
             aconnect_sse(client, "GET", url + "/prices/stream", params=params, headers=headers) as source,
         ):
             assert source.response.status_code == 200
@@ -194,7 +195,9 @@ def test_a_last_event_id_that_is_no_id_of_the_stream_is_a_400(api: ApiServer) ->
         "9223372036854775808",
     ]
     for last_event_id in garbage:
-        response = httpx.get(api.url + "/prices/stream", headers={"Last-Event-ID": last_event_id}, timeout=5)
+        response = local_http.get(
+            api.url + "/prices/stream", headers={"Last-Event-ID": last_event_id}, timeout=5
+        )
         assert response.status_code == 400, (last_event_id, response.text)
         detail = response.json()["detail"]
         assert "Last-Event-ID" in detail
@@ -337,7 +340,7 @@ async def test_a_client_that_never_reads_is_dropped_without_growing_memory(
 
 
 def test_the_server_stops_promptly_with_streams_open(api: ApiServer) -> None:
-    with httpx.stream("GET", api.url + "/prices/stream", timeout=10) as response:
+    with local_http.stream("GET", api.url + "/prices/stream", timeout=10) as response:
         assert response.status_code == 200
         api.process.popen.send_signal(signal.SIGINT)
         stopped = time.monotonic()

@@ -3,11 +3,11 @@
 import asyncio
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bench.load import load
 from crypto_client.db.engine import create_engine
+from tests.support import local_http
 from tests.support.databases import empty_database, stored_rows
 from tests.support.services import ApiServer, SimServer
 from tests.support.waiting import wait_until
@@ -31,7 +31,7 @@ async def test_api_under_load_while_ingesting(sim: SimServer, postgresql_url: st
     base = server.url
     try:
         await asyncio.to_thread(
-            wait_until, lambda: httpx.get(f"{base}/prices/latest?ticker=btc_usd").status_code == 200, 30
+            wait_until, lambda: local_http.get(f"{base}/prices/latest?ticker=btc_usd").status_code == 200, 30
         )
         before = len(await stored_rows(engine, "btc_usd"))
         pages, latest = await asyncio.gather(

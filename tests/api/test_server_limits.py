@@ -14,6 +14,7 @@ import pytest
 
 from crypto_client.api.app import create_app
 from crypto_client.db import migrations
+from tests.support import local_http
 from tests.support.services import ApiServer, SimServer, crypto_client, free_port
 from tests.support.settings import make_settings
 from tests.support.waiting import wait_until, wait_until_async
@@ -74,7 +75,7 @@ def test_kill_9_of_the_server_ends_its_workers_and_frees_the_port(
 def _livez_seconds(url: str) -> float:
     """One `/livez` on a fresh connection, as a new client would see it."""
     started = time.perf_counter()
-    with httpx.Client(timeout=10) as client:
+    with local_http.client(timeout=10) as client:
         assert client.get(url + "/livez").status_code == 200
     return time.perf_counter() - started
 
@@ -89,7 +90,7 @@ async def test_idle_connections_and_full_stream_cap_leave_the_api_responsive(
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2000)]
         try:
             async with (
-                httpx.AsyncClient(base_url=server.url, timeout=10) as client,
+                local_http.async_client(base_url=server.url, timeout=10) as client,
                 AsyncExitStack() as streams,
             ):
                 for _ in range(3):
@@ -106,7 +107,7 @@ async def test_idle_connections_and_full_stream_cap_leave_the_api_responsive(
                 )
                 assert latency < 2.0
             # The streams are closed: their slots are free again.
-            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            async with local_http.async_client(base_url=server.url, timeout=10) as client:
 
                 async def stream_admitted() -> bool:
                     async with client.stream("GET", "/prices/stream") as response:

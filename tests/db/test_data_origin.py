@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 
-import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -24,6 +23,7 @@ from crypto_client.db.origins import StoredOrigins, WriterOrigin, declare_origin
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
 from crypto_client.origin import SIMULATOR_HEADER, origin_of
+from tests.support import local_http
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, SimServer, crypto_client, free_port
 from tests.support.waiting import wait_until
@@ -56,7 +56,7 @@ class Lookalike:
         async def forward(request: Request) -> Response:
             if self.down:
                 return Response("down", status_code=503)
-            async with httpx.AsyncClient() as client:
+            async with local_http.async_client() as client:
                 answer = await client.get(
                     f"{sim.rpc_url}/public/{request.path_params['method']}", params=request.query_params
                 )

@@ -21,6 +21,7 @@ from crypto_client.api.schemas import CANDLE_SECONDS, WEEK_ORIGIN
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, Source
+from tests.support import local_http
 from tests.support.api import api_client
 from tests.support.databases import empty_database, plain_dsn
 from tests.support.services import ApiServer
@@ -216,7 +217,7 @@ async def test_an_interrupted_export_stops_and_leaves_no_query(postgresql_url: s
         env = {"DATABASE_URL": postgresql_url, "LOG_FORMAT": "json"}
         with await asyncio.to_thread(ApiServer.command, "api", env, tmp_path) as server:
             async with (
-                httpx.AsyncClient(base_url=server.url) as client,
+                local_http.async_client(base_url=server.url) as client,
                 client.stream("GET", "/prices/export", params={"ticker": "btc_usd"}) as response,
             ):
                 async for _chunk in response.aiter_bytes():

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
+from tests.support import local_http
 from tests.support.databases import create_pg_database, plain_dsn
 from tests.support.services import ApiServer, ThrowawayPostgres
 from tests.support.waiting import wait_until, wait_until_async
@@ -119,7 +120,7 @@ async def test_the_stream_follows_the_primarys_notifications_with_rows_from_the_
     wait_until(lambda: api.get("/prices", ticker="btc_usd").json(), 20, what="the first row on the replica")
     params, resume = {"ticker": "btc_usd"}, {"Last-Event-ID": "0"}
     async with (
-        httpx.AsyncClient(timeout=20) as client,
+        local_http.async_client(timeout=20) as client,
         aconnect_sse(client, "GET", api.url + "/prices/stream", params=params, headers=resume) as source,
     ):
         events = source.aiter_sse()

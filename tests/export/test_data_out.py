@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, Source
+from tests.support import local_http
 from tests.support.databases import empty_database
 from tests.support.services import ApiServer
 
@@ -64,7 +65,7 @@ async def store(
 
 
 def get(server: ApiServer, path: str, **params: Any) -> httpx.Response:
-    return httpx.get(server.url + path, params=params, timeout=30)
+    return local_http.get(server.url + path, params=params, timeout=30)
 
 
 def walk(server: ApiServer, path: str, **params: Any) -> tuple[list[dict[str, Any]], int]:
@@ -74,7 +75,7 @@ def walk(server: ApiServer, path: str, **params: Any) -> tuple[list[dict[str, An
     url: str | None = server.url + path
     query: dict[str, Any] | None = params
     while url is not None:
-        response = httpx.get(url, params=query, timeout=30)
+        response = local_http.get(url, params=query, timeout=30)
         assert response.status_code == 200, response.text
         body = response.json(parse_float=Decimal)
         items.extend(body["days"] if isinstance(body, dict) else body)

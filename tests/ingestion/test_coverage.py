@@ -9,7 +9,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,6 +21,7 @@ from crypto_client.db.ledger import SlotSpan
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, SlotFailure, current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime, pending_write_seconds
+from tests.support import local_http
 from tests.support.api import api_client
 from tests.support.services import ApiServer, SimServer
 from tests.support.settings import ingestion_settings, make_settings
@@ -240,7 +240,7 @@ def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> 
         sim.faults(TICKER, outage=True)
         wait_until(lambda: any(g["reason"] == "deribit_failed" for g in coverage()["gaps"]), 15, what="a gap")
         wait_until(lambda: coverage()["missing_slots"] >= 2, 15, what="an outage of a few slots")
-        httpx.delete(f"{sim.url}/_sim/faults").raise_for_status()
+        local_http.delete(f"{sim.url}/_sim/faults").raise_for_status()
         repaired = wait_until(
             lambda: (
                 (body := coverage())["stored_slots"]["backfill"] >= 2 and body["missing_slots"] == 0 and body

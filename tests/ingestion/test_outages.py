@@ -6,7 +6,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,6 +15,7 @@ from crypto_client.db.engine import create_engine
 from crypto_client.ingestion.embedded_scheduler import IntervalScheduler
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
+from tests.support import local_http
 from tests.support.celery_stack import TICKERS, CeleryStack
 from tests.support.databases import create_pg_database
 from tests.support.services import ApiServer, SimServer, ThrowawayPostgres, ThrowawayRedis
@@ -51,7 +51,7 @@ async def test_database_outage_loses_and_duplicates_nothing(
     api = await asyncio.to_thread(ApiServer.command, "api", stack.env, stack.tmp)
     stack.processes.append(api.process)
     health = f"{api.url}/health"
-    await asyncio.to_thread(wait_until, lambda: httpx.get(health).status_code == 200, 30, what="API")
+    await asyncio.to_thread(wait_until, lambda: local_http.get(health).status_code == 200, 30, what="API")
 
     # Enough pool processes that ticks keep being fetched while earlier ones wait for the database.
     stack.worker(concurrency=OUTAGE_SECONDS // INTERVAL + 2)
@@ -62,14 +62,14 @@ async def test_database_outage_loses_and_duplicates_nothing(
     outage_started = time.time()
     statuses = []
     while time.time() - outage_started < OUTAGE_SECONDS:
-        statuses.append(httpx.get(health, timeout=5).status_code)
+        statuses.append(local_http.get(health, timeout=5).status_code)
         await asyncio.sleep(2)
     await asyncio.to_thread(throwaway_pg.start)
     outage_ended = time.time()
 
     assert set(statuses) == {503}
     await asyncio.to_thread(
-        wait_until, lambda: httpx.get(health).status_code == 200, 10, what="API health back"
+        wait_until, lambda: local_http.get(health).status_code == 200, 10, what="API health back"
     )
 
     # Wait for the ticks held during the outage to land, plus two fresh ticks.

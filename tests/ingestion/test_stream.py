@@ -28,6 +28,7 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.serve import create_embedded_app
 from crypto_client.sim.faults import HostileFrame
+from tests.support import local_http
 from tests.support.databases import empty_database
 from tests.support.metrics import value
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
@@ -345,7 +346,7 @@ async def test_the_stream_command_stores_on_through_hostile_frames(
             return int((await connection.execute(query, {"ticker": ticker})).scalar_one())
 
     def metric(name: str, **labels: str) -> float:
-        return value(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text, name, **labels)
+        return value(local_http.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text, name, **labels)
 
     try:
         await wait_until_async(lambda: rows("btc_usd"), 30, what="streamed rows")

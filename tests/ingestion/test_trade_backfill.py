@@ -16,7 +16,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import cast
 
-import httpx
 import pytest
 from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,6 +30,7 @@ from crypto_client.domain import DAY_SECONDS, NewPrice, PriceRow
 from crypto_client.ingestion.runtime import open_runtime
 from crypto_client.sim.history import TradeHistory
 from crypto_client.sim.prices import PriceWalk
+from tests.support import local_http
 from tests.support.databases import create_pg_database, drop_pg_database, stored_rows
 from tests.support.services import SimServer
 from tests.support.settings import make_settings
@@ -59,7 +59,7 @@ def expected_first_trades(sim: SimServer, first: int, last: int) -> dict[int, tu
     served = {
         i["instrument_name"]: i
         for expired in ("false", "true")
-        for i in httpx.get(
+        for i in local_http.get(
             f"{sim.rpc_url}/public/get_instruments", params={"currency": "BTC", "expired": expired}
         ).json()["result"]
     }

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from crypto_client import __version__
 from crypto_client.clients.deribit.http import DeribitHttpClient
+from tests.support import local_http
 from tests.support.api import api_client
 from tests.support.commands import assert_one_clear_line, run
 from tests.support.services import ApiServer, Process, SimServer, crypto_client, free_port
@@ -106,7 +107,7 @@ def test_serve_simulate_shows_prices_offline_within_seconds(tmp_path: Path) -> N
         assert "setup plugin" not in server.output
         assert "made up" in server.output
         assert f'"simulator": "http://127.0.0.1:{sim_port}"' in server.output
-        faults = httpx.put(f"http://127.0.0.1:{sim_port}/_sim/faults", json={"latency_ms": 1}, timeout=5)
+        faults = local_http.put(f"http://127.0.0.1:{sim_port}/_sim/faults", json={"latency_ms": 1}, timeout=5)
         assert faults.status_code == 200
 
 
@@ -178,10 +179,12 @@ def test_the_simulator_stops_on_the_first_ctrl_c_despite_hung_requests(tmp_path:
     )
     try:
         wait_until(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/_sim/stats").status_code == 200, 20, what="sim"
+            lambda: local_http.get(f"http://127.0.0.1:{port}/_sim/stats").status_code == 200, 20, what="sim"
         )
         with pytest.raises(httpx.TimeoutException):
-            httpx.get(f"http://127.0.0.1:{port}/api/v2/public/get_index_price?index_name=btc_usd", timeout=1)
+            local_http.get(
+                f"http://127.0.0.1:{port}/api/v2/public/get_index_price?index_name=btc_usd", timeout=1
+            )
         process.popen.send_signal(signal.SIGINT)
         stopped = time.monotonic()
         process.popen.wait(10)
@@ -193,18 +196,18 @@ def test_the_simulator_stops_on_the_first_ctrl_c_despite_hung_requests(tmp_path:
 def test_simulator_faults_prices_and_stats_reset_separately(sim: SimServer) -> None:
     sim.pin(btc_usd="1.25")
     sim.faults("eth_usd", outage=True)
-    httpx.delete(f"{sim.url}/_sim/faults").raise_for_status()
+    local_http.delete(f"{sim.url}/_sim/faults").raise_for_status()
     assert (
-        httpx.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "eth_usd"}).status_code
+        local_http.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "eth_usd"}).status_code
         == 200
     )
-    price = httpx.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "btc_usd"}).text
+    price = local_http.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "btc_usd"}).text
     assert '"index_price":1.25' in price  # the pin survived the fault reset
     assert sim.stats()["requests"]
-    httpx.delete(f"{sim.url}/_sim/prices").raise_for_status()
-    httpx.delete(f"{sim.url}/_sim/stats").raise_for_status()
+    local_http.delete(f"{sim.url}/_sim/prices").raise_for_status()
+    local_http.delete(f"{sim.url}/_sim/stats").raise_for_status()
     assert sim.stats()["requests"] == {}
-    price = httpx.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "btc_usd"}).text
+    price = local_http.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "btc_usd"}).text
     assert '"index_price":1.25,' not in price
 
 

@@ -21,6 +21,7 @@ from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
 from crypto_client.logging import setup_logging
+from tests.support import local_http
 from tests.support.api import api_client
 from tests.support.databases import plain_dsn
 from tests.support.services import ApiServer
@@ -173,7 +174,7 @@ async def test_a_departed_clients_query_is_cancelled(
 ) -> None:
     env = {"DATABASE_URL": postgresql_url, "API_STATEMENT_TIMEOUT_SECONDS": "30"}
     with await asyncio.to_thread(ApiServer.command, "api", env, tmp_path) as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=1.5) as client:
+        async with local_http.async_client(base_url=server.url, timeout=1.5) as client:
             requests = asyncio.gather(
                 *(client.get("/prices", params={"ticker": "btc_usd"}) for _ in range(20)),
                 return_exceptions=True,
@@ -192,6 +193,6 @@ async def test_a_departed_clients_query_is_cancelled(
             return await api_queries_running(postgresql_url) == 0
 
         await wait_until_async(none_running, 10, what="the departed clients' queries to be cancelled")
-        async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+        async with local_http.async_client(base_url=server.url, timeout=5) as client:
             light = await client.get("/livez")
     assert light.status_code == 200

@@ -7,11 +7,11 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import local_http
 from tests.support.celery_stack import CeleryStack
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.metrics import samples, value
@@ -121,12 +121,12 @@ def test_api_workers_share_their_metrics(metrics_database: str, tmp_path: Path) 
     port = free_port()
     args = crypto_client("api", "--port", str(port), "--workers", "2")
     with ApiServer(args, env, tmp_path / "api-workers.log", port=port) as api:
-        with httpx.Client(base_url=api.url) as client:
+        with local_http.client(base_url=api.url) as client:
             for _ in range(40):
                 assert client.get("/tickers").status_code == 200
         counts = set()
         for _ in range(6):  # new connections: both workers get to answer
-            text = httpx.get(api.url + "/metrics", timeout=10).text
+            text = local_http.get(api.url + "/metrics", timeout=10).text
             counts.add(
                 value(
                     text,
@@ -159,7 +159,7 @@ async def test_celery_pool_processes_are_reported_by_the_worker(
         stack.publish_tick()
 
         def stored() -> float:
-            return polled_and_stored(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+            return polled_and_stored(local_http.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
 
         assert wait_until(stored, 30, what="the pool's outcome counted by the main process") == 1
     finally:
@@ -183,7 +183,7 @@ def test_the_stream_consumer_serves_its_metrics(
     try:
 
         def connected_with_prices() -> str | None:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            text = local_http.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
             ok = value(text, "crypto_client_stream_connected") == 1
             return (
                 text if ok and value(text, "crypto_client_stream_messages_total", kind="price") > 3 else None
@@ -194,7 +194,7 @@ def test_the_stream_consumer_serves_its_metrics(
         wait_until(
             lambda: (
                 value(
-                    httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text,
+                    local_http.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text,
                     "crypto_client_stream_reconnects_total",
                 )
                 >= 1

@@ -15,16 +15,17 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from crypto_client.sim.faults import HostileFrame
+from tests.support import local_http
 from tests.support.services import Process, SimServer, crypto_client, free_port
 from tests.support.waiting import wait_until
 
 
 def get(sim: SimServer, method: str, **params: str) -> httpx.Response:
-    return httpx.get(f"{sim.rpc_url}/public/{method}", params=params, timeout=5)
+    return local_http.get(f"{sim.rpc_url}/public/{method}", params=params, timeout=5)
 
 
 def post(sim: SimServer, payload: object) -> httpx.Response:
-    return httpx.post(sim.rpc_url, json=payload, timeout=5)
+    return local_http.post(sim.rpc_url, json=payload, timeout=5)
 
 
 def test_get_envelope_has_deribits_fields(sim: SimServer) -> None:
@@ -70,7 +71,7 @@ def test_unknown_method_and_bad_requests(sim: SimServer) -> None:
         sim, {"jsonrpc": "2.0", "id": 1, "method": "public/get_index_price", "params": ["btc_usd"]}
     )
     assert positional.json()["error"]["code"] == -32602
-    garbage = httpx.post(sim.rpc_url, content=b"{not json", timeout=5)
+    garbage = local_http.post(sim.rpc_url, content=b"{not json", timeout=5)
     assert garbage.json()["error"]["code"] == -32700
 
 
@@ -137,7 +138,7 @@ def test_drop_closes_the_connection_mid_response(sim: SimServer) -> None:
 def test_timeout_hangs(sim: SimServer) -> None:
     sim.faults(fail_next=1, fail_next_kind="timeout")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "btc_usd"}, timeout=0.5)
+        local_http.get(f"{sim.rpc_url}/public/get_index_price", params={"index_name": "btc_usd"}, timeout=0.5)
 
 
 def test_latency_outage_and_per_index_scope(sim: SimServer) -> None:
@@ -174,10 +175,10 @@ def test_rates_are_drawn(sim: SimServer) -> None:
 
 
 def test_admin_rejects_unknown_knobs(sim: SimServer) -> None:
-    response = httpx.put(f"{sim.url}/_sim/faults", json={"explode": True})
+    response = local_http.put(f"{sim.url}/_sim/faults", json={"explode": True})
     assert response.status_code == 422
     assert "explode" in response.json()["detail"]
-    assert httpx.put(f"{sim.url}/_sim/faults", json={"error_rate": 2}).status_code == 422
+    assert local_http.put(f"{sim.url}/_sim/faults", json={"error_rate": 2}).status_code == 422
 
 
 def test_start_time_faults_from_the_command_line(tmp_path: Path) -> None:
@@ -185,22 +186,22 @@ def test_start_time_faults_from_the_command_line(tmp_path: Path) -> None:
     process = Process(crypto_client("sim", "--port", str(port), "--outage"), {}, tmp_path / "sim.log")
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(f"{url}/_sim/stats").status_code == 200, 20, what="sim")
-        response = httpx.get(f"{url}/api/v2/public/get_index_price", params={"index_name": "btc_usd"})
+        wait_until(lambda: local_http.get(f"{url}/_sim/stats").status_code == 200, 20, what="sim")
+        response = local_http.get(f"{url}/api/v2/public/get_index_price", params={"index_name": "btc_usd"})
         assert response.status_code == 503
     finally:
         process.stop()
 
 
 def served(sim: SimServer, after: int) -> list[dict[str, Any]]:
-    response = httpx.get(f"{sim.url}/_sim/served", params={"after": after})
+    response = local_http.get(f"{sim.url}/_sim/served", params={"after": after})
     response.raise_for_status()
     records: list[dict[str, Any]] = response.json()["served"]
     return records
 
 
 def served_so_far(sim: SimServer) -> int:
-    total: int = httpx.get(f"{sim.url}/_sim/served", params={"limit": 1}).json()["total"]
+    total: int = local_http.get(f"{sim.url}/_sim/served", params={"limit": 1}).json()["total"]
     return total
 
 
@@ -259,7 +260,7 @@ def test_served_record_holds_chart_points_once_and_stream_notifications(sim: Sim
 
 
 def test_served_record_rejects_bad_positions(sim: SimServer) -> None:
-    response = httpx.get(f"{sim.url}/_sim/served", params={"after": "-1"})
+    response = local_http.get(f"{sim.url}/_sim/served", params={"after": "-1"})
     assert response.status_code == 422
     assert "after" in response.json()["detail"]
 
@@ -307,7 +308,7 @@ def test_stream_sends_each_hostile_frame_once_at_run_time(sim: SimServer) -> Non
     for kind, matches in signatures.items():
         assert sum(1 for frame in texts if matches(frame)) == 1, kind  # once each
     assert sum(1 for frame in received if isinstance(frame, bytes)) == 1
-    assert httpx.get(f"{sim.url}/_sim/faults").json()["default"]["ws_hostile_next"] == []
+    assert local_http.get(f"{sim.url}/_sim/faults").json()["default"]["ws_hostile_next"] == []
 
 
 def test_stream_unsubscribed_channels_drops_and_the_connection_log(sim: SimServer) -> None:
@@ -347,7 +348,7 @@ def test_stream_stall_and_drop_at_run_time(sim: SimServer) -> None:
 
 
 def test_admin_rejects_unknown_hostile_frames(sim: SimServer) -> None:
-    response = httpx.put(f"{sim.url}/_sim/faults", json={"ws_hostile_next": ["explode"]})
+    response = local_http.put(f"{sim.url}/_sim/faults", json={"ws_hostile_next": ["explode"]})
     assert response.status_code == 422
     assert "explode" in response.json()["detail"]
 
@@ -382,7 +383,7 @@ def test_stream_faults_from_the_command_line(tmp_path: Path) -> None:
 
 
 def chart(sim: SimServer) -> list[object]:
-    response = httpx.get(
+    response = local_http.get(
         f"{sim.rpc_url}/public/get_index_chart_data",
         params={"index_name": "btc_usd", "range": "1h"},
         timeout=5,
@@ -444,14 +445,14 @@ def test_chart_faults_from_the_command_line(tmp_path: Path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(f"{url}/_sim/stats").status_code == 200, 20, what="sim")
-        faults = httpx.get(f"{url}/_sim/faults").json()["default"]
+        wait_until(lambda: local_http.get(f"{url}/_sim/stats").status_code == 200, 20, what="sim")
+        faults = local_http.get(f"{url}/_sim/faults").json()["default"]
         assert (faults["chart_empty_rate"], faults["chart_bad_point_rate"]) == (1.0, 0.0)
-        response = httpx.get(
+        response = local_http.get(
             f"{url}/api/v2/public/get_index_chart_data", params={"index_name": "btc_usd", "range": "1h"}
         )
         assert response.json()["result"] == []
-        stats = httpx.get(f"{url}/_sim/stats").json()
+        stats = local_http.get(f"{url}/_sim/stats").json()
         assert stats["methods"]["public/get_index_chart_data"] == {"requests": 1, "max_in_flight": 1}
     finally:
         process.stop()
@@ -461,10 +462,10 @@ def test_max_connections_refuses_the_next_connection_with_a_bare_429(tmp_path: P
     capped = SimServer(tmp_path, 0, "--max-connections", "2")
     try:
         # Two idle keep-alive connections fill the cap: connections count, not requests.
-        held = [httpx.Client(), httpx.Client()]
+        held = [local_http.client(), local_http.client()]
         for client in held:
             assert client.get(f"{capped.rpc_url}/public/test").status_code == 200
-        refused = httpx.get(f"{capped.rpc_url}/public/test")
+        refused = local_http.get(f"{capped.rpc_url}/public/test")
         assert refused.status_code == 429
         assert refused.content == b""
         stats = capped.stats  # its own connection would be refused too: free one first
@@ -480,7 +481,7 @@ def test_max_connections_refuses_the_next_connection_with_a_bare_429(tmp_path: P
 def test_spoilt_chart_points_are_not_in_the_served_record(sim: SimServer) -> None:
     start = served_so_far(sim)
     sim.faults("eth_usd", chart_bad_point_rate=1.0)
-    answer = httpx.get(
+    answer = local_http.get(
         f"{sim.rpc_url}/public/get_index_chart_data", params={"index_name": "eth_usd", "range": "1h"}
     )
     assert answer.status_code == 200

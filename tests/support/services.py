@@ -23,6 +23,7 @@ from typing import IO, Any, NoReturn
 import httpx
 import pytest
 
+from tests.support import local_http
 from tests.support.waiting import wait_until
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -101,26 +102,26 @@ class SimServer:
             {},
             tmp / f"sim-{self.port}.log",
         )
-        wait_until(lambda: httpx.get(f"{self.url}/_sim/stats").status_code == 200, 20, what="simulator")
+        wait_until(lambda: local_http.get(f"{self.url}/_sim/stats").status_code == 200, 20, what="simulator")
 
     def faults(self, index: str | None = None, **changes: Any) -> None:
         body = {**changes, **({"index": index} if index else {})}
-        httpx.put(f"{self.url}/_sim/faults", json=body).raise_for_status()
+        local_http.put(f"{self.url}/_sim/faults", json=body).raise_for_status()
 
     def pin(self, **prices: str) -> None:
-        httpx.put(f"{self.url}/_sim/prices", json=prices).raise_for_status()
+        local_http.put(f"{self.url}/_sim/prices", json=prices).raise_for_status()
 
     def reset(self) -> None:
         """No faults, no pinned prices, fresh counters."""
         for what in ("faults", "prices", "stats"):
-            httpx.delete(f"{self.url}/_sim/{what}").raise_for_status()
+            local_http.delete(f"{self.url}/_sim/{what}").raise_for_status()
 
     def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = httpx.get(f"{self.url}/_sim/stats").json()
+        stats: dict[str, Any] = local_http.get(f"{self.url}/_sim/stats").json()
         return stats
 
     def chart(self, index: str, range_name: str) -> list[tuple[int, Decimal]]:
-        response = httpx.get(
+        response = local_http.get(
             f"{self.rpc_url}/public/get_index_chart_data", params={"index_name": index, "range": range_name}
         )
         response.raise_for_status()
@@ -154,7 +155,7 @@ class ApiServer:
         def exited_or_ready() -> bool:
             if self.process.popen.poll() is not None:
                 return True
-            return httpx.get(self.url + ready_path, timeout=2).status_code == 200
+            return local_http.get(self.url + ready_path, timeout=2).status_code == 200
 
         try:
             wait_until(exited_or_ready, timeout, what=log_path.stem)
@@ -172,7 +173,7 @@ class ApiServer:
         return cls(args, env, tmp / f"{command}-{port}.log", port=port, **options)
 
     def get(self, path: str, **params: Any) -> httpx.Response:
-        return httpx.get(self.url + path, params=params, timeout=10)
+        return local_http.get(self.url + path, params=params, timeout=10)
 
     @property
     def output(self) -> str:
