@@ -1,7 +1,9 @@
 """Parquet's inputs: the database's column batches (every row once, on PostgreSQL and on
-SQLite), the tables built from them (ordered, exact)."""
+SQLite), the tables built from them (ordered, exact), and pyarrow as API processes load it."""
 
 import io
+import subprocess
+import sys
 from decimal import Decimal
 
 import pyarrow.parquet as pq
@@ -77,3 +79,23 @@ async def test_column_batches_hold_every_row_once(engine: AsyncEngine) -> None:
         assert (full.rows, full.next_ts) == (10, 110)
         empty = await reader.export_columns("btc_usd", lower=125, upper=MAX_TS, limit=10)
         assert (empty.lines, empty.rows, empty.next_ts) == (b"", 0, None)
+
+
+def test_api_processes_load_pyarrow_without_numpy_or_pandas() -> None:
+    """As in the production image, which installs neither: some 50 MB less per process."""
+    probe = """
+import sys
+from crypto_client.api.arrow import load_pyarrow
+load_pyarrow()
+import pyarrow as pa
+from crypto_client.export.parquet import SCHEMA, ParquetStream, table_of
+from crypto_client.export.quality import measure_day
+stream = ParquetStream("btc_usd")
+stream.add(b"60,1.5,poll\\n0,2.5,stream\\n")
+stream.finish()
+day = pa.concat_tables([table_of("btc_usd", b"0,1.5,poll\\n"), SCHEMA.empty_table()])
+measure_day(day, 0, 60, (0, 60), None)
+print("numpy" in sys.modules, "pandas" in sys.modules, pa.default_memory_pool().backend_name)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False", "system"]

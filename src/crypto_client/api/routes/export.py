@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from crypto_client import exact_json
+from crypto_client.api.arrow import load_pyarrow
 from crypto_client.api.deps import ReadDatabaseDep, SettingsDep
 from crypto_client.api.errors import require_known
 from crypto_client.api.limits import ExportSlot
@@ -46,6 +47,7 @@ def _parquet_stream(ticker: str) -> "tuple[ParquetStream, int]":
     """A Parquet file of `ticker`'s rows, and the rows of the batches it takes (a row group
     each). pyarrow costs some 50 MB in every API process: only one that exports Parquet
     loads it."""
+    load_pyarrow()
     from crypto_client.export.parquet import BATCH_ROWS, ParquetStream
 
     return ParquetStream(ticker), BATCH_ROWS
