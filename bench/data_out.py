@@ -10,6 +10,7 @@ The table is loaded as `python -m bench` loads it (bench/database.py's `create_d
 import argparse
 import asyncio
 import contextlib
+import shutil
 import statistics
 import sys
 import threading
@@ -157,6 +158,8 @@ def http_exports(plan: Plan, url: str, lines: list[str]) -> None:
 
 async def lake_queries(plan: Plan, url: str, lines: list[str]) -> None:
     out = WORK / "lake"
+    # A fresh lake: files left by an earlier run would be checked, not written.
+    shutil.rmtree(out, ignore_errors=True)
     engine = create_engine(url, read_only=True)
 
     @contextlib.asynccontextmanager
