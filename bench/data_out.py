@@ -1,6 +1,6 @@
 """Data out on the benchmark's table: Parquet against CSV over HTTP (rows/s, bytes/row), the
-server's RSS during a one-ticker full-history Parquet export, and DuckDB over the lake against
-the same query in PostgreSQL.
+server's memory (RSS and PSS) during a one-ticker full-history Parquet export, and DuckDB over
+the lake against the same query in PostgreSQL.
 
     uv run python -m bench.data_out [--tickers N] [--rows-per-ticker N] [--keep]
 
@@ -10,15 +10,20 @@ The table is loaded as `python -m bench` loads it (bench/database.py's `create_d
 import argparse
 import asyncio
 import contextlib
+import shutil
+import statistics
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 
 import asyncpg
 import duckdb
 import httpx
+import psutil
 
-from bench.common import ADMIN_URL, WORK, Plan, Results, peak_rss, server
+from bench.common import ADMIN_URL, WORK, Plan, Results, server
 from bench.database import create_database
 from bench.report import machine
 from crypto_client.db.engine import create_engine
@@ -39,52 +44,122 @@ def timed_download(url: str) -> tuple[float, int]:
     return time.monotonic() - started, size
 
 
+ROUNDS = 3  # each format's export, in turns: the machine is shared, one run of each is noise
+
+
+@dataclass
+class Memory:
+    """Peaks over the server's process family (granian's main process and its worker), MB.
+    RSS counts every page a process maps, shared libraries included, once per process; PSS
+    divides each page among the processes sharing it (the family's part of the machine's RAM)."""
+
+    rss: float = 0.0
+    pss: float = 0.0
+    by_process: dict[str, tuple[float, float]] = field(default_factory=dict)  # at the RSS peak
+
+
+@contextlib.contextmanager
+def peak_memory(process: psutil.Process) -> Iterator[Memory]:
+    peak = Memory()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            family = [process, *process.children(recursive=True)]
+            with contextlib.suppress(psutil.Error):
+                each = {
+                    "main"
+                    if n == 0
+                    else "worker"
+                    if len(family) == 2
+                    else f"worker {n}": member.memory_full_info()
+                    for n, member in enumerate(family)
+                }
+                rss = sum(info.rss for info in each.values()) / 2**20
+                peak.pss = max(peak.pss, sum(info.pss for info in each.values()) / 2**20)
+                if rss > peak.rss:
+                    peak.rss = rss
+                    peak.by_process = {
+                        name: (info.rss / 2**20, info.pss / 2**20) for name, info in each.items()
+                    }
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+
+
 def http_exports(plan: Plan, url: str, lines: list[str]) -> None:
     port = free_port()
     env = {"DATABASE_URL": url, "LOG_LEVEL": "WARNING", "API_STATEMENT_TIMEOUT_SECONDS": "60"}
     ticker = plan.names[0]
     rows = plan.rows_per_ticker
+    formats = ("csv", "ndjson", "parquet")
     with server(
         [sys.executable, "-m", "bench.server", str(port), "granian"], env, port, "data-out.log"
     ) as proc:
         base = f"http://127.0.0.1:{port}/prices/export?ticker={ticker}"
+        with peak_memory(proc) as cold:
+            time.sleep(1)
         # Warm up the server, its pool, and pyarrow (loaded by the first Parquet export).
         started = time.monotonic()
         timed_download(base + "&format=parquet&to_ts=0")
         first_parquet = time.monotonic() - started
         for fmt in ("csv", "ndjson"):
             timed_download(f"{base}&format={fmt}&to_ts=0")
-        with peak_rss(proc) as idle:
+        with peak_memory(proc) as idle:
             time.sleep(1)
-        figures = {}
-        for fmt in ("csv", "ndjson", "parquet"):
-            with peak_rss(proc) as peak:
-                seconds, size = timed_download(f"{base}&format={fmt}")
-            figures[fmt] = (seconds, size, peak[0])
-    lines.append(f"One ticker's full history over HTTP ({rows:,} rows, `{ticker}`):")
-    lines.append("")
-    lines.append("| format | rows/s | bytes/row | server peak RSS | over idle |")
-    lines.append("|---|---:|---:|---:|---:|")
-    for fmt, (seconds, size, rss) in figures.items():
-        lines.append(
-            f"| {fmt} | {rows / seconds:,.0f} | {size / rows:.1f} | {rss:.0f} MB | +{rss - idle[0]:.0f} MB |"
-        )
-    csv_seconds, csv_size, _ = figures["csv"]
-    pq_seconds, pq_size, pq_rss = figures["parquet"]
+        seconds: dict[str, list[float]] = {fmt: [] for fmt in formats}
+        memory: dict[str, list[Memory]] = {fmt: [] for fmt in formats}
+        sizes: dict[str, int] = {}
+        for _ in range(ROUNDS):
+            for fmt in formats:
+                with peak_memory(proc) as peak:
+                    took, sizes[fmt] = timed_download(f"{base}&format={fmt}")
+                seconds[fmt].append(took)
+                memory[fmt].append(peak)
+    median = {fmt: statistics.median(seconds[fmt]) for fmt in formats}
+    rss = {fmt: max(memory[fmt], key=lambda each: each.rss) for fmt in formats}
+    pss = {fmt: max(each.pss for each in memory[fmt]) for fmt in formats}
+    lines.append(
+        f"One ticker's full history over HTTP ({rows:,} rows, `{ticker}`; each format {ROUNDS} times,"
+        " in turns; rows/s of the median run, memory the peak over the runs):"
+    )
     lines.append("")
     lines.append(
-        f"Parquet against CSV: {csv_seconds / pq_seconds:.2f}x CSV's rows/s (goal ≥ 1),"
-        f" {pq_size / csv_size:.2f}x its bytes (goal ≤ 0.33); server RSS during the Parquet export"
-        f" {pq_rss:.0f} MB (goal < 200 MB), {pq_rss - idle[0]:.0f} MB more than idle"
-        f" ({idle[0]:.0f} MB, granian's main process and its worker, after warm-up)."
-        f" The first Parquet export of a process also loads pyarrow:"
-        f" that empty export took {first_parquet:.2f} s."
+        "| format | rows/s (median) | rows/s (each run) | bytes/row | peak RSS | peak PSS | RSS over idle |"
+    )
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    for fmt in formats:
+        runs = ", ".join(f"{rows / each:,.0f}" for each in seconds[fmt])
+        lines.append(
+            f"| {fmt} | {rows / median[fmt]:,.0f} | {runs} | {sizes[fmt] / rows:.1f}"
+            f" | {rss[fmt].rss:.0f} MB | {pss[fmt]:.0f} MB | +{rss[fmt].rss - idle.rss:.0f} MB |"
+        )
+    parquet = rss["parquet"]
+    split = ", ".join(
+        f"{name} {r:.0f} MB RSS / {p:.0f} MB PSS" for name, (r, p) in parquet.by_process.items()
+    )
+    lines.append("")
+    lines.append(
+        f"Parquet against CSV: {median['csv'] / median['parquet']:.2f}x CSV's rows/s (medians; goal ≥ 1),"
+        f" {sizes['parquet'] / sizes['csv']:.2f}x its bytes (goal ≤ 0.33). Server memory during the"
+        f" Parquet exports: {parquet.rss:.0f} MB RSS (goal < 200 MB), {pss['parquet']:.0f} MB PSS"
+        f" ({split}). Idle after the warm-up: {idle.rss:.0f} MB RSS, {idle.pss:.0f} MB PSS; before it"
+        f" (no pyarrow loaded yet): {cold.rss:.0f} MB RSS, {cold.pss:.0f} MB PSS. The first Parquet"
+        f" export of a process also loads pyarrow: that empty export took {first_parquet:.2f} s."
     )
     lines.append("")
 
 
 async def lake_queries(plan: Plan, url: str, lines: list[str]) -> None:
     out = WORK / "lake"
+    # A fresh lake: files left by an earlier run would be checked, not written.
+    shutil.rmtree(out, ignore_errors=True)
     engine = create_engine(url, read_only=True)
 
     @contextlib.asynccontextmanager

@@ -2,19 +2,23 @@
 database: the framework's ceiling, measured on the same server.
 
     python -m bench.server PORT [uvicorn|granian]
+
+Under granian the app is built in the worker process only (as `crypto-client api` builds it):
+the main process, which supervises the worker, imports granian and nothing of the app.
 """
 
 import sys
+from typing import TYPE_CHECKING
 
-import uvicorn
-from fastapi import FastAPI
-
-from crypto_client.api.app import create_app
-from crypto_client.config import get_settings
-from crypto_client.logging import setup_logging
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
-def bench_app() -> FastAPI:
+def bench_app() -> "FastAPI":
+    from crypto_client.api.app import create_app
+    from crypto_client.config import get_settings
+    from crypto_client.logging import setup_logging
+
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
@@ -42,4 +46,6 @@ if __name__ == "__main__":
             log_enabled=False,
         ).serve()
     else:
+        import uvicorn
+
         uvicorn.run(bench_app(), host="127.0.0.1", port=port, log_config=None, access_log=False)

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.engine import create_engine
-from crypto_client.db.pages import page_statement
+from crypto_client.db.pages import column_batch_statement, page_statement
 from crypto_client.db.prices import PriceReads
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
@@ -44,8 +44,17 @@ async def filled(postgresql_url: str) -> AsyncIterator[AsyncEngine]:
         (page_statement("json", "postgresql"), {"lower": 600_000, "upper": 686_399, "offset": 0}),
         (PriceReads.AT, {"ts": 650_000}),
         (page_statement("csv", "postgresql"), {"lower": 900_000, "upper": MAX, "offset": 0}),
+        (column_batch_statement("postgresql"), {"lower": 900_000, "upper": MAX}),
     ],
-    ids=["latest", "first page", "deep cursor page", "one-day range", "as-of", "export batch"],
+    ids=[
+        "latest",
+        "first page",
+        "deep cursor page",
+        "one-day range",
+        "as-of",
+        "export batch",
+        "column batch",
+    ],
 )
 async def test_queries_walk_the_primary_key(
     filled: AsyncEngine, statement: Any, parameters: dict[str, int]

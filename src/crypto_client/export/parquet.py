@@ -11,7 +11,6 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from crypto_client.db.pages import CSV_HEADER
 from crypto_client.db.reader import PriceReader
 from crypto_client.domain import MAX_PRICE_DECIMAL_PLACES, MAX_PRICE_INTEGER_DIGITS
 
@@ -29,9 +28,10 @@ SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
     ]
 )
-BATCH_ROWS = 10_000
-# Rows per row group: large enough to compress well, small enough to keep memory bounded.
-ROW_GROUP_ROWS = 100_000
+# Rows per row group, and per database batch (a batch is written as a row group of its own):
+# large enough to compress well and cost few queries, small enough to keep memory bounded.
+ROW_GROUP_ROWS = 50_000
+BATCH_ROWS = ROW_GROUP_ROWS
 WRITER_OPTIONS: dict[str, object] = {
     "compression": "zstd",
     "use_dictionary": ["ticker", "source"],
@@ -42,28 +42,32 @@ WRITER_OPTIONS: dict[str, object] = {
         "price_text": "DELTA_BYTE_ARRAY",
     },
 }
-_CSV_COLUMNS = CSV_HEADER.split(",")
-# One thread: the batches are small, and the database and the server share the cores.
-_CSV_READ = pa_csv.ReadOptions(column_names=_CSV_COLUMNS, use_threads=False)
+# One thread: the database and the server share the cores. One block for a whole batch.
+_CSV_READ = pa_csv.ReadOptions(column_names=["ts", "price", "source"], use_threads=False, block_size=1 << 24)
 _CSV_CONVERT = pa_csv.ConvertOptions(
-    column_types={"ticker": pa.string(), "ts": pa.int64(), "price": pa.string(), "source": pa.string()},
+    column_types={"ts": pa.int64(), "price": pa.string(), "source": pa.string()},
     strings_can_be_null=False,
     quoted_strings_can_be_null=False,
 )
 
 
-def table_of(csv_lines: str) -> pa.Table:
-    """The rows of an export batch (CSV lines `ticker,ts,price,source`, prices as the database
-    holds their exact text) as a table of `SCHEMA`."""
-    raw = pa_csv.read_csv(
-        io.BytesIO(csv_lines.encode()), read_options=_CSV_READ, convert_options=_CSV_CONVERT
-    )
+def table_of(ticker: str, lines: bytes) -> pa.Table:
+    """The rows of a column batch (`ts,price,source` lines in any order, prices as the
+    database holds their exact text) as a table of `SCHEMA`, oldest first."""
+    raw = pa_csv.read_csv(pa.py_buffer(lines), read_options=_CSV_READ, convert_options=_CSV_CONVERT)
+    ts = raw["ts"]
+    if len(ts) > 1 and not pc.all(pc.less(ts[:-1], ts[1:])).as_py():
+        raw = raw.take(pc.sort_indices(ts))
+        ts = raw["ts"]
     text = raw["price"]
     return pa.Table.from_arrays(
         [
-            pc.dictionary_encode(raw["ticker"]),
-            raw["ts"],
-            raw["ts"].cast(pa.timestamp("s", tz="UTC")),
+            # One dictionary entry, every index 0: no per-row encoding.
+            pa.DictionaryArray.from_arrays(
+                pa.repeat(pa.scalar(0, pa.int32()), len(ts)), pa.array([ticker], pa.string())
+            ),
+            ts,
+            ts.cast(pa.timestamp("s", tz="UTC")),
             # A cast that would lose a digit fails rather than rounds.
             text.cast(PRICE_TYPE),
             text,
@@ -81,10 +85,10 @@ async def tables(
     start: int | None = lower
     while start is not None:
         async with open_reader() as reader:
-            page = await reader.export_batch(ticker, "csv", lower=start, upper=upper, limit=batch_rows)
-        if page.rows:
-            yield table_of(page.text)
-        start = page.next_ts
+            batch = await reader.export_columns(ticker, lower=start, upper=upper, limit=batch_rows)
+        if batch.rows:
+            yield table_of(ticker, batch.lines)
+        start = batch.next_ts
 
 
 class _Chunks(io.RawIOBase):
@@ -113,37 +117,23 @@ class _Chunks(io.RawIOBase):
 
 
 class ParquetStream:
-    """A Parquet file produced piecewise: `add` tables, send what `add` returns (whole row
-    groups), then what `finish` returns (the last row group and the footer). A body cut before
-    the footer is no Parquet file: every reader refuses it."""
+    """A Parquet file of one ticker's rows produced piecewise: `add` column batches (each
+    becomes a row group) and send the bytes it returns, then what `finish` returns (the
+    footer). A body cut before the footer is no Parquet file: every reader refuses it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ticker: str) -> None:
+        self._ticker = ticker
         self._sink = _Chunks()
         self._writer = pq.ParquetWriter(self._sink, SCHEMA, **WRITER_OPTIONS)
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
 
-    def add(self, csv_lines: str) -> bytes:
-        """Take an export batch (as `table_of`); returns the bytes of any row group it completed."""
-        table = table_of(csv_lines)
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
-        if self._pending_rows < ROW_GROUP_ROWS:
-            return b""
-        return self._flush()
+    def add(self, lines: bytes) -> bytes:
+        """Write a column batch (as `table_of` takes it) as a row group; returns its bytes."""
+        table = table_of(self._ticker, lines)
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+        return self._sink.take()
 
     def finish(self) -> bytes:
-        last_groups = self._flush()
         self._writer.close()
-        return last_groups + self._sink.take()
-
-    def _flush(self) -> bytes:
-        if self._pending:
-            # Dictionaries of the batches differ: unify them into the row group's one.
-            group = pa.concat_tables(self._pending).unify_dictionaries().combine_chunks()
-            self._writer.write_table(group, row_group_size=max(1, group.num_rows))
-            self._pending.clear()
-            self._pending_rows = 0
         return self._sink.take()
 
 

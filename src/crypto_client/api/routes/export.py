@@ -1,20 +1,22 @@
 """A ticker's prices in a range as a CSV, NDJSON or Parquet file, streamed in keyset batches."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
 
 import structlog
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from crypto_client import exact_json
+from crypto_client.api.arrow import load_pyarrow
 from crypto_client.api.deps import ReadDatabaseDep, SettingsDep
 from crypto_client.api.errors import require_known
 from crypto_client.api.limits import ExportSlot
 from crypto_client.api.responses import INVALID, UNAVAILABLE, UNKNOWN
 from crypto_client.api.schemas import ExportQuery
-from crypto_client.db.pages import CSV_HEADER, ExportFormat, TextPage
+from crypto_client.db.pages import CSV_HEADER, ColumnBatch, ExportFormat, TextPage
 from crypto_client.domain import MAX_TS
 
 if TYPE_CHECKING:
@@ -29,23 +31,29 @@ _EXPORT_TYPES = {
 }
 
 EXPORT_BATCH_ROWS = 10_000
-# Parquet's batches are only parsed, never sent as they are: larger ones cost fewer queries,
-# and half a row group keeps the memory of one in flight small.
-PARQUET_BATCH_ROWS = 50_000
 
 router = APIRouter()
 
 
-def _parquet_stream() -> "ParquetStream":
-    # pyarrow costs some 50 MB in every API process: only one that exports Parquet loads it.
-    from crypto_client.export.parquet import ParquetStream
-
-    return ParquetStream()
+class _Batch(Protocol):
+    @property
+    def next_ts(self) -> int | None: ...
 
 
-async def _prefetched(
-    read_batch: Callable[[int], Awaitable[TextPage]], lower: int
-) -> AsyncIterator[TextPage]:
+_B = TypeVar("_B", bound=_Batch)
+
+
+def _parquet_stream(ticker: str) -> "tuple[ParquetStream, int]":
+    """A Parquet file of `ticker`'s rows, and the rows of the batches it takes (a row group
+    each). pyarrow costs some 50 MB in every API process: only one that exports Parquet
+    loads it."""
+    load_pyarrow()
+    from crypto_client.export.parquet import BATCH_ROWS, ParquetStream
+
+    return ParquetStream(ticker), BATCH_ROWS
+
+
+async def _prefetched(read_batch: Callable[[int], Awaitable[_B]], lower: int) -> AsyncGenerator[_B, None]:
     """The keyset batches from `lower` on, each asked for as soon as the one before it is
     read, so that the database renders it while the caller handles its predecessor. One batch
     ahead at most: memory stays bounded. A caller that stops cancels the read ahead."""
@@ -85,18 +93,39 @@ async def export(
     async with database.reader() as reader:
         await require_known(reader, settings, query.ticker)
 
-    # Parquet is made from the CSV batches (the database's exact price text).
-    parquet = _parquet_stream() if query.format == "parquet" else None
-    batch_format: ExportFormat = "csv" if query.format == "parquet" else query.format
-    batch_rows = PARQUET_BATCH_ROWS if query.format == "parquet" else EXPORT_BATCH_ROWS
+    # Parquet is made from column batches (`ts,price,source` lines, the database's exact price
+    # text), a row group each; CSV and NDJSON are sent as the database renders them.
+    parquet, batch_rows = _parquet_stream(query.ticker) if query.format == "parquet" else (None, 0)
+    text_format: ExportFormat = "ndjson" if query.format == "ndjson" else "csv"
 
-    async def read_batch(start: int) -> TextPage:
+    async def read_text(start: int) -> TextPage:
         async with database.reader() as reader:
             return await reader.export_batch(
-                query.ticker, batch_format, lower=start, upper=upper, limit=batch_rows
+                query.ticker, text_format, lower=start, upper=upper, limit=EXPORT_BATCH_ROWS
             )
 
-    async def batches() -> AsyncIterator[str | bytes]:
+    async def read_columns(start: int) -> ColumnBatch:
+        async with database.reader() as reader:
+            return await reader.export_columns(query.ticker, lower=start, upper=upper, limit=batch_rows)
+
+    async def parts() -> AsyncGenerator[tuple[str | bytes, int, int | None], None]:
+        """The body's parts, each with its rows and where the rows after it start."""
+        if parquet is None:
+            async with aclosing(_prefetched(read_text, lower)) as pages:
+                async for page in pages:
+                    yield (page.text + "\n" if page.text else ""), page.rows, page.next_ts
+            return
+        async with aclosing(_prefetched(read_columns, lower)) as batches:
+            async for batch in batches:
+                # A row group a batch. It is made in a thread (pyarrow releases the GIL) while
+                # the database renders the next batch: the two take the machine's cores side
+                # by side.
+                group = await asyncio.to_thread(parquet.add, batch.lines) if batch.rows else b""
+                yield group, batch.rows, batch.next_ts
+        # The footer: without it (a cut body) no reader takes the file for whole.
+        yield await asyncio.to_thread(parquet.finish), 0, None
+
+    async def body() -> AsyncIterator[str | bytes]:
         # Keyset batches, each on a connection of its own: memory stays bounded whatever the
         # range, and a client that leaves stops the export between two batches.
         start: int | None = lower
@@ -104,21 +133,12 @@ async def export(
         if query.format == "csv":
             yield CSV_HEADER + "\n"
         try:
-            async for page in _prefetched(read_batch, lower):
-                if parquet is not None:
-                    # Whole row groups only: `add` keeps smaller batches for the next one. It
-                    # runs in a thread (pyarrow releases the GIL) while the database renders
-                    # the next batch: the two take the machine's cores side by side.
-                    groups = await asyncio.to_thread(parquet.add, page.text) if page.text else b""
-                    if groups:
-                        yield groups
-                elif page.text:
-                    yield page.text + "\n"
-                rows_sent += page.rows
-                start = page.next_ts
-            if parquet is not None:
-                # The footer: without it (a cut body) no reader takes the file for whole.
-                yield await asyncio.to_thread(parquet.finish)
+            async with aclosing(parts()) as pieces:
+                async for data, rows, next_ts in pieces:
+                    if data:
+                        yield data
+                    rows_sent += rows
+                    start = next_ts
         except Exception as exc:
             # The status line (200) is long sent: what is left is to end the body so that no
             # client takes it for the whole file. NDJSON gets an error line a line reader
@@ -147,7 +167,7 @@ async def export(
     extension, media_type = _EXPORT_TYPES[query.format]
     name = f"{query.ticker}_{lower}_{query.to_ts if query.to_ts is not None else 'now'}.{extension}"
     return StreamingResponse(
-        batches(),
+        body(),
         media_type=media_type,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )

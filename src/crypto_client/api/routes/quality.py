@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from crypto_client import exact_json
+from crypto_client.api.arrow import load_pyarrow
 from crypto_client.api.deps import ReadDatabaseDep, SettingsDep
 from crypto_client.api.errors import require_known
 from crypto_client.api.pagination import decode_cursor, next_page_link
@@ -34,6 +35,7 @@ async def quality(
     settings: SettingsDep,
 ) -> JSONBytes:
     # pyarrow costs some 50 MB in every API process: only one that answers this loads it.
+    load_pyarrow()
     from crypto_client.export.quality import report_day, span_of
 
     interval = settings.ingest_interval_seconds
