@@ -326,11 +326,12 @@ class _ServedIndex:
 
     def __init__(self, served: Iterable[Mapping[str, Any]]) -> None:
         self.moments: dict[tuple[str, Decimal, str], list[float]] = defaultdict(list)
-        self.chart: set[tuple[str, int, Decimal]] = set()
+        # History served (chart points, trades' index prices): (kind, index, second, price).
+        self.history: set[tuple[str, str, int, Decimal]] = set()
         for record in served:
             price = Decimal(record["price"])
-            if record["kind"] == "chart":
-                self.chart.add((record["index"], int(record["ts_ms"]) // 1000, price))
+            if record["kind"] in _HISTORY_KINDS:
+                self.history.add((record["kind"], record["index"], int(record["ts_ms"]) // 1000, price))
             else:
                 self.moments[(record["index"], price, record["kind"])].append(record["served_ms"] / 1000)
         for moments in self.moments.values():
@@ -343,6 +344,9 @@ class _ServedIndex:
 
 
 _SERVED_AS = {"poll": "index_price", "stream": "ws"}
+# A back-filled row's source, and the kind of history it was filled from.
+_HISTORY_KINDS = {"chart": "backfill", "trade": "trade"}
+_FILLED_FROM = {source: kind for kind, source in _HISTORY_KINDS.items()}
 
 
 def check_rows(
@@ -363,8 +367,8 @@ def check_rows(
             report.add(Finding("unconfigured ticker", row.ticker, slot, f"row {row}", near))
         if row.slot_ts is not None and not row.slot_ts <= row.ts < row.slot_ts + interval:
             report.add(Finding("outside its slot", row.ticker, slot, f"ts {row.ts} in row {row}", near))
-        if row.source == "backfill":
-            genuine = (row.ticker, row.ts, row.price) in index.chart
+        if row.source in _FILLED_FROM:
+            genuine = (_FILLED_FROM[row.source], row.ticker, row.ts, row.price) in index.history
         elif row.source in _SERVED_AS:
             genuine = index.served_near(row.ticker, row.price, _SERVED_AS[row.source], row.ts)
         else:
@@ -378,11 +382,12 @@ def check_rows(
             )
 
 
-def _served_chart_times(served: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
-    """The times (seconds) of every history point the simulator served, per index, sorted."""
+def _served_history_times(served: Iterable[Mapping[str, Any]], kind: str) -> dict[str, list[int]]:
+    """The times (seconds) of every history point of `kind` (chart or trade) the simulator
+    served, per index, sorted."""
     times: dict[str, set[int]] = defaultdict(set)
     for record in served:
-        if record["kind"] == "chart":
+        if record["kind"] == kind:
             times[record["index"]].add(int(record["ts_ms"]) // 1000)
     return {index: sorted(each) for index, each in times.items()}
 
@@ -407,9 +412,13 @@ def check_slots(
     injected fault explains; `/coverage` lists no slot that has a row.
 
     A slot that no tick could take (a process killed, the broker or database gone) may be
-    listed as `not_repairable`: only where the simulator's own record shows the history it
-    served around the slot had no point inside it."""
-    chart_times = _served_chart_times(served)
+    listed as `not_repairable` (no chart point) or `no_trade_in_slot` (no trade): only where
+    the simulator's own record shows the history of that kind it served around the slot had
+    no point inside it."""
+    history_times = {
+        reason: _served_history_times(served, kind)
+        for reason, kind in (("not_repairable", "chart"), ("no_trade_in_slot", "trade"))
+    }
     per_slot: Counter[tuple[str, int]] = Counter()
     for row in rows:
         per_slot[(row.ticker, row.slot_ts if row.slot_ts is not None else row.ts // interval * interval)] += 1
@@ -436,9 +445,9 @@ def check_slots(
                 report.lost += 1
                 report.add(Finding("lost", ticker, slot, "no row and /coverage lists no gap", kinds))
             elif _explains(listed[slot], near) or (
-                listed[slot] == "not_repairable"
+                listed[slot] in history_times
                 and _explains("no_tick_ran", near)
-                and _history_skips(chart_times.get(ticker, []), slot, interval)
+                and _history_skips(history_times[listed[slot]].get(ticker, []), slot, interval)
             ):
                 report.explained[listed[slot]] += 1
             else:

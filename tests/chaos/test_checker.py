@@ -25,9 +25,15 @@ def test_rows_that_were_served_pass_and_made_up_ones_are_wrong() -> None:
         served("index_price", "100.10", SLOT * 1000 + 200),
         served("ws", "100.20", (SLOT + 1) * 1000 + 5, timestamp=(SLOT + 1) * 1000),
         served("chart", "100.30", (SLOT + 9) * 1000, ts_ms=(SLOT + 2) * 1000),
+        served("trade", "100.40", (SLOT + 9) * 1000, ts_ms=(SLOT + 4) * 1000 + 250),
     ]
     report = Report()
-    honest = [row(SLOT, "100.10"), row(SLOT + 1, "100.20", "stream"), row(SLOT + 2, "100.30", "backfill")]
+    honest = [
+        row(SLOT, "100.10"),
+        row(SLOT + 1, "100.20", "stream"),
+        row(SLOT + 2, "100.30", "backfill"),
+        row(SLOT + 4, "100.40", "trade"),
+    ]
     checker.check_rows(report, honest, record, TICKERS, 1, [])
     assert report.ok, report.findings
 
@@ -37,9 +43,11 @@ def test_rows_that_were_served_pass_and_made_up_ones_are_wrong() -> None:
         row(SLOT + 30, "100.10"),  # served, but not near this time
         row(SLOT + 1, "100.10", "stream"),  # served by polling, not by the stream
         row(SLOT + 3, "100.30", "backfill"),  # a chart point, at another time
+        row(SLOT + 4, "100.41", "trade"),  # a trade's time, another price
+        row(SLOT + 4, "100.40", "backfill"),  # a trade's value, claimed as a chart point
     ]
     checker.check_rows(report, made_up, record, TICKERS, 1, [])
-    assert report.wrong == 4
+    assert report.wrong == 6
     assert {f.check for f in report.findings} == {"not a served value"}
 
 
@@ -93,6 +101,21 @@ def test_not_repairable_after_a_kill_holds_only_where_the_served_history_skips_t
     unchecked = Report()
     checker.check_slots(unchecked, [], gaps, TICKERS, (SLOT, SLOT + 3), 1, [kill])
     assert unchecked.lost == 4
+
+
+def test_no_trade_in_slot_after_a_kill_holds_only_where_the_served_trades_skip_the_slot() -> None:
+    kill = Injected("kill_serve", SLOT, SLOT + 1)
+    gaps = {"btc_usd": [{"from_ts": SLOT, "to_ts": SLOT + 2, "reason": "no_trade_in_slot"}]}
+    # Trades served at SLOT - 1, SLOT + 1.5 and SLOT + 3: one inside SLOT + 1, which the
+    # repair should have filled; chart points say nothing about trades.
+    record = [
+        served("trade", "1", (SLOT + 30) * 1000, ts_ms=ts_ms)
+        for ts_ms in ((SLOT - 1) * 1000, (SLOT + 1) * 1000 + 500, (SLOT + 3) * 1000)
+    ] + [served("chart", "1", (SLOT + 30) * 1000, ts_ms=(SLOT + 1) * 1000)]
+    report = Report()
+    checker.check_slots(report, [], gaps, TICKERS, (SLOT, SLOT + 2), 1, [kill], record)
+    assert report.explained == {"no_trade_in_slot": 2}
+    assert [(f.check, f.slot_ts) for f in report.findings] == [("lost", SLOT + 1)]
 
 
 def test_a_stored_claim_without_its_rows_is_found() -> None:

@@ -194,10 +194,16 @@ def test_start_time_faults_from_the_command_line(tmp_path: Path) -> None:
 
 
 def served(sim: SimServer, after: int) -> list[dict[str, Any]]:
-    response = local_http.get(f"{sim.url}/_sim/served", params={"after": after})
-    response.raise_for_status()
-    records: list[dict[str, Any]] = response.json()["served"]
-    return records
+    """Every record from `after` on, page by page."""
+    records: list[dict[str, Any]] = []
+    while True:
+        response = local_http.get(f"{sim.url}/_sim/served", params={"after": after, "limit": 100_000})
+        response.raise_for_status()
+        page = response.json()
+        records += page["served"]
+        if page["next"] >= page["total"]:
+            return records
+        after = page["next"]
 
 
 def served_so_far(sim: SimServer) -> int:
@@ -257,6 +263,26 @@ def test_served_record_holds_chart_points_once_and_stream_notifications(sim: Sim
     assert [(r["index"], Decimal(r["price"]), r["timestamp"]) for r in streamed] == [
         (n["index_name"], n["price"], n["timestamp"]) for n in notifications
     ]
+
+
+def test_served_record_holds_each_trades_index_price_once(sim: SimServer) -> None:
+    start = served_so_far(sim)
+    now_ms = int(time.time()) * 1000
+    window = {
+        "instrument_name": "BTC-PERPETUAL",
+        "start_timestamp": str(now_ms - 3_600_000),
+        "end_timestamp": str(now_ms),
+    }
+    answers = [get(sim, "get_last_trades_by_instrument_and_time", **window) for _ in range(2)]
+    trades = json.loads(answers[0].text, parse_float=Decimal)["result"]["trades"]
+    assert trades
+    # Each trade once, however often served (this session's earlier tests may have asked for
+    # some), under the index it prices.
+    ever = [(r["index"], r["ts_ms"], Decimal(r["price"])) for r in served(sim, 0) if r["kind"] == "trade"]
+    assert len(ever) == len(set(ever))
+    assert {("btc_usd", t["timestamp"], t["index_price"]) for t in trades} <= set(ever)
+    new = [(r["index"], r["ts_ms"], Decimal(r["price"])) for r in served(sim, start) if r["kind"] == "trade"]
+    assert set(new) <= {("btc_usd", t["timestamp"], t["index_price"]) for t in trades}
 
 
 def test_served_record_rejects_bad_positions(sim: SimServer) -> None:

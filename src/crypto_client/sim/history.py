@@ -107,6 +107,9 @@ class TradeHistory:
             and kind in (None, "any", instrument["kind"])
         ]
 
+    def index_of(self, instrument_name: str) -> str:
+        return str(self._by_name[instrument_name]["price_index"])
+
     def trades(self, instrument_name: str, start_ms: int, end_ms: int) -> Iterator[dict[str, Any]]:
         """Every trade of the instrument with `start_ms <= timestamp <= end_ms`, oldest first."""
         instrument = self._by_name[instrument_name]

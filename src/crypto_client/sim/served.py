@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import orjson
 
-ServedKind = Literal["index_price", "chart", "ws"]
+ServedKind = Literal["index_price", "chart", "trade", "ws"]
+HistoryKind = Literal["chart", "trade"]
 # Records kept; beyond this the oldest go (a day of three tickers polled and streamed each
 # second, with their chart points, fits).
 MAX_RECORDS = 2_000_000
@@ -27,7 +28,7 @@ class ServedLog:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     dropped: int = 0  # records forgotten from the front
-    _chart_points: set[tuple[str, int, str]] = field(default_factory=set)
+    _history_points: set[tuple[str, str, int, str]] = field(default_factory=set)
 
     def add(self, kind: ServedKind, index: str, price: Decimal | orjson.Fragment, **times: Any) -> None:
         self.records.append(
@@ -44,13 +45,14 @@ class ServedLog:
             del self.records[:excess]
             self.dropped += excess
 
-    def add_chart_points(self, index: str, points: list[tuple[int, Any]]) -> None:
-        """A chart answer's points, each recorded once however often it is served again."""
+    def add_history(self, kind: HistoryKind, index: str, points: list[tuple[int, Any]]) -> None:
+        """A chart answer's points or a trade answer's index prices, each recorded once
+        however often it is served again."""
         for ts_ms, price in points:
-            key = (index, ts_ms, price_text(price))
-            if key not in self._chart_points:
-                self._chart_points.add(key)
-                self.add("chart", index, price, ts_ms=ts_ms)
+            key = (kind, index, ts_ms, price_text(price))
+            if key not in self._history_points:
+                self._history_points.add(key)
+                self.add(kind, index, price, ts_ms=ts_ms)
 
     def after(self, position: int, limit: int) -> dict[str, Any]:
         start = max(position, self.dropped) - self.dropped

@@ -105,8 +105,8 @@ class Simulator:
             "public/get_index_chart_data": self._get_index_chart_data,
             "public/test": lambda _params: {"version": "1.2.26"},
             "public/get_instruments": self.history.get_instruments,
-            "public/get_last_trades_by_instrument_and_time": lambda params: self.history.get_trades(
-                params, now_ms=time.time_ns() // 1_000_000, history_host=False
+            "public/get_last_trades_by_instrument_and_time": lambda params: self._get_trades(
+                params, history_host=False
             ),
             "public/get_delivery_prices": lambda params: self.history.get_delivery_prices(
                 params, now_ms=time.time_ns() // 1_000_000
@@ -115,10 +115,20 @@ class Simulator:
         # The history host: the same methods, with every trade since the start.
         self._history_methods = {
             **self._methods,
-            "public/get_last_trades_by_instrument_and_time": lambda params: self.history.get_trades(
-                params, now_ms=time.time_ns() // 1_000_000, history_host=True
+            "public/get_last_trades_by_instrument_and_time": lambda params: self._get_trades(
+                params, history_host=True
             ),
         }
+
+    def _get_trades(self, params: Mapping[str, Any], *, history_host: bool) -> dict[str, Any]:
+        now_ms = time.time_ns() // 1_000_000
+        answer = self.history.get_trades(params, now_ms=now_ms, history_host=history_host)
+        if answer["trades"]:
+            index = self.history.index_of(str(params["instrument_name"]))
+            self.record.add_history(
+                "trade", index, [(trade["timestamp"], trade["index_price"]) for trade in answer["trades"]]
+            )
+        return answer
 
     def _get_index_price(self, params: Mapping[str, Any]) -> dict[str, Decimal | orjson.Fragment]:
         name = params.get("index_name")
@@ -185,7 +195,7 @@ class Simulator:
                 points.append(point)
                 genuine.append(point)
         # A spoilt point is a fault, never one of the simulator's values: it is not recorded.
-        self.record.add_chart_points(name, genuine)
+        self.record.add_history("chart", name, genuine)
         return points
 
     def _bad_point(self, point: tuple[int, Any]) -> Any:
