@@ -6,7 +6,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,25 +67,35 @@ def server(args: list[str], env: dict[str, str], port: int, log_name: str) -> It
 
 
 @contextmanager
-def peak_rss(process: psutil.Process) -> Iterator[list[float]]:
-    peak = [0.0]
+def sampling(process: psutil.Process, sample: Callable[[list[psutil.Process]], None]) -> Iterator[None]:
+    """Call `sample` with the server's process family every 20 ms while the block runs: its
+    own process and its workers (granian serves from a child process)."""
     stop = threading.Event()
 
-    def sample() -> None:
+    def run() -> None:
         while not stop.is_set():
-            # The server's own process and its workers (granian serves from a child process).
-            family = [process, *process.children(recursive=True)]
             with contextlib.suppress(psutil.Error):
-                peak[0] = max(peak[0], sum(each.memory_info().rss for each in family) / 2**20)
+                sample([process, *process.children(recursive=True)])
             time.sleep(0.02)
 
-    thread = threading.Thread(target=sample, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        yield peak
+        yield
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def peak_rss(process: psutil.Process) -> Iterator[list[float]]:
+    peak = [0.0]
+
+    def sample(family: list[psutil.Process]) -> None:
+        peak[0] = max(peak[0], sum(each.memory_info().rss for each in family) / 2**20)
+
+    with sampling(process, sample):
+        yield peak
 
 
 def one_at_a_time_ms(url: str, times: int = 5) -> float:

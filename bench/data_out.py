@@ -13,7 +13,6 @@ import contextlib
 import shutil
 import statistics
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import duckdb
 import httpx
 import psutil
 
-from bench.common import ADMIN_URL, WORK, Plan, Results, server
+from bench.common import ADMIN_URL, WORK, Plan, Results, sampling, server
 from bench.database import create_database
 from bench.report import machine
 from crypto_client.db.engine import create_engine
@@ -61,36 +60,20 @@ class Memory:
 @contextlib.contextmanager
 def peak_memory(process: psutil.Process) -> Iterator[Memory]:
     peak = Memory()
-    stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
-            family = [process, *process.children(recursive=True)]
-            with contextlib.suppress(psutil.Error):
-                each = {
-                    "main"
-                    if n == 0
-                    else "worker"
-                    if len(family) == 2
-                    else f"worker {n}": member.memory_full_info()
-                    for n, member in enumerate(family)
-                }
-                rss = sum(info.rss for info in each.values()) / 2**20
-                peak.pss = max(peak.pss, sum(info.pss for info in each.values()) / 2**20)
-                if rss > peak.rss:
-                    peak.rss = rss
-                    peak.by_process = {
-                        name: (info.rss / 2**20, info.pss / 2**20) for name, info in each.items()
-                    }
-            time.sleep(0.02)
+    def sample(family: list[psutil.Process]) -> None:
+        each = {
+            "main" if n == 0 else "worker" if len(family) == 2 else f"worker {n}": member.memory_full_info()
+            for n, member in enumerate(family)
+        }
+        rss = sum(info.rss for info in each.values()) / 2**20
+        peak.pss = max(peak.pss, sum(info.pss for info in each.values()) / 2**20)
+        if rss > peak.rss:
+            peak.rss = rss
+            peak.by_process = {name: (info.rss / 2**20, info.pss / 2**20) for name, info in each.items()}
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
+    with sampling(process, sample):
         yield peak
-    finally:
-        stop.set()
-        thread.join()
 
 
 def http_exports(plan: Plan, url: str, lines: list[str]) -> None:
