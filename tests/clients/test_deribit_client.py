@@ -95,13 +95,10 @@ async def test_concurrency_is_real_and_bounded(sim: SimServer) -> None:
     sim.faults(latency_ms=200)
     tickers = ["btc_usd", "eth_usd", "sol_usdc", "xrp_usdc", "ada_usdc", "dot_usdc", "ltc_usdc", "bnb_usdc"]
     async with client(sim, max_concurrency=4, timeout=5) as deribit:
-        started = time.monotonic()
         results = await deribit.fetch_prices(tickers)
-        elapsed = time.monotonic() - started
     assert all(result.observation is not None for result in results)
+    # Four at once, never more: two waves of four, not eight requests one after another.
     assert sim.stats()["max_in_flight"] == 4
-    # Two waves of four, not eight requests one after another.
-    assert elapsed < 8 * 0.2
 
 
 async def test_fetch_prices_keeps_the_others_when_one_fails(sim: SimServer) -> None:
