@@ -2,7 +2,7 @@
 # Statement coverage of the test process itself (servers the tests start run uncovered).
 COVERAGE_FLOOR = 67
 EMBEDDED_TESTS = tests/api/test_api.py tests/db/test_repository.py tests/db/test_queries.py tests/db/test_migrations.py
-.PHONY: lint docs format test test-embedded test-fast bench-smoke bench serve sim
+.PHONY: lint docs format test test-embedded test-fast fuzz bench-smoke bench serve sim
 
 lint:  ## ruff, formatting and mypy --strict, as CI runs them
 	uv run ruff check .
@@ -24,6 +24,9 @@ test-embedded:  ## the database tests on PostgreSQL 18 from the embedded-postgre
 
 test-fast:  ## everything but the tests that start worker, beat or server processes
 	uv run pytest -m "not slow"
+
+fuzz:  ## the API fuzz test with 500 examples per operation (the suite runs 25)
+	FUZZ_EXAMPLES=500 uv run pytest tests/api/test_api_fuzz.py
 
 bench-smoke:  ## the benchmark on small data: checks that it still works
 	uv run python -m bench --smoke

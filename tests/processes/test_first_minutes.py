@@ -31,17 +31,28 @@ def test_version() -> None:
     assert (result.returncode, result.stdout.strip()) == (0, f"crypto-client {__version__}")
 
 
-@pytest.mark.parametrize("command", ["migrate", "serve", "ingest", "backfill"])
+# Every command checks its database through the same start-up check (crypto_client.startup):
+# each failure runs in one command's real process, and every command meets one failure.
 @pytest.mark.parametrize(
-    ("url", "expected"),
+    ("command", "url", "expected"),
     [
-        ("mysql://x@y/z", "unsupported database 'mysql'"),
-        ("postgresql://postgres@no-such-host.invalid/db", "unknown host 'no-such-host.invalid'"),
-        ("postgresql://postgres@127.0.0.1:{closed}/postgres", "nothing accepts connections"),
-        ("postgresql://postgres@127.0.0.1:5432/cc_no_such_database", "'cc_no_such_database' does not exist"),
-        ("postgresql://cc_no_such_role@127.0.0.1:5432/postgres", "refused user 'cc_no_such_role'"),
+        ("migrate", "mysql://x@y/z", "unsupported database 'mysql'"),
+        ("serve", "postgresql://postgres@no-such-host.invalid/db", "unknown host 'no-such-host.invalid'"),
+        ("ingest", "postgresql://postgres@127.0.0.1:{closed}/postgres", "nothing accepts connections"),
+        (
+            "backfill",
+            "postgresql://postgres@127.0.0.1:5432/cc_no_such_database",
+            "'cc_no_such_database' does not exist",
+        ),
+        ("serve", "postgresql://cc_no_such_role@127.0.0.1:5432/postgres", "refused user 'cc_no_such_role'"),
     ],
-    ids=["scheme", "unknown-host", "refused-port", "missing-database", "unknown-role"],
+    ids=[
+        "scheme-migrate",
+        "unknown-host-serve",
+        "refused-port-ingest",
+        "missing-database-backfill",
+        "unknown-role-serve",
+    ],
 )
 def test_every_database_failure_at_start_is_one_line(
     command: str, url: str, expected: str, tmp_path: Path

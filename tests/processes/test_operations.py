@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from crypto_client.config import SettingsError, load_settings
 from tests.support.api import api_client
 from tests.support.commands import assert_one_clear_line, run
 from tests.support.databases import create_pg_database
@@ -50,29 +51,41 @@ async def test_the_api_starts_without_its_database_and_recovers_by_itself(
     assert "Traceback" not in api.process.output
 
 
+CANNOT_HEAL = {
+    "scheme": ({"DATABASE_URL": "mysql://x@y/z"}, ("DATABASE_URL", "unsupported database 'mysql'")),
+    "sqlite-without-path": ({"DATABASE_URL": "sqlite://"}, ("DATABASE_URL", "needs a file path")),
+    "unparsable": ({"DATABASE_URL": "://nonsense"}, ("DATABASE_URL", "not a database URL")),
+    "read-url-not-postgres": (
+        {"DATABASE_READ_URL": "sqlite:///replica.db"},
+        ("DATABASE_READ_URL", "must be a PostgreSQL URL"),
+    ),
+    "broker-scheme": (
+        {"CELERY_BROKER_URL": "http://redis:6379"},
+        ("CELERY_BROKER_URL", "must be a Redis URL"),
+    ),
+    "log-level": ({"LOG_LEVEL": "chatty"}, ("LOG_LEVEL",)),
+}
+
+
+@pytest.mark.parametrize("problem", CANNOT_HEAL)
+def test_what_cannot_heal_is_named_by_the_settings(problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env, expected = CANNOT_HEAL[problem]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    for text in expected:
+        assert text in str(error.value)
+
+
+# Every command reads its settings through the same check (`checked_settings`): each one runs
+# in a real process with one of the problems, and every problem meets one command.
 @pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        ({"DATABASE_URL": "mysql://x@y/z"}, ("DATABASE_URL", "unsupported database 'mysql'")),
-        ({"DATABASE_URL": "sqlite://"}, ("DATABASE_URL", "needs a file path")),
-        ({"DATABASE_URL": "://nonsense"}, ("DATABASE_URL", "not a database URL")),
-        ({"DATABASE_READ_URL": "sqlite:///replica.db"}, ("DATABASE_READ_URL", "must be a PostgreSQL URL")),
-        ({"CELERY_BROKER_URL": "http://redis:6379"}, ("CELERY_BROKER_URL", "must be a Redis URL")),
-        ({"LOG_LEVEL": "chatty"}, ("LOG_LEVEL",)),
-    ],
-    ids=[
-        "scheme",
-        "sqlite-without-path",
-        "unparsable",
-        "read-url-not-postgres",
-        "broker-scheme",
-        "log-level",
-    ],
+    ("command", "problem"),
+    zip(["api", "worker", "beat", "stream", "ingest", "backfill"], CANNOT_HEAL, strict=True),
 )
-@pytest.mark.parametrize("command", ["api", "worker", "beat", "stream", "ingest", "backfill"])
-def test_what_cannot_heal_stops_every_command_in_one_line(
-    command: str, env: dict[str, str], expected: tuple[str, ...], tmp_path: Path
-) -> None:
+def test_what_cannot_heal_stops_every_command_in_one_line(command: str, problem: str, tmp_path: Path) -> None:
+    env, expected = CANNOT_HEAL[problem]
     args = [command, "--port", str(free_port())] if command == "api" else [command]
     result = run(*args, cwd=tmp_path, **env)
     assert result.returncode == 2, result.stderr
