@@ -1,6 +1,6 @@
 """Data out on the benchmark's table: Parquet against CSV over HTTP (rows/s, bytes/row), the
-server's memory (RSS and PSS) during a one-ticker full-history Parquet export, and DuckDB over
-the lake against the same query in PostgreSQL.
+memory (RSS and PSS) of `crypto-client api` during a one-ticker full-history Parquet export,
+and DuckDB over the lake against the same query in PostgreSQL.
 
     uv run python -m bench.data_out [--tickers N] [--rows-per-ticker N] [--keep]
 
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from crypto_client.db.engine import create_engine
 from crypto_client.db.reader import PriceReader
 from crypto_client.export.lake import write_lake
 from tests.support.databases import drop_pg_database
-from tests.support.services import free_port
+from tests.support.services import crypto_client, free_port
 
 
 def timed_download(url: str) -> tuple[float, int]:
@@ -48,7 +47,8 @@ ROUNDS = 3  # each format's export, in turns: the machine is shared, one run of 
 
 @dataclass
 class Memory:
-    """Peaks over the server's process family (granian's main process and its worker), MB.
+    """Peaks over the server's process family, MB: `crypto-client api` as production runs it,
+    one process (with `--workers N`, its main process and N workers).
     RSS counts every page a process maps, shared libraries included, once per process; PSS
     divides each page among the processes sharing it (the family's part of the machine's RAM)."""
 
@@ -63,8 +63,7 @@ def peak_memory(process: psutil.Process) -> Iterator[Memory]:
 
     def sample(family: list[psutil.Process]) -> None:
         each = {
-            "main" if n == 0 else "worker" if len(family) == 2 else f"worker {n}": member.memory_full_info()
-            for n, member in enumerate(family)
+            "main" if n == 0 else f"worker {n}": member.memory_full_info() for n, member in enumerate(family)
         }
         rss = sum(info.rss for info in each.values()) / 2**20
         peak.pss = max(peak.pss, sum(info.pss for info in each.values()) / 2**20)
@@ -82,9 +81,7 @@ def http_exports(plan: Plan, url: str, lines: list[str]) -> None:
     ticker = plan.names[0]
     rows = plan.rows_per_ticker
     formats = ("csv", "ndjson", "parquet")
-    with server(
-        [sys.executable, "-m", "bench.server", str(port), "granian"], env, port, "data-out.log"
-    ) as proc:
+    with server(crypto_client("api", "--port", str(port)), env, port, "data-out.log") as proc:
         base = f"http://127.0.0.1:{port}/prices/export?ticker={ticker}"
         with peak_memory(proc) as cold:
             time.sleep(1)
