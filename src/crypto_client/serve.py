@@ -34,7 +34,7 @@ def create_embedded_app(settings: Settings) -> FastAPI:
 
 
 def create_embedded_app_from_environment() -> FastAPI:
-    """The embedded service as `crypto-client serve` runs it in its server worker process."""
+    """The embedded service as `crypto-client serve` builds it (settings read anew)."""
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     return create_embedded_app(settings)

@@ -62,8 +62,8 @@ def test_kill_9_of_the_server_ends_its_workers_and_frees_the_port(
     server = ApiServer(args, sqlite_env, tmp_path / f"{command}.log", port=port, ready_path="/livez")
     main = server.process.popen.pid
     workers = 2 if command == "api" else 0  # one worker runs in the server's own process
-    wait_until(lambda: len(_group_alive(main)) == 1 + workers, 30, what="the server's workers")
     try:
+        wait_until(lambda: len(_group_alive(main)) == 1 + workers, 30, what="the server's workers")
         os.kill(main, signal.SIGKILL)
         server.process.popen.wait(10)
         wait_until(lambda: not _group_alive(main), 10, what="the orphaned workers to end")

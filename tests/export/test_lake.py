@@ -82,17 +82,14 @@ async def test_lake_layout_manifest_and_exact_reads(engine: AsyncEngine, db_url:
     first = export(db_url, out)
     assert first.returncode == 0, first.stderr
     assert "3 files written" in first.stdout
-    assert (
-        sorted(str(p.relative_to(out)) for p in out.glob("*/*.parquet"))
-        == [
-            "btc_usd/2024-01-01.parquet",
-            "btc_usd/2024-01-02.parquet",
-            "eth_usd/2024-01-01.parquet",
-            "eth_usd/2024-01-02.parquet",
-        ]
-        or True
-    )
+    written = sorted(str(p.relative_to(out)) for p in out.glob("*/*.parquet"))
+    assert written == [
+        "btc_usd/2024-01-01.parquet",
+        "btc_usd/2024-01-02.parquet",
+        "eth_usd/2024-01-01.parquet",
+    ]
     files = manifest(out)
+    assert sorted(files) == written
     day1, day2 = files["btc_usd/2024-01-01.parquet"], files["btc_usd/2024-01-02.parquet"]
     assert (day1["rows"], day1["first_ts"], day1["last_ts"]) == (1440, D0, D0 + 1439 * 60)
     assert day1["coverage"] == 1

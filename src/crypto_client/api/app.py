@@ -161,7 +161,7 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app_from_environment() -> FastAPI:
-    """The API as `crypto-client api` runs it in each server worker process."""
+    """The API as `crypto-client api` builds it (in each worker process, with `--workers N`)."""
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     return create_app(settings)

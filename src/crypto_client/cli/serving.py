@@ -64,14 +64,14 @@ def serve(
     host, port = host or settings.api_host, port or settings.api_port
     _require_free_port(host, port)
     if simulate and settings.database_url is None and not settings.postgres_host:
-        # The demo's made-up prices get a file of their own (the server worker reads it anew).
+        # The demo's made-up prices get a file of their own (the app's factory reads it anew).
         os.environ["DATABASE_URL"] = DEMO_SQLITE_URL
         settings = settings.model_copy(update={"database_url": SecretStr(DEMO_SQLITE_URL)})
     require([database_need(settings, migrated=False)])  # serve migrates it
     if simulate:
         if sim_port:
             _require_free_port("127.0.0.1", sim_port, option="--sim-port")
-        # The server's worker process reads its settings anew: hand it the simulator's URLs.
+        # The app's factory reads its settings anew: hand it the simulator's URLs.
         simulator = start_simulator(sim_port)
         os.environ.update(simulator)
         settings = settings.model_copy(
