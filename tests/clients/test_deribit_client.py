@@ -96,6 +96,7 @@ async def test_concurrency_is_real_and_bounded(sim: SimServer) -> None:
     tickers = ["btc_usd", "eth_usd", "sol_usdc", "xrp_usdc", "ada_usdc", "dot_usdc", "ltc_usdc", "bnb_usdc"]
     async with client(sim, max_concurrency=4, timeout=5) as deribit:
         results = await deribit.fetch_prices(tickers)
+    assert [result.ticker for result in results] == tickers
     assert all(result.observation is not None for result in results)
     # Four at once, never more: two waves of four, not eight requests one after another.
     assert sim.stats()["max_in_flight"] == 4

@@ -141,8 +141,11 @@ async def test_an_unanswered_commit_past_the_bound_is_reported_in_doubt(
     # Committed, but nobody heard it: never claimed stored, and the loss line says it may be.
     assert len(await table(database)) == len(INGEST_TICKERS)
     assert summary.count("stored") == 0
+    assert len(summary.outcomes) == len(INGEST_TICKERS)
     assert all("COMMIT went unanswered" in (o.error or "") for o in summary.outcomes)
-    assert all(row.get("in_doubt") for row in lost_rows(logs))
+    lost = lost_rows(logs)
+    assert sorted(row["ticker"] for row in lost) == sorted(INGEST_TICKERS)
+    assert all(row.get("in_doubt") for row in lost)
 
 
 @pytest.mark.parametrize("mode", ["before", "after"])

@@ -133,6 +133,7 @@ async def test_prices_held_through_an_outage_win_their_slots_over_the_repair(
                 outage_ended = time.time()
                 reports = await runtime.repair_recent()
                 assert reports is not None
+                assert [report.ticker for report in reports] == list(settings.tickers), reports
                 assert all(report.ok for report in reports), reports
                 held = [slot for slot in started if outage_started <= slot < outage_ended - 1]
 

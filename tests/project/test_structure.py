@@ -20,13 +20,39 @@ def imported_modules(directory: Path) -> set[str]:
 
 
 def imported_modules_of(path: Path) -> set[str]:
+    return imports_in(path.read_text(), _module_name(path), is_package=path.name == "__init__.py")
+
+
+def imports_in(source: str, module: str, *, is_package: bool = False) -> set[str]:
+    """Every module `source` (the code of `module`) imports, by its absolute name."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
     modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = ".".join(package[: len(package) - node.level + 1])
+            if node.module:
+                modules.add(f"{base}.{node.module}")
+            else:
+                modules.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
             modules.add(node.module)
         elif isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
     return modules
+
+
+def test_the_layer_checks_see_relative_imports_by_their_absolute_names() -> None:
+    source = "from . import candles\nfrom .export import x\nfrom ...ingestion import tick\nimport os\n"
+    assert imports_in(source, "crypto_client.api.routes.prices") == {
+        "crypto_client.api.routes.candles",
+        "crypto_client.api.routes.export",
+        "crypto_client.ingestion",
+        "os",
+    }
+    assert imports_in("from .tick import ingest_tick", "crypto_client.ingestion", is_package=True) == {
+        "crypto_client.ingestion.tick"
+    }
+    assert "crypto_client.api.errors" in imported_modules_of(PACKAGE / "api" / "routes" / "prices.py")
 
 
 def test_the_api_imports_nothing_from_ingestion() -> None:
@@ -75,10 +101,11 @@ def test_config_imports_nothing_from_the_layers_that_read_it() -> None:
 
 def test_each_route_module_stands_alone() -> None:
     """A resource's routes import no other resource's: what they share lives in `api/`."""
-    for path in (PACKAGE / "api" / "routes").glob("*.py"):
-        if path.name != "__init__.py":
-            imports = imported_modules_of(path)
-            assert not any(module.startswith("crypto_client.api.routes") for module in imports), path.name
+    routes = [path for path in (PACKAGE / "api" / "routes").glob("*.py") if path.name != "__init__.py"]
+    assert len(routes) >= 8
+    for path in routes:
+        imports = imported_modules_of(path)
+        assert not any(module.startswith("crypto_client.api.routes") for module in imports), path.name
 
 
 def test_no_import_cycles() -> None:
