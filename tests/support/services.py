@@ -167,7 +167,9 @@ class ApiServer:
 
     @classmethod
     def command(cls, command: str, env: Mapping[str, str], tmp: Path, **options: Any) -> "ApiServer":
-        """`crypto-client <command> --port <free port>`."""
+        """`crypto-client <command> --port <free port>`, ready once `/livez` answers (the
+        OpenAPI document would cost each server its generation)."""
+        options.setdefault("ready_path", "/livez")
         port = free_port()
         args = crypto_client(command, "--port", str(port))
         return cls(args, env, tmp / f"{command}-{port}.log", port=port, **options)
