@@ -1,9 +1,13 @@
 """How the routes answer: JSON bodies with exact decimals, and the OpenAPI entries of the
 answers most routes share."""
 
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import Response
+from fastapi.responses import StreamingResponse
+from starlette.types import Send
 
 from crypto_client import exact_json
 from crypto_client.api.schemas import ErrorOut, ValidationErrorOut
@@ -46,3 +50,19 @@ class JSONBytes(Response):
 def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONBytes:
     """`payload` as JSON, decimals as exact numbers (`exact_json`)."""
     return JSONBytes(exact_json.dumps(payload), status_code=status_code, headers=headers)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed body whose generator is closed the moment the response ends, however it
+    ends. Starlette leaves a generator cut off by a client's leaving to the garbage collector,
+    which may run seconds later: until then its read-ahead holds a query and a connection."""
+
+    def __init__(
+        self, content: AsyncGenerator[str | bytes, None], *, media_type: str, headers: Mapping[str, str]
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._generator = content
+
+    async def stream_response(self, send: Send) -> None:
+        async with aclosing(self._generator):
+            await super().stream_response(send)

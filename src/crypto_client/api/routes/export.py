@@ -1,20 +1,19 @@
 """A ticker's prices in a range as a CSV, NDJSON or Parquet file, streamed in keyset batches."""
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
 
 import structlog
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
 
 from crypto_client import exact_json
 from crypto_client.api.arrow import load_pyarrow
 from crypto_client.api.deps import ReadDatabaseDep, SettingsDep
 from crypto_client.api.errors import require_known
 from crypto_client.api.limits import ExportSlot
-from crypto_client.api.responses import INVALID, UNAVAILABLE, UNKNOWN
+from crypto_client.api.responses import INVALID, UNAVAILABLE, UNKNOWN, ClosingStreamingResponse
 from crypto_client.api.schemas import ExportQuery
 from crypto_client.db.pages import CSV_HEADER, ColumnBatch, ExportFormat, TextPage
 from crypto_client.domain import MAX_TS
@@ -88,7 +87,7 @@ async def _prefetched(read_batch: Callable[[int], Awaitable[_B]], lower: int) ->
 )
 async def export(
     query: Annotated[ExportQuery, Query()], database: ReadDatabaseDep, settings: SettingsDep
-) -> StreamingResponse:
+) -> ClosingStreamingResponse:
     lower, upper = query.from_ts or 0, MAX_TS if query.to_ts is None else query.to_ts
     async with database.reader() as reader:
         await require_known(reader, settings, query.ticker)
@@ -125,7 +124,7 @@ async def export(
         # The footer: without it (a cut body) no reader takes the file for whole.
         yield await asyncio.to_thread(parquet.finish), 0, None
 
-    async def body() -> AsyncIterator[str | bytes]:
+    async def body() -> AsyncGenerator[str | bytes, None]:
         # Keyset batches, each on a connection of its own: memory stays bounded whatever the
         # range, and a client that leaves stops the export between two batches.
         start: int | None = lower
@@ -163,10 +162,20 @@ async def export(
                 }
                 yield exact_json.dumps(problem).decode() + "\n"
             raise
+        except (GeneratorExit, asyncio.CancelledError):
+            if start is not None:
+                log.info(
+                    "export stopped: the client left",
+                    ticker=query.ticker,
+                    format=query.format,
+                    rows_sent=rows_sent,
+                    resume_from_ts=start,
+                )
+            raise
 
     extension, media_type = _EXPORT_TYPES[query.format]
     name = f"{query.ticker}_{lower}_{query.to_ts if query.to_ts is not None else 'now'}.{extension}"
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         body(),
         media_type=media_type,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
