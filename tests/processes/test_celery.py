@@ -110,9 +110,12 @@ async def test_at_a_ten_second_interval_a_killed_workers_slot_is_stored_within_t
     stack.sim.faults(latency_ms=3000)
     first = stack.worker("w1", concurrency=1)
     assert "cannot be recovered within the slot" not in first.output
-    # Publish as beat would, right at the start of a slot.
-    await asyncio.sleep(10 - time.time() % 10 + 0.05)
-    task_id = stack.publish_tick()
+    # Publish as beat would, right at the start of a slot far enough ahead for the publisher
+    # to have started by then.
+    slot_start = (time.time() // 10 + 1) * 10
+    if slot_start - time.time() < 4:
+        slot_start += 10
+    task_id = await asyncio.to_thread(stack.publish_tick, slot_start + 0.05)
     await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
     first.signal_group(signal.SIGKILL)  # the whole worker, mid-fetch
     first.stop()

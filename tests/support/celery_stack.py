@@ -18,9 +18,11 @@ from tests.support.waiting import wait_until
 TICKERS = ("btc_usd", "eth_usd", "sol_usdc")
 
 _PUBLISH = """
+import sys, time
 from crypto_client.worker.celery_app import celery_app
 from crypto_client.worker.tasks import TASKS
 options = celery_app.conf.beat_schedule["ingest-tick"]["options"]
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
 print(TASKS["ingest-tick"].apply_async(**options).id)
 """
 
@@ -76,9 +78,11 @@ class CeleryStack:
     def beat(self, name: str = "beat") -> Process:
         return self._start(name, ["beat", "--schedule", str(self.tmp / f"{name}-schedule")])
 
-    def publish_tick(self) -> str:
+    def publish_tick(self, at: float = 0.0) -> str:
+        """Publishes one ingest tick as beat does, at the epoch time `at` (at once by default):
+        the publisher starts first, so that the time its start takes does not delay the tick."""
         result = subprocess.run(
-            [sys.executable, "-c", _PUBLISH],
+            [sys.executable, "-c", _PUBLISH, str(at)],
             env={**self.env, "PATH": "/usr/bin:/bin"},
             capture_output=True,
             text=True,
