@@ -13,9 +13,9 @@ from tests.support.services import SimServer, ThrowawayPostgres, ThrowawayRedis
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that start processes first: pytest-xdist hands out the first quarter of the
-    items round-robin, so the long ones spread over the workers instead of ending the run on
-    one of them."""
+    """The tests that start processes first, so that the run ends on short ones: with
+    `--dist worksteal` an idle worker takes half of the busiest one's queue, so no worker is
+    left alone with long tests at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
