@@ -129,6 +129,7 @@ async def export(
         # range, and a client that leaves stops the export between two batches.
         start: int | None = lower
         rows_sent = 0
+        export_log = log.bind(ticker=query.ticker, format=query.format, from_ts=lower, to_ts=upper)
         if query.format == "csv":
             yield CSV_HEADER + "\n"
         try:
@@ -143,12 +144,8 @@ async def export(
             # client takes it for the whole file. NDJSON gets an error line a line reader
             # sees; then the exception aborts the chunked body (no final zero-length chunk),
             # which every HTTP/1.1 client reports as an incomplete read.
-            log.error(
+            export_log.error(
                 "export cut short",
-                ticker=query.ticker,
-                format=query.format,
-                from_ts=lower,
-                to_ts=upper,
                 rows_sent=rows_sent,
                 resume_from_ts=start,
                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
@@ -164,13 +161,7 @@ async def export(
             raise
         except (GeneratorExit, asyncio.CancelledError):
             if start is not None:
-                log.info(
-                    "export stopped: the client left",
-                    ticker=query.ticker,
-                    format=query.format,
-                    rows_sent=rows_sent,
-                    resume_from_ts=start,
-                )
+                export_log.info("export stopped: the client left", rows_sent=rows_sent, resume_from_ts=start)
             raise
 
     extension, media_type = _EXPORT_TYPES[query.format]
