@@ -4,6 +4,7 @@ the simulator for Deribit and a fresh PostgreSQL database."""
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,15 +79,20 @@ class CeleryStack:
     def beat(self, name: str = "beat") -> Process:
         return self._start(name, ["beat", "--schedule", str(self.tmp / f"{name}-schedule")])
 
-    def publish_tick(self, at: float = 0.0) -> str:
-        """Publishes one ingest tick as beat does, at the epoch time `at` (at once by default):
-        the publisher starts first, so that the time its start takes does not delay the tick."""
+    def publish_tick(self, at: float | None = None) -> str:
+        """Publishes one ingest tick as beat does, at the epoch time `at`; by default in the
+        first half of a slot (at once, or at the next slot's start), so that a test's kill and
+        redelivery fit in the slot wherever the test started. The publisher starts first, so
+        that the time its start takes does not delay the tick."""
+        if at is None:
+            now = time.time()
+            at = now if now % self.interval < self.interval / 2 else now - now % self.interval + self.interval
         result = subprocess.run(
             [sys.executable, "-c", _PUBLISH, str(at)],
             env={**self.env, "PATH": "/usr/bin:/bin"},
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=30 + max(0.0, at - time.time()),
             check=True,
         )
         return result.stdout.strip().splitlines()[-1]
