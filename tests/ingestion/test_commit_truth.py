@@ -217,7 +217,6 @@ async def test_a_celery_task_reports_only_what_was_committed(
         worker = stack.worker(concurrency=1)
         proxy.cut_next_commit("before")
         proxy.cut_next_commit("after")
-        await roomy_slot(3600, room=60)
         stack.publish_tick()
         finished = await asyncio.to_thread(
             wait_until,

@@ -202,8 +202,8 @@ async def test_worker_survives_a_redis_restart_with_a_tick_in_flight(stack: Cele
         # Two pool processes: while one runs the tick, the worker waits on BRPOP for the next.
         worker = stack.worker("w1", concurrency=2)
         # Publish as beat would, right at the start of a slot: the slow fetch ends inside it.
-        await asyncio.sleep(10 - time.time() % 10 + 0.05)
-        stack.publish_tick()
+        now = time.time()
+        await asyncio.to_thread(stack.publish_tick, now - now % 10 + 10.05)
         await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
         in_flight_slot = await asyncio.to_thread(
             wait_until,
