@@ -59,8 +59,8 @@ def api(db_url: str, seeded: dict[str, Any], tmp_path: Path) -> Iterator[ApiServ
         yield server
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+@pytest.fixture(scope="module")
+async def chromium_browser() -> AsyncIterator[Browser]:
     chromium = shutil.which("chromium")
     if chromium is None:
         unavailable("Debian's chromium is not installed (apt-get install -y chromium)")
@@ -68,6 +68,15 @@ async def browser() -> AsyncIterator[Browser]:
         launched = await playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         yield launched
         await launched.close()
+
+
+@pytest.fixture
+async def browser(chromium_browser: Browser) -> AsyncIterator[Browser]:
+    """One browser for the module (a launch costs seconds of CPU); each test's pages are in
+    their own contexts (no shared storage), all closed when it ends."""
+    yield chromium_browser
+    for context in chromium_browser.contexts:
+        await context.close()
 
 
 async def state(page: Page) -> dict[str, Any]:

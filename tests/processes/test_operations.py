@@ -82,7 +82,7 @@ def test_what_cannot_heal_is_named_by_the_settings(problem: str, monkeypatch: py
 # in a real process with one of the problems, and every problem meets one command.
 @pytest.mark.parametrize(
     ("command", "problem"),
-    zip(["api", "worker", "beat", "stream", "ingest", "backfill"], CANNOT_HEAL, strict=True),
+    list(zip(["api", "worker", "beat", "stream", "ingest", "backfill"], CANNOT_HEAL, strict=True)),
 )
 def test_what_cannot_heal_stops_every_command_in_one_line(command: str, problem: str, tmp_path: Path) -> None:
     env, expected = CANNOT_HEAL[problem]

@@ -1,4 +1,7 @@
-"""The benchmark's smoke run: every scenario still runs end to end (no timing is judged)."""
+"""The benchmark's smoke run: every scenario still runs end to end (no timing is judged).
+
+It checks the benchmark, not the service, so it is CI's own step (`make bench-smoke`), outside
+the suite and its time budget, as the chaos run is."""
 
 import subprocess
 import sys
@@ -8,7 +11,7 @@ import pytest
 
 from tests.support.databases import pg_admin_url
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
 
 ROOT = Path(__file__).resolve().parents[2]
 
