@@ -115,6 +115,15 @@ def finest_range(ranges: Mapping[str, int | None], age_seconds: float) -> str:
     return list(ranges)[-1]
 
 
+def repairable_until(
+    moment: float, pending_write_seconds: float, interval_seconds: int, to_ts: int | None
+) -> int:
+    """The newest slot start a repair may fill, from any history: `to_ts` at most, and only a
+    slot that ended `pending_write_seconds` before `moment` (its observation may still come)."""
+    newest = int(moment - pending_write_seconds) - interval_seconds
+    return newest if to_ts is None else min(to_ts, newest)
+
+
 async def backfill(
     engine: AsyncEngine,
     history: HistorySource,
@@ -138,9 +147,7 @@ async def backfill(
     """
     moment = time.time() if now is None else now
     rules = _Rules(interval_seconds, retry_backoff_seconds, automatic, moment)
-    # The newest slot that may be repaired: one that ended `pending_write_seconds` ago.
-    newest = int(moment - pending_write_seconds) - interval_seconds
-    to_ts = newest if to_ts is None else min(to_ts, newest)
+    to_ts = repairable_until(moment, pending_write_seconds, interval_seconds, to_ts)
     reports = []
     for ticker in tickers:
         report = BackfillReport(ticker)

@@ -35,7 +35,7 @@ from crypto_client.db.origins import (
     stored_origins,
 )
 from crypto_client.domain import SlotFailure
-from crypto_client.ingestion.backfill import BackfillReport, backfill
+from crypto_client.ingestion.backfill import BackfillReport, backfill, repairable_until
 from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.maintenance import MaintenanceReport, maintain_storage
 from crypto_client.ingestion.settlements import SettlementReport, update_settlements
@@ -163,6 +163,7 @@ class IngestionRuntime:
             self.trades,
             tickers or self.settings.tickers,
             interval_seconds=self.settings.ingest_interval_seconds,
+            pending_write_seconds=pending_write_seconds(self.settings),
             from_ts=from_ts,
             to_ts=to_ts,
             extend_tracking=extend_tracking,
@@ -185,11 +186,13 @@ class IngestionRuntime:
             log.info("repair still running, skipping this run")
             return None
         async with self.repairing:
-            since = int(time.time()) - RECENT_REPAIR_SECONDS
-            reports = await self.backfill(from_ts=since, automatic=True)
+            moment = time.time()
+            since = int(moment) - RECENT_REPAIR_SECONDS
+            # One bound for both, so the chart has the first pick of every slot it can fill.
+            interval = self.settings.ingest_interval_seconds
+            until = repairable_until(moment, pending_write_seconds(self.settings), interval, None)
+            reports = await self.backfill(from_ts=since, to_ts=until, automatic=True)
             if self.trades is not None:
-                # Like the chart repair, it leaves the slots whose writes may still be pending.
-                until = int(time.time() - pending_write_seconds(self.settings))
                 await self.trade_backfill(from_ts=since, to_ts=until)
             return reports
 

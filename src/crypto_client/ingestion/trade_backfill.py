@@ -26,6 +26,7 @@ from crypto_client.db.reader import PriceReader
 from crypto_client.db.trade_backfill import TradeBackfillCheckpoints
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import DAY_SECONDS, NewPrice, SlotFailure, canonical_price
+from crypto_client.ingestion.backfill import repairable_until
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,7 @@ async def trade_backfill(
     tickers: Sequence[str],
     *,
     interval_seconds: int,
+    pending_write_seconds: float,
     from_ts: int | None,
     to_ts: int | None,
     extend_tracking: bool = False,
@@ -66,9 +68,11 @@ async def trade_backfill(
     progress: ProgressCallback | None = None,
     now: float | None = None,
 ) -> list[TradeBackfillReport]:
-    """Fill the missing slots of `tickers` in the bounds from trades. `extend_tracking`
-    makes coverage expect the tickers from `from_ts` on (a back-fill into the past)."""
+    """Fill the missing slots of `tickers` in the bounds from trades, leaving the slots whose
+    writes may still be pending (as `backfill` does). `extend_tracking` makes coverage expect
+    the tickers from `from_ts` on (a back-fill into the past)."""
     moment = time.time() if now is None else now
+    to_ts = repairable_until(moment, pending_write_seconds, interval_seconds, to_ts)
     if extend_tracking and from_ts is not None and not dry_run:
         async with engine.begin() as connection:
             first_slot = -(-from_ts // interval_seconds) * interval_seconds
