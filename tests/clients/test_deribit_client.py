@@ -12,6 +12,7 @@ from crypto_client.clients.deribit.errors import (
     RetriesExhaustedError,
 )
 from crypto_client.clients.deribit.http import DeribitHttpClient
+from crypto_client.clients.source import DeadlinePassedError
 from tests.support.services import SimServer
 
 MAX_RETRIES = 3
@@ -111,6 +112,18 @@ async def test_fetch_prices_keeps_the_others_when_one_fails(sim: SimServer) -> N
     assert by_ticker["sol_usdc"].observation is not None
     assert isinstance(by_ticker["eth_usd"].error, RetriesExhaustedError)
     assert isinstance(by_ticker["no_such_index"].error, PermanentDeribitError)
+
+
+async def test_what_is_unanswered_at_the_deadline_is_not_waited_for(sim: SimServer) -> None:
+    sim.faults("eth_usd", latency_ms=5000)  # slower than the deadline
+    sim.faults("sol_usdc", outage=True)  # retried, with backoff, past the deadline
+    async with client(sim, timeout=10, max_retries=100, backoff_seconds=0.2) as deribit:
+        results = await deribit.fetch_prices(["btc_usd", "eth_usd", "sol_usdc"], deadline=time.time() + 1)
+    by_ticker = {result.ticker: result for result in results}
+    assert by_ticker["btc_usd"].observation is not None
+    for ticker in ("eth_usd", "sol_usdc"):
+        assert by_ticker[ticker].observation is None
+        assert isinstance(by_ticker[ticker].error, DeadlinePassedError), by_ticker[ticker]
 
 
 async def test_slow_ticker_does_not_delay_the_others(sim: SimServer) -> None:

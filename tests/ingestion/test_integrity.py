@@ -152,7 +152,9 @@ class OneRefusedRow:
     """A price source whose answer for one ticker the table's checks refuse (an upper-case
     name): nothing the real client can produce, which is why it is made up here."""
 
-    async def fetch_prices(self, tickers: Sequence[str]) -> list[FetchResult]:
+    async def fetch_prices(
+        self, tickers: Sequence[str], *, deadline: float | None = None
+    ) -> list[FetchResult]:
         now = time.time()
         return [FetchResult(t, Observation(t, Decimal("2.5"), None, now, now)) for t in tickers]
 
@@ -189,6 +191,7 @@ async def test_a_late_answer_never_takes_its_slot(
     summary = await tick_now(IngestionRuntime(settings, engine, deribit, deribit))
     outcome = {o.ticker: o for o in summary.outcomes}
     assert (outcome["eth_usd"].status, outcome["eth_usd"].reason) == ("failed", "late")
+    assert "not answered before its slot" in (outcome["eth_usd"].error or "")  # not waited for
     assert outcome["btc_usd"].status == "stored"
     rows = await rows_of(engine)
     assert "eth_usd" not in {t for t, _, _, _ in rows}

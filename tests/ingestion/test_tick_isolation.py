@@ -51,7 +51,9 @@ class OneUnplaceable:
     """A source whose observation of `eth_usd` has a receive time that is no time at all:
     nothing the real client produces, so it is made up here to reach the last guard."""
 
-    async def fetch_prices(self, tickers: Sequence[str]) -> list[FetchResult]:
+    async def fetch_prices(
+        self, tickers: Sequence[str], *, deadline: float | None = None
+    ) -> list[FetchResult]:
         now = time.time()
         return [
             FetchResult(t, Observation(t, Decimal("2.5"), None, now, math.nan if t == "eth_usd" else now))

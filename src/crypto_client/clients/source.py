@@ -60,9 +60,18 @@ class HistorySource(Protocol):
         ...
 
 
+class DeadlinePassedError(Exception):
+    """The source had not answered by the caller's deadline, and was no longer waited for."""
+
+
 class PriceSource(Protocol):
-    async def fetch_prices(self, tickers: Sequence[str]) -> list[FetchResult]:
-        """The current price of every ticker; one ticker's failure is its own result."""
+    async def fetch_prices(
+        self, tickers: Sequence[str], *, deadline: float | None = None
+    ) -> list[FetchResult]:
+        """The current price of every ticker; one ticker's failure is its own result.
+
+        A ticker not answered by `deadline` (UNIX seconds) is not waited for, retries and all:
+        its result's error is `DeadlinePassedError`."""
         ...
 
     async def aclose(self) -> None: ...

@@ -35,7 +35,7 @@ from crypto_client.clients.deribit.rpc import (
     parse_index_price,
     server_time_us,
 )
-from crypto_client.clients.source import FetchResult, HistoryPoint, Observation
+from crypto_client.clients.source import DeadlinePassedError, FetchResult, HistoryPoint, Observation
 from crypto_client.origin import SIMULATOR_HEADER, origin_of
 
 log = structlog.get_logger(__name__)
@@ -163,8 +163,11 @@ class DeribitHttpClient:
         params = {"index_name": ticker, "range": range_name}
         return await self.call("public/get_index_chart_data", params, parse)
 
-    async def fetch_prices(self, tickers: Sequence[str]) -> list[FetchResult]:
-        """The index price of every ticker, concurrently; one ticker's failure is its own."""
+    async def fetch_prices(
+        self, tickers: Sequence[str], *, deadline: float | None = None
+    ) -> list[FetchResult]:
+        """The index price of every ticker, concurrently; one ticker's failure is its own.
+        Requests still running (or waiting to retry) at `deadline` are cancelled."""
 
         async def fetch(ticker: str) -> FetchResult:
             try:
@@ -178,7 +181,23 @@ class DeribitHttpClient:
                 log.exception("unexpected error fetching a price", ticker=ticker)
                 return FetchResult(ticker, error=exc)
 
-        return list(await asyncio.gather(*(fetch(ticker) for ticker in tickers)))
+        fetches = [asyncio.create_task(fetch(ticker)) for ticker in tickers]
+        try:
+            if fetches:
+                await asyncio.wait(
+                    fetches, timeout=None if deadline is None else max(0.0, deadline - time.time())
+                )
+        finally:
+            unanswered = [task for task in fetches if not task.done()]
+            for task in unanswered:
+                task.cancel()
+            await asyncio.gather(*unanswered, return_exceptions=True)
+        return [
+            FetchResult(ticker, error=DeadlinePassedError(f"not answered by {deadline:.3f}"))
+            if task.cancelled()
+            else task.result()
+            for ticker, task in zip(tickers, fetches, strict=True)
+        ]
 
     async def call(self, method: str, params: Mapping[str, str], parse: Callable[[RpcEnvelope], T]) -> T:
         """Call `method` and `parse` its answer, retrying transient failures (a malformed
