@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crypto_client.clients.source import PriceSource
+from crypto_client.clients.source import DeadlinePassedError, PriceSource
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice, SlotFailure
 from crypto_client.ingestion.clock import SourceClock
@@ -74,7 +74,15 @@ async def ingest_tick(
     bound.info("tick started", tickers=len(tickers))
 
     rows: list[NewPrice] = []
-    for result in await source.fetch_prices(tickers):
+    # An answer after the slot's end would be refused as late: not waiting for it keeps an
+    # overloaded process from running ever more overlapping ticks that can store nothing.
+    slot_end = None if slot_ts is None else slot_ts + interval_seconds
+    for result in await source.fetch_prices(tickers, deadline=slot_end):
+        if isinstance(result.error, DeadlinePassedError):
+            error = f"not answered before its slot {slot_ts}..{slot_end} ended"
+            bound.warning("ticker failed", ticker=result.ticker, error=error, reason="late")
+            summary.outcomes.append(TickerOutcome(result.ticker, "failed", error=error, reason="late"))
+            continue
         if result.observation is None:
             bound.error(
                 "ticker failed", ticker=result.ticker, attempt=result.attempts, error=str(result.error)
