@@ -115,8 +115,7 @@ async def test_at_a_ten_second_interval_a_killed_workers_slot_is_stored_within_t
     slot_start = (time.time() // 10 + 1) * 10
     if slot_start - time.time() < 4:
         slot_start += 10
-    task_id = await asyncio.to_thread(stack.publish_tick, slot_start + 0.05)
-    await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
+    task_id = await _publish_tick_until_at_deribit(stack, slot_start + 0.05)
     first.signal_group(signal.SIGKILL)  # the whole worker, mid-fetch
     first.stop()
     stack.sim.reset()
@@ -143,8 +142,7 @@ async def test_killed_pool_process_task_is_requeued_at_once(stack: CeleryStack) 
     stack.interval = 60
     stack.sim.faults(latency_ms=3000)
     worker = stack.worker("w1", concurrency=1)
-    stack.publish_tick()
-    await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
+    await _publish_tick_until_at_deribit(stack)
     assert kill_pool_children(worker) == 1
     stack.sim.reset()
     await wait_for_rows(stack, per_ticker=1, timeout=30)
@@ -203,8 +201,7 @@ async def test_worker_survives_a_redis_restart_with_a_tick_in_flight(stack: Cele
         worker = stack.worker("w1", concurrency=2)
         # Publish as beat would, right at the start of a slot: the slow fetch ends inside it.
         now = time.time()
-        await asyncio.to_thread(stack.publish_tick, now - now % 10 + 10.05)
-        await asyncio.to_thread(lambda: _wait_in_flight(stack.sim))
+        await _publish_tick_until_at_deribit(stack, now - now % 10 + 10.05)
         in_flight_slot = await asyncio.to_thread(
             wait_until,
             lambda: _unacked_tick_slot(broker.url),
@@ -243,8 +240,18 @@ async def test_worker_survives_a_redis_restart_with_a_tick_in_flight(stack: Cele
         broker.destroy()
 
 
-def _wait_in_flight(sim: SimServer) -> None:
-    wait_until(lambda: sim.stats()["in_flight"] > 0, 30, what="the task to reach Deribit")
+async def _publish_tick_until_at_deribit(stack: CeleryStack, at: float | None = None) -> str:
+    """Publishes a tick and returns its task id once its fetch is in flight at Deribit. The
+    watch starts with the publisher: its exit can take longer than the fetch does."""
+    at = stack.publish_time() if at is None else at
+    publishing = asyncio.ensure_future(asyncio.to_thread(stack.publish_tick, at))
+    await asyncio.to_thread(
+        wait_until,
+        lambda: stack.sim.stats()["in_flight"] > 0,
+        30 + max(0.0, at - time.time()),
+        what="the task to reach Deribit",
+    )
+    return await publishing
 
 
 async def test_beat_and_worker_repair_recent_gaps_from_deribits_history(stack: CeleryStack) -> None:

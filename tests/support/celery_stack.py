@@ -79,15 +79,19 @@ class CeleryStack:
     def beat(self, name: str = "beat") -> Process:
         return self._start(name, ["beat", "--schedule", str(self.tmp / f"{name}-schedule")])
 
+    def publish_time(self) -> float:
+        """At once when half the slot (at most a minute) is still ahead, else the next slot's
+        start: a test's kill and redelivery fit in the slot wherever the test started."""
+        now = time.time()
+        slot_end = now - now % self.interval + self.interval
+        return now if slot_end - now >= min(self.interval / 2, 60) else slot_end
+
     def publish_tick(self, at: float | None = None) -> str:
-        """Publishes one ingest tick as beat does, at the epoch time `at`. By default that is at
-        once when half the slot (at most a minute) is still ahead, else at the next slot's start,
-        so that a test's kill and redelivery fit in the slot wherever the test started. The
-        publisher starts first, so that the time its start takes does not delay the tick."""
+        """Publishes one ingest tick as beat does, at the epoch time `at` (by default
+        `publish_time()`). The publisher starts first, so that the time its start takes does not
+        delay the tick."""
         if at is None:
-            now = time.time()
-            slot_end = now - now % self.interval + self.interval
-            at = now if slot_end - now >= min(self.interval / 2, 60) else slot_end
+            at = self.publish_time()
         result = subprocess.run(
             [sys.executable, "-c", _PUBLISH, str(at)],
             env={**self.env, "PATH": "/usr/bin:/bin"},
