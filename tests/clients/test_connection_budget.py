@@ -23,6 +23,7 @@ from tests.support.waiting import wait_until_async
 TICKERS = "btc_usd,eth_usd,sol_usdc,xrp_usdc,ada_usdc,doge_usdc,ltc_usdc,link_usdc"
 
 
+@pytest.mark.long
 @pytest.mark.slow
 async def test_eight_ingest_processes_stay_within_one_budget(
     tmp_path: Path, redis_server: ThrowawayRedis

@@ -190,6 +190,7 @@ def test_a_runner_started_before_another_origin_wrote_is_refused_at_the_write(
     assert origins(database) == StoredOrigins("simulator", [])
 
 
+@pytest.mark.long
 def test_a_writer_of_another_origin_is_refused_at_start_unless_overridden(
     database: str, sim: SimServer, lookalike: Lookalike
 ) -> None:

@@ -70,6 +70,7 @@ async def polled_rows(engine: AsyncEngine) -> list[tuple[int, int, str, str]]:
         return [(slot, ts, str(price), source) for slot, ts, price, source in result]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 async def test_failed_slots_are_listed_then_back_filled_exactly(
     sim: SimServer, engine: AsyncEngine, db_url: str
@@ -217,6 +218,7 @@ async def test_readyz_follows_freshness_and_livez_does_no_io(engine: AsyncEngine
         assert tickers["btc_usd"]["coverage_24h"] is None  # never tracked by a tick
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_serve_repairs_recent_gaps_by_itself(sim: SimServer, tmp_path: Path) -> None:
     env = {

@@ -45,6 +45,7 @@ async def stack(
     stack.stop_all()
 
 
+@pytest.mark.long
 async def test_database_outage_loses_and_duplicates_nothing(
     stack: CeleryStack, throwaway_pg: ThrowawayPostgres
 ) -> None:

@@ -102,6 +102,7 @@ async def test_two_beats_still_give_one_row_per_ticker_per_slot(stack: CelerySta
     assert '"slot already claimed, skipping"' in stack.processes[0].output
 
 
+@pytest.mark.long
 async def test_at_a_ten_second_interval_a_killed_workers_slot_is_stored_within_the_slot(
     stack: CeleryStack,
 ) -> None:
@@ -187,6 +188,7 @@ def _unacked_tick_slot(broker_url: str) -> int | None:
         broker.close()
 
 
+@pytest.mark.long
 async def test_worker_survives_a_redis_restart_with_a_tick_in_flight(stack: CeleryStack) -> None:
     """Issue 22: a worker that lost Redis while a tick ran, its next BRPOP waiting, died in
     kombu's transport (`_connparams` of a closed connection: AttributeError, `hostname`) and
@@ -254,6 +256,7 @@ async def _publish_tick_until_at_deribit(stack: CeleryStack, at: float | None = 
     return await publishing
 
 
+@pytest.mark.long
 async def test_beat_and_worker_repair_recent_gaps_from_deribits_history(stack: CeleryStack) -> None:
     stack.extra_env["BACKFILL_INTERVAL_SECONDS"] = "2"
     stack.extra_env["DERIBIT_MAX_RETRIES"] = "0"
