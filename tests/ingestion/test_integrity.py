@@ -218,6 +218,10 @@ async def test_every_endpoint_writes_one_plain_decimal_form(
     assert Decimal(served) == Decimal(sent)
 
 
+def any_stored(summaries: list[TickSummary]) -> bool:
+    return any(o.status == "stored" for s in summaries for o in s.outcomes)
+
+
 async def test_a_hundred_tickers_every_second_give_one_row_per_ticker_per_slot(
     sim: SimServer, engine: AsyncEngine, db_url: str
 ) -> None:
@@ -241,7 +245,13 @@ async def test_a_hundred_tickers_every_second_give_one_row_per_ticker_per_slot(
         scheduler = IntervalScheduler(1, run_slot)
         scheduler.start()
         try:
-            await wait_until_async(lambda: asyncio.sleep(0, len(summaries) >= 5), 30, what="5 ticks")
+            # At least five ticks, and one that stored something: on a loaded machine whole
+            # slots can go by with every fetch late, which proves nothing about the rows.
+            await wait_until_async(
+                lambda: asyncio.sleep(0, len(summaries) >= 5 and any_stored(summaries)),
+                60,
+                what="5 ticks, one of them storing rows",
+            )
         finally:
             await scheduler.stop()
     rows = await rows_of(engine)
@@ -250,7 +260,6 @@ async def test_a_hundred_tickers_every_second_give_one_row_per_ticker_per_slot(
     # whatever the load: each stored outcome is exactly one row of its slot, nothing else was
     # written, and a ticker not fetched within its slot is reported late, never stored late.
     stored = {(o.ticker, s.slot_ts) for s in summaries for o in s.outcomes if o.status == "stored"}
-    assert stored
     assert sorted((ticker, slot) for ticker, _, slot, _ in rows) == sorted(stored)
     assert all(len(summary.outcomes) == 100 for summary in summaries)
     others = {(o.status, o.reason) for s in summaries for o in s.outcomes if o.status != "stored"}
