@@ -218,8 +218,8 @@ async def test_every_endpoint_writes_one_plain_decimal_form(
     assert Decimal(served) == Decimal(sent)
 
 
-def any_stored(summaries: list[TickSummary]) -> bool:
-    return any(o.status == "stored" for s in summaries for o in s.outcomes)
+def stored_slots(summaries: list[TickSummary]) -> set[tuple[str, int | None]]:
+    return {(o.ticker, s.slot_ts) for s in summaries for o in s.outcomes if o.status == "stored"}
 
 
 async def test_a_hundred_tickers_every_second_give_one_row_per_ticker_per_slot(
@@ -248,7 +248,7 @@ async def test_a_hundred_tickers_every_second_give_one_row_per_ticker_per_slot(
             # At least five ticks, and one that stored something: on a loaded machine whole
             # slots can go by with every fetch late, which proves nothing about the rows.
             await wait_until_async(
-                lambda: asyncio.sleep(0, len(summaries) >= 5 and any_stored(summaries)),
+                lambda: asyncio.sleep(0, len(summaries) >= 5 and bool(stored_slots(summaries))),
                 60,
                 what="5 ticks, one of them storing rows",
             )
@@ -259,7 +259,7 @@ async def test_a_hundred_tickers_every_second_give_one_row_per_ticker_per_slot(
     # Whether all 100 fit in a 1-second slot is a matter of speed (bench/); what must hold
     # whatever the load: each stored outcome is exactly one row of its slot, nothing else was
     # written, and a ticker not fetched within its slot is reported late, never stored late.
-    stored = {(o.ticker, s.slot_ts) for s in summaries for o in s.outcomes if o.status == "stored"}
+    stored = stored_slots(summaries)
     assert sorted((ticker, slot) for ticker, _, slot, _ in rows) == sorted(stored)
     assert all(len(summary.outcomes) == 100 for summary in summaries)
     others = {(o.status, o.reason) for s in summaries for o in s.outcomes if o.status != "stored"}
