@@ -4,7 +4,6 @@ match what the document promises."""
 
 import os
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -20,7 +19,7 @@ from schemathesis.core.result import Ok
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
-from tests.support import local_http
+from tests.support import launcher, local_http
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, crypto_client
 from tests.support.waiting import wait_until
@@ -53,7 +52,7 @@ async def fuzz_database() -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 def key_headers(fuzz_database: str) -> dict[str, str]:
-    created = subprocess.run(
+    created = launcher.run(
         crypto_client("keys", "create", "fuzz"),
         env={"DATABASE_URL": fuzz_database, "PATH": "/usr/bin:/bin"},
         capture_output=True,

@@ -5,7 +5,6 @@ import hashlib
 import math
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -18,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice, Source
+from tests.support import launcher
 from tests.support.services import ApiServer, crypto_client, free_port, unavailable
 from tests.support.waiting import wait_until
 
@@ -309,7 +309,7 @@ async def test_without_prices_the_dashboard_says_why_instead_of_an_empty_chart(
 async def test_the_dashboard_asks_for_a_key_once_and_streams_with_it(
     db_url: str, seeded: dict[str, Any], browser: Browser, engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    created = subprocess.run(
+    created = launcher.run(
         crypto_client("keys", "create", f"browser-{time.time_ns()}"),
         env={"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"},
         capture_output=True,

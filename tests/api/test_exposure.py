@@ -19,7 +19,7 @@ from crypto_client.api.client_address import client_address
 from crypto_client.api.quotas import Quotas
 from crypto_client.db.api_keys import ApiKeyRow
 from crypto_client.setting_values import parse_networks
-from tests.support import local_http
+from tests.support import launcher, local_http
 from tests.support.api import api_client
 from tests.support.services import ApiServer, ThrowawayRedis, crypto_client, free_port
 from tests.support.settings import make_settings
@@ -27,7 +27,7 @@ from tests.support.waiting import wait_until
 
 
 def keys_command(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return launcher.run(
         crypto_client("keys", *args),
         env={"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin", "LOG_LEVEL": "WARNING"},
         capture_output=True,

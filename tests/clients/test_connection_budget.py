@@ -15,6 +15,7 @@ from crypto_client.clients.deribit.budget import SharedConnectionBudget, budget_
 from crypto_client.clients.deribit.errors import TransientDeribitError
 from crypto_client.clients.deribit.ws import DeribitStream
 from crypto_client.clients.source import Observation
+from tests.support import launcher
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import SimServer, ThrowawayRedis, crypto_client
 from tests.support.slots import roomy_slot
@@ -33,7 +34,7 @@ async def test_eight_ingest_processes_stay_within_one_budget(
     sim = SimServer(tmp_path, 0, "--max-connections", "32", "--latency-ms", "3000")
     database = await create_pg_database()
     try:
-        migrate = subprocess.run(
+        migrate = launcher.run(
             crypto_client("migrate"), env={**os.environ, "DATABASE_URL": database}, capture_output=True
         )
         assert migrate.returncode == 0, migrate.stderr
@@ -50,9 +51,7 @@ async def test_eight_ingest_processes_stay_within_one_budget(
         }
         await roomy_slot(86400, room=120)
         processes = [
-            subprocess.Popen(
-                crypto_client("ingest"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
+            launcher.Popen(crypto_client("ingest"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for _ in range(8)
         ]
         outputs = [process.communicate(timeout=180)[0].decode() for process in processes]

@@ -23,7 +23,7 @@ from crypto_client.db.origins import StoredOrigins, WriterOrigin, declare_origin
 from crypto_client.db.writer import write_transaction
 from crypto_client.domain import NewPrice
 from crypto_client.origin import SIMULATOR_HEADER, origin_of
-from tests.support import local_http
+from tests.support import launcher, local_http
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.services import ApiServer, SimServer, crypto_client, free_port
 from tests.support.waiting import wait_until
@@ -112,7 +112,7 @@ def run(env: Mapping[str, str], *args: str, cwd: Path | None = None) -> subproce
     # A one-minute slot with room left, so that the tick is never `late` at a slot's end.
     if 60 - time.time() % 60 < 10:
         time.sleep(60 - time.time() % 60)
-    return subprocess.run(
+    return launcher.run(
         crypto_client(*args), env={**os.environ, **env}, capture_output=True, text=True, timeout=60, cwd=cwd
     )
 
@@ -265,7 +265,7 @@ def test_the_stream_records_the_simulator_from_its_handshake(
     database: str, sim: SimServer, tmp_path: Path
 ) -> None:
     env = env_for(database, REAL_DERIBIT, DERIBIT_WS_URL=sim.ws_url, METRICS_PORT="0")
-    process = subprocess.Popen(
+    process = launcher.Popen(
         crypto_client("stream"),
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,

@@ -1,5 +1,4 @@
 import asyncio
-import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +17,9 @@ from crypto_client.db.models import Base
 from crypto_client.db.reader import PriceReader
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
+from tests.support import launcher
 from tests.support.databases import create_pg_database, drop_pg_database
+from tests.support.services import crypto_client
 
 
 async def _tables(url: str) -> set[str]:
@@ -54,8 +55,8 @@ async def test_upgrade_and_downgrade_on_sqlite(tmp_path: Path) -> None:
 async def test_cli_migrate_then_the_seed_query_runs() -> None:
     url = await create_pg_database(migrate=False)
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "crypto_client", "migrate"],
+        result = launcher.run(
+            crypto_client("migrate"),
             env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
             capture_output=True,
             text=True,

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crypto_client.db.engine import create_engine
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice
+from tests.support import launcher
 from tests.support.databases import empty_database
 from tests.support.services import crypto_client
 
@@ -42,7 +43,7 @@ async def store(engine: AsyncEngine, prices: list[NewPrice]) -> None:
 
 def export(db_url: str, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "DATABASE_URL": db_url, "TICKERS": "btc_usd", **env}
-    return subprocess.run(
+    return launcher.run(
         crypto_client("export", "--format", "parquet", "--out", str(out), *args),
         env=environment,
         capture_output=True,

@@ -5,8 +5,6 @@ table must then hold exactly what the tick, its logs and the runners say was sto
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from decimal import Decimal
@@ -26,10 +24,11 @@ from crypto_client.ingestion.clock import SourceClock
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.stream import StreamWriter
 from crypto_client.ingestion.tick import TickSummary
+from tests.support import launcher
 from tests.support.celery_stack import CeleryStack
 from tests.support.databases import create_pg_database, drop_pg_database
 from tests.support.pg_proxy import PgProxy
-from tests.support.services import SimServer, ThrowawayRedis
+from tests.support.services import SimServer, ThrowawayRedis, crypto_client
 from tests.support.settings import INGEST_TICKERS, ingestion_settings
 from tests.support.slots import roomy_slot, roomy_slot_blocking
 from tests.support.waiting import wait_until
@@ -178,8 +177,8 @@ def test_cli_ingest_tells_the_truth_after_a_cut_commit(sim: SimServer, database:
     # A day-long slot with minutes left: a loaded machine can take seconds to start the
     # process, and its tick must still not be late.
     roomy_slot_blocking(86400, room=120)
-    done = subprocess.run(
-        [sys.executable, "-m", "crypto_client", "ingest"],
+    done = launcher.run(
+        crypto_client("ingest"),
         env={
             "DATABASE_URL": proxy.url(database),
             "DERIBIT_RPC_URL": sim.rpc_url,

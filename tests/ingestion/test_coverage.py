@@ -2,8 +2,6 @@
 simulator's own history over HTTP, on PostgreSQL and SQLite."""
 
 import asyncio
-import subprocess
-import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -21,9 +19,9 @@ from crypto_client.db.ledger import SlotSpan
 from crypto_client.db.writer import PriceWriter
 from crypto_client.domain import NewPrice, SlotFailure, current_slot
 from crypto_client.ingestion.runtime import IngestionRuntime, pending_write_seconds
-from tests.support import local_http
+from tests.support import launcher, local_http
 from tests.support.api import api_client
-from tests.support.services import ApiServer, SimServer
+from tests.support.services import ApiServer, SimServer, crypto_client
 from tests.support.settings import ingestion_settings, make_settings
 from tests.support.waiting import wait_until, wait_until_async
 
@@ -110,9 +108,9 @@ async def test_failed_slots_are_listed_then_back_filled_exactly(
 
         # A slot is repaired once no write of its own may still be pending.
         await asyncio.sleep(max(0.0, last + 1 + pending_write_seconds(settings) - time.time()))
-        backfill = subprocess.run(
+        backfill = launcher.run(
             # Up to the window's end: slots after the last tick are not this test's.
-            [sys.executable, "-m", "crypto_client", "backfill", "--ticker", TICKER, "--to-ts", str(last)],
+            crypto_client("backfill", "--ticker", TICKER, "--to-ts", str(last)),
             env={
                 "DATABASE_URL": db_url,
                 "DERIBIT_RPC_URL": sim.rpc_url,

@@ -2,7 +2,6 @@
 
 import asyncio
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from crypto_client.db.engine import create_engine
 from crypto_client.domain import PriceRow
 from crypto_client.ingestion.runtime import IngestionRuntime
 from crypto_client.ingestion.tick import TickSummary
+from tests.support import launcher
 from tests.support.databases import create_pg_database, stored_rows
-from tests.support.services import SimServer, ThrowawayPostgres
+from tests.support.services import SimServer, ThrowawayPostgres, crypto_client
 from tests.support.settings import INGEST_TICKERS, ingestion_settings
 from tests.support.slots import roomy_slot, roomy_slot_blocking
 from tests.support.waiting import wait_until_async
@@ -159,8 +159,8 @@ def test_cli_ingest_prints_a_summary_and_exit_code(sim: SimServer, postgresql_ur
     env = {"DATABASE_URL": postgresql_url, "DERIBIT_RPC_URL": sim.rpc_url, "PATH": "/usr/bin:/bin"}
 
     def run(tickers: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "crypto_client", "ingest"],
+        return launcher.run(
+            crypto_client("ingest"),
             env={
                 **env,
                 "TICKERS": tickers,

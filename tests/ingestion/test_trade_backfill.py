@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -30,9 +29,9 @@ from crypto_client.domain import DAY_SECONDS, NewPrice, PriceRow
 from crypto_client.ingestion.runtime import open_runtime, pending_write_seconds
 from crypto_client.sim.history import TradeHistory
 from crypto_client.sim.prices import PriceWalk
-from tests.support import local_http
+from tests.support import launcher, local_http
 from tests.support.databases import create_pg_database, drop_pg_database, stored_rows
-from tests.support.services import SimServer
+from tests.support.services import SimServer, crypto_client
 from tests.support.settings import make_settings
 from tests.support.waiting import wait_until_async
 
@@ -154,8 +153,8 @@ async def test_a_week_of_slots_is_filled_from_the_first_trade_in_each(
 
 
 def run_backfill(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "crypto_client", "backfill", *args],
+    return launcher.Popen(
+        crypto_client("backfill", *args),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -263,8 +262,8 @@ def test_bad_dates_are_refused_in_one_line(tmp_path: Path) -> None:
         (["--since", "2026-11-02", "--until", "2026-11-01"], "--until is before --since"),
         (["--until", "2026-11-01"], "--until needs --since"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "crypto_client", "backfill", *args],
+        done = launcher.run(
+            crypto_client("backfill", *args),
             env=env,
             capture_output=True,
             text=True,

@@ -1,11 +1,10 @@
-import subprocess
-import sys
-
 import pytest
 from pydantic import SecretStr, ValidationError
 
 from crypto_client.config import DEFAULT_SQLITE_URL, Settings, SettingsError, load_settings
 from crypto_client.domain import parse_ticker
+from tests.support import launcher
+from tests.support.services import crypto_client
 from tests.support.settings import make_settings
 
 
@@ -63,8 +62,8 @@ def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
     ],
 )
 def test_cli_exits_with_one_readable_line(variable: str, value: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "crypto_client", "migrate"],
+    result = launcher.run(
+        crypto_client("migrate"),
         env={variable: value, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

@@ -2,12 +2,12 @@
 or misconfigured, and how it recovers."""
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from crypto_client.config import SettingsError, load_settings
+from tests.support import launcher
 from tests.support.api import api_client
 from tests.support.commands import assert_one_clear_line, run
 from tests.support.databases import create_pg_database
@@ -105,7 +105,7 @@ async def test_a_database_that_is_not_migrated_is_named_with_what_to_do(tmp_path
     result = run("ingest", cwd=tmp_path, DATABASE_URL=url)
     assert_one_clear_line(result, "DATABASE_URL", "not migrated yet", "crypto-client migrate")
     await asyncio.to_thread(
-        subprocess.run, crypto_client("migrate", "0005"), env={"DATABASE_URL": url}, check=True
+        launcher.run, crypto_client("migrate", "0005"), env={"DATABASE_URL": url}, check=True
     )
     result = run("ingest", cwd=tmp_path, DATABASE_URL=url)
     assert_one_clear_line(result, "DATABASE_URL", "revision 0005", "crypto-client migrate")

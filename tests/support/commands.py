@@ -3,11 +3,12 @@
 import subprocess
 from pathlib import Path
 
+from tests.support import launcher
 from tests.support.services import crypto_client
 
 
 def run(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return launcher.run(
         crypto_client(*args),
         env={"PATH": "/usr/bin:/bin", **env},
         cwd=cwd,

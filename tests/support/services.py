@@ -23,7 +23,7 @@ from typing import IO, Any, NoReturn
 import httpx
 import pytest
 
-from tests.support import local_http
+from tests.support import launcher, local_http
 from tests.support.waiting import wait_until
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -56,7 +56,7 @@ class Process:
         self.args = args
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("ab")
-        self.popen = subprocess.Popen(
+        self.popen = launcher.Popen(
             args,
             env={**os.environ, **env},
             stdout=self._log,
