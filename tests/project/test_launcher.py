@@ -146,7 +146,7 @@ def _run_at_import(body: list[ast.stmt]) -> list[ast.AST]:
 
 _LOADED_SOURCES = """
 import sys
-from tests.support.launcher import PRELOADED
+from tests.support.fork_server import PRELOADED
 standard = set(sys.stdlib_module_names)
 before = set(sys.modules)
 for module in PRELOADED:
