@@ -275,7 +275,13 @@ async def test_beat_and_worker_repair_recent_gaps_from_deribits_history(stack: C
         return rows.get(("btc_usd", "backfill"), 0) >= 3
 
     # The gap is repaired once its slots are 16 s old.
-    await wait_until_async(repaired, 60, interval=0.5, what="the repair job to back-fill btc_usd")
+    try:
+        await wait_until_async(repaired, 60, interval=0.5, what="the repair job to back-fill btc_usd")
+    except TimeoutError as timeout:
+        # What the repairs saw, for a run that fails where nobody watched it.
+        lines = worker.output.splitlines()
+        seen = [line for line in lines if "repair" in line or '"ticker": "btc_usd"' in line]
+        raise AssertionError(f"{timeout}; the worker's last repairs:\n" + "\n".join(seen[-20:])) from timeout
     assert_one_row_per_slot(await stack.rows(), stack.interval)
     assert '"backfill finished"' in worker.output
 
