@@ -2,9 +2,11 @@
 indistinguishable, to the test, from one the interpreter started afresh."""
 
 import ast
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +158,30 @@ for name, module in sorted(sys.modules.items()):
     if name not in before and name.split(".")[0] not in standard and path.endswith(".py"):
         print(path)
 """
+
+
+def test_a_child_outside_a_new_session_is_in_the_tests_process_group(tmp_path: Path) -> None:
+    env: dict[str, str | Path] = {**os.environ, "HOME": tmp_path}  # Popen takes paths too
+    process = launcher.Popen(
+        crypto_client("sim", "--port", str(free_port())),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert psutil.Process(process.pid).ppid() != os.getpid()
+        assert os.getpgid(process.pid) == os.getpgrp()
+    finally:
+        process.kill()
+        assert process.wait(10) == -signal.SIGKILL
+
+
+def test_a_request_it_cannot_read_fails_alone_and_the_launcher_goes_on() -> None:
+    launcher.run(crypto_client("--version"), check=True, capture_output=True)
+    assert launcher._launcher is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
+        connection.connect(launcher._launcher.path)
+        connection.send(b"not a request")
+        assert "error" in json.loads(connection.recv(4096))
+    done = launcher.run(crypto_client("--version"), capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.startswith("crypto-client ")) == (0, True)

@@ -15,8 +15,9 @@ import signal
 import socket
 import sys
 import threading
-import traceback
-from typing import IO, Any, TextIO
+import time
+from types import TracebackType
+from typing import Any, TextIO
 
 PRELOADED = (
     "sqlalchemy.ext.asyncio",
@@ -60,6 +61,7 @@ def _serve(path: str) -> None:
     assert not leaked, f"preloading imported {leaked}"
     assert threading.active_count() == 1, "a preloaded library started a thread: forking would be unsafe"
     gc.freeze()  # the imported objects stay shared with the children, not copied on first touch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the test's group is for the test
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(64)
@@ -76,26 +78,44 @@ def _serve(path: str) -> None:
     while True:
         for key, _ in selector.select():
             if key.fileobj is listener:
-                connection, _ = listener.accept()
-                message, fds, _, _ = socket.recv_fds(connection, MAX_MESSAGE, 3)
-                started_read, started_write = os.pipe()
-                pid = os.fork()
-                if pid == 0:
-                    _run_child(json.loads(message), fds, started_write)
-                for fd in (*fds, started_write):
-                    os.close(fd)
-                # As Popen does, return once the child is what was asked for (its session,
-                # descriptors, directory), or say why it could not be.
-                with open(started_read, "rb") as started:
-                    problem = started.read().decode()
-                reply = {"error": problem} if problem else {"pid": pid}
-                connection.send(json.dumps(reply).encode())
-                children[pid] = connection
+                _start_child(listener.accept()[0], children)
             elif key.fileobj == wake_read:
                 os.read(wake_read, 4096)
                 _report_exits(children)
             elif not os.read(0, 4096):  # the test process closed its end, or ended
                 return
+
+
+def _start_child(connection: socket.socket, children: dict[int, socket.socket]) -> None:
+    """One request: fork the child it asks for and reply with its pid, or with why not. A bad
+    request fails its command, never the launcher."""
+    fds: list[int] = []
+    try:
+        message, fds, _, _ = socket.recv_fds(connection, MAX_MESSAGE, 3)
+        request = json.loads(message)
+        if len(fds) != 3:
+            raise ValueError(f"a request carries 3 descriptors, not {len(fds)}")
+        started_read, started_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            _run_child(request, fds, started_write)
+        os.close(started_write)
+        # As Popen does, reply once the child is what was asked for (its session or group,
+        # descriptors, directory), or say why it could not be.
+        with open(started_read, "rb") as started:
+            problem = started.read().decode()
+        reply: dict[str, object] = {"error": problem} if problem else {"pid": pid}
+    except Exception as exc:
+        reply = {"error": repr(exc)}
+    finally:
+        for fd in fds:
+            os.close(fd)
+    with contextlib.suppress(OSError):  # the test gave up waiting
+        connection.send(json.dumps(reply).encode())
+    if "pid" in reply:
+        children[int(str(reply["pid"]))] = connection
+    else:
+        connection.close()
 
 
 def _report_exits(children: dict[int, socket.socket]) -> None:
@@ -119,8 +139,11 @@ def _run_child(request: dict[str, Any], fds: list[int], started: int) -> None:
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if request["new_session"]:
             os.setsid()
+        else:  # the test process's group, where Popen leaves a child
+            os.setpgid(0, request["process_group"])
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         os.closerange(3, started)
@@ -128,6 +151,7 @@ def _run_child(request: dict[str, Any], fds: list[int], started: int) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        time.tzset()
         _redo_interpreter_start()
         sys.path[0] = os.getcwd()  # as `python -m` puts the working directory first
         sys.argv = [sys.executable, *request["argv"]]
@@ -167,26 +191,42 @@ def _redo_interpreter_start() -> None:
 
 def _run_module() -> int:
     """`python -m crypto_client`'s run and exit, as the interpreter does them."""
-    streams: tuple[IO[str], ...] = (sys.stdout, sys.stderr)
+    interrupted = False
     try:
         runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exit_:
         code = _exit_code(exit_.code)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)  # an interrupted interpreter ends by the signal
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        sys.excepthook(type(exc), exc, _without_this_module(exc.__traceback__))
         code = 1
+    code = _shut_down(code)
+    if interrupted:  # an interpreter that ends on Ctrl-C ends by the signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return code
+
+
+def _without_this_module(trace: TracebackType | None) -> TracebackType | None:
+    while trace is not None and trace.tb_frame.f_code.co_filename == __file__:
+        trace = trace.tb_next
+    return trace
+
+
+def _shut_down(code: int) -> int:
+    """The interpreter's end: non-daemon threads joined, atexit run, the streams flushed (120
+    when that fails). Not the finalisers of what is left: the child ends with `os._exit`."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
     except BaseException:
         sys.excepthook(*sys.exc_info())
-        code = 1
-    threading._shutdown()  # type: ignore[attr-defined]  # non-daemon threads, then atexit
     atexit._run_exitfuncs()
-    for stream in streams:
-        with contextlib.suppress(Exception):
+    for stream in (sys.stdout, sys.stderr):
+        try:
             stream.flush()
+        except Exception:
+            code = 120
     return code
 
 

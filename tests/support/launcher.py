@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def _launchable(args: Sequence[Any]) -> list[str] | None:
 # functions it calls at import.
 STARTUP_VARIABLES = (
     "PYTHON",
+    "PYDANTIC_",
     "OTEL_",
     "WEBSOCKETS_",
     "TYPER_",
@@ -69,20 +71,23 @@ def _startup_settings(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+# The launcher's environment: the test process's as it started, before any test changed it.
+_STARTING_ENVIRONMENT = dict(os.environ)
+
+
 class _Launcher:
     """The test process's side: starts the launcher once, asks it for children."""
 
     def __init__(self) -> None:
         directory = tempfile.mkdtemp(prefix="cc-launcher-")
         self.path = str(Path(directory) / "socket")
-        self.env = dict(os.environ)
+        self.env = _STARTING_ENVIRONMENT
         self.process = subprocess.Popen(
             [sys.executable, "-m", fork_server.__name__, self.path],
             env=self.env,
             stdin=subprocess.PIPE,  # its end is the launcher's cue to exit
             stdout=subprocess.PIPE,
             cwd=Path(__file__).resolve().parents[2],
-            start_new_session=True,
         )
         assert self.process.stdout is not None
         ready = self.process.stdout.readline()
@@ -101,11 +106,19 @@ class _Launcher:
     def fork(
         self, argv: list[str], env: Mapping[str, str], cwd: str, fds: list[int], new_session: bool
     ) -> tuple[int, socket.socket]:
+        request = {
+            "argv": argv,
+            "env": {os.fsdecode(key): os.fsdecode(value) for key, value in env.items()},
+            "cwd": os.path.abspath(cwd),
+            "new_session": new_session,
+            "process_group": os.getpgrp(),
+        }
+        message = json.dumps(request).encode()
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             connection.connect(self.path)
-            request = {"argv": argv, "env": dict(env), "cwd": cwd, "new_session": new_session}
-            socket.send_fds(connection, [json.dumps(request).encode()], fds)
+            socket.send_fds(connection, [message], fds)
+            connection.settimeout(60)  # the child's set-up, which Popen would wait for too
             reply = json.loads(connection.recv(fork_server.MAX_MESSAGE))
             if "error" in reply:
                 raise subprocess.SubprocessError(f"the launcher could not start {argv}: {reply['error']}")
@@ -116,13 +129,15 @@ class _Launcher:
 
 
 _launcher: _Launcher | None = None
+_starting = threading.Lock()  # tests start commands from threads too (`asyncio.to_thread`)
 
 
 def _the_launcher() -> _Launcher:
     global _launcher
-    if _launcher is None:
-        _launcher = _Launcher()
-    return _launcher
+    with _starting:
+        if _launcher is None:
+            _launcher = _Launcher()
+        return _launcher
 
 
 class Popen(subprocess.Popen[Any]):
