@@ -184,8 +184,9 @@ class StreamSession:
                     {"jsonrpc": "2.0", "method": "heartbeat", "params": {"type": "test_request"}}
                 )
                 next_heartbeat = time.monotonic() + self._heartbeat * faults.heartbeat_scale
-            if self.channels:
-                await self._send_hostile(faults)
+            if not self.channels:
+                continue  # the faults below ride along with a subscription's notifications
+            await self._send_hostile(faults)
             for channel in self.channels:
                 await self._notify(channel)
                 self.record.notifications += 1
