@@ -153,7 +153,11 @@ async def test_an_old_gap_is_filled_only_where_a_coarser_point_falls_in_a_slot(
     since = now - 7200  # tracked two hours ago; nothing ran until now
     async with engine.begin() as connection:
         await PriceWriter(connection).track([TICKER], since)
-    settings = ingestion_settings(sim, db_url, tickers=TICKER, ingest_interval_seconds=1)
+    # The statement timeout's guard is test_hardening's: here a CI machine starved of CPU must
+    # not turn this ~0.3 s read of two hours of slots into a 503 (seen at 7.8 s).
+    settings = ingestion_settings(
+        sim, db_url, tickers=TICKER, ingest_interval_seconds=1, api_statement_timeout_seconds=60
+    )
     old_end = now - 3700  # older than the 1h range reaches
     async with DeribitHttpClient(sim.rpc_url, timeout=5) as client:
         runtime = IngestionRuntime(settings, engine, client, client)
