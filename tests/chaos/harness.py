@@ -7,6 +7,7 @@ on PostgreSQL behind a fault-injecting proxy) and `sqlite` (the embedded `serve`
 
 import asyncio
 import contextlib
+import json
 import random
 import signal
 import threading
@@ -14,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,23 @@ class Summary:
     report: Report
     rss_mb: dict[str, tuple[float, float]]
     schedule: list[PlannedFault]
+    log_paths: list[Path] = field(default_factory=list)
+
+    def logs_around_findings(self, margin_seconds: float = 3.0, max_lines: int = 300) -> list[str]:
+        """The processes' log lines from a little before the first slot a finding names to a
+        little after the last: what a failed run in CI leaves to read once its files are gone."""
+        slots = [f.slot_ts for f in self.report.findings if f.slot_ts is not None]
+        if not slots:
+            return []
+        start, end = min(slots) - margin_seconds, max(slots) + 1 + margin_seconds
+        lines: list[tuple[float, str]] = []
+        for path in self.log_paths:
+            for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                    when = datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp()
+                    if start <= when <= end:
+                        lines.append((when, f"{path.stem}: {line}"))
+        return [line for _, line in sorted(lines)[:max_lines]]
 
     def table(self) -> str:
         r = self.report
@@ -559,4 +578,5 @@ def execute(run: Run, fault_seconds: float, quiet_seconds: float, sse_clients: i
         report,
         rss,
         plan,
+        list(run.log_paths),
     )

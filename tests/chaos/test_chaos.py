@@ -17,6 +17,8 @@ def _judge(summary: Summary) -> None:
     print(summary.table())
     for note in summary.report.notes:
         print("note:", note)
+    if not summary.report.ok:
+        print("the processes' logs around the findings:", *summary.logs_around_findings(), sep="\n")
     assert summary.report.ok, "\n".join(f.line() for f in summary.report.findings[:40])
 
 

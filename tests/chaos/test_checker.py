@@ -1,12 +1,16 @@
 """The chaos checker judged on made-up evidence: each of its checks catches what it is for,
 and an honest record passes. Fast; part of the default run."""
 
+import json
+from collections import Counter
+from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from tests.chaos import checker
 from tests.chaos.checker import Injected, Report, Row
-from tests.chaos.harness import PG_FAULTS, schedule
+from tests.chaos.harness import PG_FAULTS, Summary, schedule
 
 SLOT = 1_800_000_000
 TICKERS = ("btc_usd",)
@@ -157,3 +161,22 @@ def test_the_fault_plan_follows_the_seed() -> None:
     assert schedule(5, PG_FAULTS, 60) == schedule(5, PG_FAULTS, 60)
     assert schedule(5, PG_FAULTS, 60) != schedule(6, PG_FAULTS, 60)
     assert all(0 < fault.at < 60 for fault in schedule(5, PG_FAULTS, 60))
+
+
+def test_a_failed_run_prints_the_logs_around_its_findings(tmp_path: Path) -> None:
+    def line(at: float, event: str) -> str:
+        return json.dumps({"event": event, "timestamp": datetime.fromtimestamp(at, UTC).isoformat()})
+
+    worker, beat = tmp_path / "worker.log", tmp_path / "beat.log"
+    worker.write_text(
+        "\n".join(["a warning, not JSON", line(SLOT - 10, "long before"), line(SLOT + 1.5, "tick")])
+    )
+    beat.write_text(line(SLOT - 1, "sent") + "\n" + line(SLOT + 20, "long after"))
+    report = Report()
+    report.add(checker.Finding("lost", "btc_usd", SLOT, "no row"))
+    summary = Summary("postgresql", 1, 1.0, Counter(), report, {}, [], [worker, beat, tmp_path / "gone.log"])
+    assert [entry.split('"event": ')[1].split(",")[0] for entry in summary.logs_around_findings()] == [
+        '"sent"',
+        '"tick"',
+    ]
+    assert summary.logs_around_findings()[0].startswith("beat: ")
