@@ -322,6 +322,30 @@ def frames_until_closed(client: ClientConnection) -> list[str | bytes]:
         return received
 
 
+def test_unsubscribed_notifications_come_only_with_a_subscriptions(sim: SimServer) -> None:
+    """Before a connection subscribes, the push loop's rounds carry heartbeats only: an
+    unsubscribed channel's notification rides with the subscribed ones, never ahead of the
+    subscription's answer."""
+    sim.faults(
+        ws_unsubscribed_channels=["deribit_price_index.eth_usd"], stream_interval_ms=100, heartbeat_scale=0.1
+    )
+    with ws_connect(sim.ws_url, max_size=None, open_timeout=5) as client:
+        interval = {"interval": 10}  # Deribit's floor; the scale makes it 1 s
+        client.send(
+            json.dumps({"jsonrpc": "2.0", "id": 1, "method": "public/set_heartbeat", "params": interval})
+        )
+        heartbeats = 0
+        while heartbeats < 2:  # ten rounds of the push loop between the two
+            message = json.loads(client.recv(timeout=5))
+            assert message.get("method") != "subscription", message
+            if message.get("method") == "heartbeat":
+                heartbeats += 1
+                client.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "public/test", "params": {}}))
+    with subscribe(sim.ws_url, "deribit_price_index.btc_usd") as client:
+        channels = [json.loads(frame)["params"]["channel"] for frame in frames(client, 2)]
+    assert channels == ["deribit_price_index.btc_usd", "deribit_price_index.eth_usd"]
+
+
 def test_stream_sends_each_hostile_frame_once_at_run_time(sim: SimServer) -> None:
     sim.faults(stream_interval_ms=100)
     kinds = list(HostileFrame)
