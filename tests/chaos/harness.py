@@ -140,7 +140,9 @@ class Summary:
         start, end = min(slots) - margin_seconds, max(slots) + 1 + margin_seconds
         lines: list[tuple[float, str]] = []
         for path in self.log_paths:
-            for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+            if not path.exists():
+                continue  # a process that never started has no log
+            for line in path.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                     when = datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp()
                     if start <= when <= end:
